@@ -1,0 +1,77 @@
+"""The interface the splice and the trainer need from a model: hook names and widths, run the
+shared prefix up to a block, run the rest from there with hooks."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from e2edict.errors import E2EDictError
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (local training runs nothing past the last SAE)."""
+
+
+class Backbone(ABC):
+    """A frozen language model seen through its hook points."""
+
+    name: str
+    n_layers: int
+    n_ctx: int
+    bos_token_id: int
+
+    @abstractmethod
+    def hook_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every hook point inside a block whose activation is [batch, pos, d], mapped to (d,)."""
+
+    @abstractmethod
+    def embed_to(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual stream entering block ``layer`` (no graph)."""
+
+    @abstractmethod
+    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True) -> torch.Tensor | None:
+        """Run blocks ``layer..`` (and the unembedding when ``logits``) with forward hooks.
+
+        A hook may return a tensor to replace the activation, or raise `StopForward`."""
+
+    @staticmethod
+    def block_of(hook_name: str) -> int:
+        m = _BLOCK_RE.match(hook_name)
+        if not m:
+            raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block")
+        return int(m.group(1))
+
+    def block_order(self, hook_name: str) -> int:
+        """Position of a hook in the order of the forward pass."""
+        return list(self.hook_shapes()).index(hook_name)
+
+    def last_position(self, hooks: list[str]) -> str:
+        return max(hooks, key=self.block_order)
+
+    def check_hooks(self, names: list[str], what: str = "saes.positions") -> None:
+        """Raise a one-line error naming every unknown hook and listing the valid ones."""
+        shapes = self.hook_shapes()
+        bad = [n for n in names if n not in shapes]
+        if bad:
+            raise E2EDictError(
+                f"{what}: unknown hook name(s) {', '.join(map(repr, bad))} for model {self.name!r}; "
+                f"valid: {', '.join(shapes)}"
+            )
+
+    def resid_hooks_after(self, hook_name: str) -> list[str]:
+        """The residual-stream hooks strictly after ``hook_name``: every later ``hook_resid_pre``
+        and the final ``hook_resid_post`` (which the reference code leaves out)."""
+        layer = self.block_of(hook_name)
+        first = layer + 2 if hook_name.endswith("hook_resid_post") else layer + 1
+        hooks = [f"blocks.{j}.hook_resid_pre" for j in range(first, self.n_layers)]
+        final = f"blocks.{self.n_layers - 1}.hook_resid_post"
+        if final != hook_name:
+            hooks.append(final)
+        return hooks

@@ -1,0 +1,126 @@
+"""TransformerLens backbone: the embedded model, any GPT-2-architecture Hugging Face folder
+(converted offline), or a TransformerLens model name (downloaded by TransformerLens itself)."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from e2edict.backbones.base import Backbone, HookFn, StopForward
+from e2edict.errors import E2EDictError
+
+EMBEDDED = {"tiny"}
+
+
+def resolve_model_path(name_or_path: str) -> Path | None:
+    """A local folder for ``name_or_path`` (an embedded name or a path), or None for a hub name."""
+    from e2edict.assets import ASSETS_DIR
+
+    if name_or_path in EMBEDDED:
+        return ASSETS_DIR / name_or_path
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise E2EDictError(f"model folder {str(p)!r} has no config.json")
+        return p
+    return None
+
+
+def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf_cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise E2EDictError(f"model folder {str(path)!r}: config.json is unreadable ({e})") from None
+    archs = hf_cfg.get("architectures") or [hf_cfg.get("model_type", "?")]
+    if "GPT2LMHeadModel" not in archs:
+        raise E2EDictError(
+            f"model folder {str(path)!r} is a {archs[0]}; the TransformerLens backend converts GPT2LMHeadModel folders"
+        )
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False)
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd, n_layers=c.n_layer, n_ctx=c.n_positions,
+        eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, act_fn=c.activation_function,
+        use_attn_scale=c.scale_attn_weights, scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+        normalization_type="LN", original_architecture="GPT2LMHeadModel", model_name=path.name,
+        tokenizer_prepends_bos=False, default_prepend_bos=True, dtype=dtype, device=device,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = convert_gpt2_weights(hf, cfg)
+    # No weight processing: hook activations equal the Hugging Face model's hidden states.
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    model.to(dtype)
+    return model.to(device)
+
+
+def load_hooked_transformer(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                            process_weights: bool = False):
+    """Load a `HookedTransformer` with frozen weights."""
+    path = resolve_model_path(name_or_path)
+    if path is not None:
+        model = _gpt2_folder_to_hooked(path, device, dtype)
+    else:
+        from transformer_lens import HookedTransformer
+
+        loader = HookedTransformer.from_pretrained if process_weights else HookedTransformer.from_pretrained_no_processing
+        try:
+            model = loader(name_or_path, device=device, dtype=dtype)
+        except Exception as e:  # TransformerLens raises many types for unknown or unreachable names
+            raise E2EDictError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class TLBackbone(Backbone):
+    """A `HookedTransformer` behind the `Backbone` interface."""
+
+    def __init__(self, model, name: str):
+        self.model = model
+        self.name = name
+        self.n_layers = model.cfg.n_layers
+        self.n_ctx = model.cfg.n_ctx
+        tok = model.tokenizer
+        self.bos_token_id = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def hook_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+
+            def record(act, hook):
+                if hook.name.startswith("blocks.") and act.dim() == 3 and act.shape[2] > 1:
+                    shapes[hook.name] = tuple(act.shape[2:])
+
+            toks = torch.zeros((1, 2), dtype=torch.long, device=self.model.cfg.device)
+            with torch.no_grad():
+                self.model.run_with_hooks(toks, fwd_hooks=[(lambda n: True, record)], return_type=None)
+            self._shapes = shapes
+        return self._shapes
+
+    def embed_to(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(tokens, stop_at_layer=layer)
+
+    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True):
+        def wrap(fn, act, hook):
+            return fn(act)
+
+        fwd = [(name, partial(wrap, fn)) for name, fn in hooks.items()]
+        try:
+            with self.model.hooks(fwd_hooks=fwd):
+                out = self.model(resid, start_at_layer=layer, return_type="logits" if logits else None)
+        except StopForward:
+            return None
+        return out

@@ -1,0 +1,162 @@
+"""The ``e2edict`` command. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from e2edict import __version__
+from e2edict.errors import E2EDictError
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from e2edict.config import load_config
+    from e2edict.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    result = json.loads((run_dir / "eval.json").read_text())
+    print(format_table({cfg.name: result}))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from e2edict import load_saes
+    from e2edict.config import load_config
+    from e2edict.data import load_stream, to_sequences
+    from e2edict.evaluate import evaluate_backbone
+    from e2edict.run import build_backbone
+    from e2edict.train import write_eval
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    backbone = build_backbone(cfg)
+    saes = load_saes(run_dir, device=cfg.model.device)
+    backbone.check_hooks(list(saes), "saved SAE")
+    shapes = backbone.hook_shapes()
+    for h, sae in saes.items():
+        if sae.d_in != shapes[h][0]:
+            raise E2EDictError(f"SAE at {h!r} has d_in={sae.d_in} but the model's activation there has width {shapes[h][0]}")
+    seqs = to_sequences(load_stream(args.data or cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx,
+                        backbone.bos_token_id)
+    tokens = args.tokens or cfg.eval.tokens
+    with torch.no_grad():
+        result = evaluate_backbone(backbone, saes, seqs, tokens=tokens, alive_tokens=max(tokens, cfg.eval.alive_tokens)
+                                   if args.tokens is None else tokens, batch_size=cfg.eval.batch_size)
+    write_eval(run_dir, result)
+    print(format_table({cfg.name: result}))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    runs: dict[str, Any] = {}
+    for d in args.run_dirs:
+        p = Path(d) / "eval.json"
+        if not p.is_file():
+            raise E2EDictError(f"{d!r} has no eval.json (run `e2edict eval {d}` first)")
+        try:
+            runs[Path(d).name] = json.loads(p.read_text())
+        except ValueError as e:
+            raise E2EDictError(f"{str(p)!r} is not valid JSON ({e})") from None
+    print(format_table(runs))
+    return 0
+
+
+def _cmd_hooks(args: argparse.Namespace) -> int:
+    from e2edict.backbones import TLBackbone, load_hooked_transformer
+
+    bb = TLBackbone(load_hooked_transformer(args.model), args.model)
+    for name, shape in bb.hook_shapes().items():
+        print(f"{name}\t{shape[0]}")
+    return 0
+
+
+def format_table(runs: dict[str, dict[str, Any]]) -> str:
+    """One column per run (and SAE): L0, alive, CE-loss increase, KL, explained variance."""
+    cols: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for name, res in runs.items():
+        for hook, m in res["saes"].items():
+            cols.append((name if len(res["saes"]) == 1 else f"{name}:{hook}", res, m))
+    rows = [
+        ("SAE position", lambda r, m: next(h for h, v in r["saes"].items() if v is m)),
+        ("L0", lambda r, m: f"{m['l0']:.2f}"),
+        ("alive / d_sae", lambda r, m: f"{m['alive']} / {m['d_sae']}"),
+        ("CE clean", lambda r, m: f"{r['ce_loss_clean']:.4f}"),
+        ("CE spliced", lambda r, m: f"{r['ce_loss_spliced']:.4f}"),
+        ("CE-loss increase", lambda r, m: f"{r['ce_loss_increase']:.4f}"),
+        ("KL", lambda r, m: f"{r['kl']:.4f}"),
+        ("explained variance", lambda r, m: f"{m['explained_variance']:.4f}"),
+        ("MSE", lambda r, m: f"{m['mse']:.4g}"),
+        ("eval tokens", lambda r, m: str(r["tokens"])),
+    ]
+    table = [["", *[c[0] for c in cols]]]
+    for label, fn in rows:
+        table.append([label, *[fn(r, m) for _, r, m in cols]])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="e2edict", description="End-to-end sparse dictionary learning.")
+    ap.add_argument("--version", action="version", version=f"e2edict {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train SAEs from a YAML config", description="Train SAEs from a YAML config.")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    t.add_argument("--out", help="run directory (default: out/runs/<name>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's SAEs; writes eval.json",
+                       description="Evaluate a run directory's SAEs on held-out tokens; writes RUN_DIR/eval.json.")
+    e.add_argument("run_dir")
+    e.add_argument("--tokens", type=int, help="evaluation tokens (default: the run's eval.tokens)")
+    e.add_argument("--data", help="evaluation data instead of the run's data.eval")
+    e.set_defaults(fn=_cmd_eval)
+
+    c = sub.add_parser("compare", help="print runs' eval.json side by side")
+    c.add_argument("run_dirs", nargs="+")
+    c.set_defaults(fn=_cmd_compare)
+
+    h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")
+    h.add_argument("model", nargs="?", default="tiny")
+    h.set_defaults(fn=_cmd_hooks)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "fn", None) is None:
+        ap.print_help()
+        return 0
+    if getattr(args, "tokens", None) is not None and args.tokens <= 0:
+        print("e2edict: error: --tokens must be positive", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return args.fn(args)
+    except E2EDictError as e:
+        print(f"e2edict: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("e2edict: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

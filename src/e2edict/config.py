@@ -1,0 +1,236 @@
+"""Run configuration: pydantic models (unknown keys rejected), YAML loading, dotted overrides,
+and the loss presets resolved into explicit coefficients.
+
+The resolved config (every default and preset filled in) is what a run directory records as
+``config.yaml``, so a run can be repeated from it alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from e2edict.errors import E2EDictError
+from e2edict.losses import PRESETS
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "tiny"
+    backend: Literal["transformer_lens"] = "transformer_lens"
+    process_weights: bool = Field(False, description="TransformerLens weight processing (fold_ln, centering) for hub names")
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+
+
+class DataConfig(_Strict):
+    train: str = "tiny"
+    eval: str = "tiny-val"
+    n_ctx: int = Field(128, ge=2)
+
+
+class SAEsConfig(_Strict):
+    positions: list[str] = Field(min_length=1)
+    architecture: str = "relu"
+    dict_ratio: float = Field(16.0, gt=0)
+    k: int | None = Field(None, ge=1)
+    orthogonal_init: bool = True
+
+    @field_validator("positions")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("positions must not repeat a hook name")
+        return v
+
+
+class SparsityLoss(_Strict):
+    coeff: float | dict[str, float] = Field(1.0, description="lambda; one number, or a mapping hook -> lambda")
+    p: float = Field(1.0, gt=0)
+
+    @field_validator("coeff")
+    @classmethod
+    def _non_negative(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(x < 0 for x in values):
+            raise ValueError("must be >= 0")
+        return v
+
+
+class Coeff(_Strict):
+    coeff: float | None = Field(None, ge=0, description="null: taken from loss.preset")
+
+
+class DownstreamLoss(Coeff):
+    positions: list[str] | None = Field(None, description="null: every later residual hook")
+
+
+class LossConfig(_Strict):
+    preset: Literal["local", "e2e", "e2e+ds"] = "e2e"
+    sparsity: SparsityLoss = SparsityLoss()
+    kl: Coeff = Coeff()
+    local: Coeff = Coeff()
+    downstream: DownstreamLoss = DownstreamLoss()
+
+    @model_validator(mode="after")
+    def _fill_preset(self) -> LossConfig:
+        table = PRESETS[self.preset]
+        for term in ("kl", "local", "downstream"):
+            block = getattr(self, term)
+            if block.coeff is None:
+                block.coeff = table[term]
+        if self.kl.coeff == 0 and self.local.coeff == 0 and self.downstream.coeff == 0:
+            raise ValueError("every reconstruction term (kl, local, downstream) has coeff 0: nothing to train")
+        return self
+
+    def sparsity_coeff(self, hook: str) -> float:
+        c = self.sparsity.coeff
+        if isinstance(c, dict):
+            if hook not in c:
+                raise E2EDictError(f"loss.sparsity.coeff has no lambda for SAE position {hook!r}")
+            return c[hook]
+        return c
+
+
+class TrainConfig(_Strict):
+    tokens: int = Field(1_000_000, gt=0)
+    batch_size: int = Field(8, gt=0, description="sequences per step per process")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_tokens: int = Field(0, ge=0)
+    min_lr_factor: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(10.0, gt=0)
+    log_every: int = Field(10, gt=0, description="steps")
+    eval_every_tokens: int | None = Field(None, gt=0)
+    checkpoint_every_tokens: int | None = Field(None, gt=0)
+
+
+class EvalConfig(_Strict):
+    tokens: int = Field(65_536, gt=0)
+    alive_tokens: int = Field(65_536, gt=0)
+    batch_size: int = Field(16, gt=0)
+    during_training_tokens: int = Field(16_384, gt=0, description="eval tokens for the evaluations during training")
+
+
+class WandbConfig(_Strict):
+    project: str | None = None
+    entity: str | None = None
+
+
+class Config(_Strict):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    saes: SAEsConfig
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v in (".", ".."):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_', '+', '-' (it names a folder)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        coeff = self.loss.sparsity.coeff
+        if isinstance(coeff, dict):
+            missing = [p for p in self.saes.positions if p not in coeff]
+            extra = [k for k in coeff if k not in self.saes.positions]
+            if missing or extra:
+                raise ValueError(f"loss.sparsity.coeff mapping must name exactly saes.positions (missing {missing}, extra {extra})")
+        ds = self.loss.downstream.positions or []
+        clash = [h for h in ds if h in self.saes.positions]
+        if clash:
+            raise ValueError(f"loss.downstream.positions {clash} are SAE positions")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read as YAML (so ``3``, ``1e-3``, ``true``, ``[a, b]``, ``null`` work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise E2EDictError(f"override {item!r} is not of the form dotted.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise E2EDictError(f"override {item!r} has an empty key part")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise E2EDictError(f"override {item!r}: {p!r} is not a mapping")
+            node = nxt
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def config_from_dict(raw: Any) -> Config:
+    if not isinstance(raw, dict):
+        raise E2EDictError(f"invalid config: the top level must be a mapping, got {type(raw).__name__}")
+    # A saved, resolved config carries the preset's coefficients; keep them as given.
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise E2EDictError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (``yaml.safe_load`` only), apply overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise E2EDictError(f"cannot read config {str(path)!r}: {e.strerror if isinstance(e, OSError) else e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).replace("\n", " ")
+        raise E2EDictError(f"config {str(path)!r} is not valid YAML: {first}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise E2EDictError(f"invalid config {str(path)!r}: the top level must be a mapping")
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,121 @@
+"""The metrics of method §5, on held-out tokens with every SAE spliced in at once.
+
+Explained variance is pooled (``1 - sum_t ||a - a_hat||^2 / sum_t ||a - mean||^2``), accumulated
+in float64 over all evaluated tokens; the per-token ratio the reference code averages is not used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from e2edict.backbones.base import Backbone
+from e2edict.errors import E2EDictError
+from e2edict.losses import next_token_ce
+from e2edict.saes.base import SAE
+from e2edict.splice import LossWeights, splice_forward
+
+
+class _Pooled:
+    """Sums for a pooled explained variance and an MSE between a target and a prediction."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.d = 0
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.sum: torch.Tensor | None = None
+
+    def add(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        t = target.detach().reshape(-1, target.shape[-1]).double()
+        p = pred.detach().reshape(-1, pred.shape[-1]).double()
+        self.n += t.shape[0]
+        self.d = t.shape[1]
+        self.sse += (t - p).pow(2).sum().item()
+        self.sum_sq += t.pow(2).sum().item()
+        s = t.sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+
+    def explained_variance(self) -> float:
+        total = self.sum_sq - self.sum.pow(2).sum().item() / self.n
+        return 1.0 - self.sse / total if total > 0 else float("nan")
+
+    def mse(self) -> float:
+        return self.sse / (self.n * self.d)
+
+
+@torch.no_grad()
+def evaluate_backbone(backbone: Backbone, saes: dict[str, SAE], sequences: torch.Tensor, tokens: int | None = None,
+                      alive_tokens: int | None = None, batch_size: int = 16,
+                      downstream: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate on the first ``tokens`` tokens of ``sequences`` ([N, n_ctx]); ``alive`` counts latents
+    that fire at least once over the first ``alive_tokens`` tokens (more sequences are read if needed)."""
+    if len(sequences) == 0:
+        raise E2EDictError("evaluation data is empty")
+    if not saes:
+        raise E2EDictError("no SAEs to evaluate")
+    backbone.check_hooks(list(saes), "SAE hook")
+    n_ctx = sequences.shape[1]
+    n_eval = len(sequences) if tokens is None else max(1, -(-tokens // n_ctx))
+    n_alive = n_eval if alive_tokens is None else max(1, -(-alive_tokens // n_ctx))
+    n_eval, n_alive = min(n_eval, len(sequences)), min(n_alive, len(sequences))
+    first = min(saes, key=backbone.block_order)
+    if downstream is None:
+        downstream = [h for h in backbone.resid_hooks_after(first) if h not in saes]
+    ds = downstream
+    weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=ds)
+    device = next(iter(saes.values())).W_enc.device
+
+    ce_clean = ce_spliced = kl = 0.0
+    n_pred = n_tok = 0
+    pooled = {h: _Pooled() for h in saes}
+    down = {h: _Pooled() for h in ds}
+    l0 = dict.fromkeys(saes, 0.0)
+    fired = {h: torch.zeros(s.d_sae, dtype=torch.bool, device=device) for h, s in saes.items()}
+    for start in range(0, max(n_eval, n_alive), batch_size):
+        stop = min(start + batch_size, max(n_eval, n_alive))
+        x = sequences[start:stop].to(device)
+        out = splice_forward(backbone, saes, x, weights, full=True)
+        for h in saes:
+            fired[h] |= (out.codes[h][: max(0, min(stop, n_alive) - start)] != 0).flatten(0, 1).any(0)
+        keep = max(0, min(stop, n_eval) - start)
+        if keep == 0:
+            continue
+        x = x[:keep]
+        ce_clean += next_token_ce(out.logits_clean[:keep], x).sum().item()
+        ce_spliced += next_token_ce(out.logits_spliced[:keep], x).sum().item()
+        n_pred += x[:, 1:].numel()
+        lpc = torch.log_softmax(out.logits_clean[:keep].float(), -1)
+        lps = torch.log_softmax(out.logits_spliced[:keep].float(), -1)
+        kl += (lpc.exp() * (lpc - lps)).sum().item()
+        n_tok += x.numel()
+        for h in saes:
+            pooled[h].add(out.inputs[h][:keep], out.recons[h][:keep])
+            l0[h] += (out.codes[h][:keep] != 0).sum().item()
+        for h in ds:
+            down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
+
+    result: dict[str, Any] = {
+        "tokens": n_tok,
+        "alive_tokens": n_alive * n_ctx,
+        "ce_loss_clean": ce_clean / n_pred,
+        "ce_loss_spliced": ce_spliced / n_pred,
+        "ce_loss_increase": (ce_spliced - ce_clean) / n_pred,
+        "kl": kl / n_tok,
+        "saes": {},
+    }
+    for h, sae in saes.items():
+        alive = int(fired[h].sum().item())
+        result["saes"][h] = {
+            "l0": l0[h] / n_tok,
+            "alive": alive,
+            "dead": sae.d_sae - alive,
+            "d_sae": sae.d_sae,
+            "explained_variance": pooled[h].explained_variance(),
+            "mse": pooled[h].mse(),
+            "downstream_explained_variance": {
+                k: down[k].explained_variance() for k in ds if backbone.block_order(k) > backbone.block_order(h)
+            },
+        }
+    return result

@@ -1,0 +1,110 @@
+"""Everything a run needs, built from a config and validated before anything is written:
+the backbone, the SAE positions and widths, the downstream hooks, the token data."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from e2edict.backbones import TLBackbone, load_hooked_transformer
+from e2edict.backbones.base import Backbone
+from e2edict.config import Config
+from e2edict.data import load_stream, to_sequences
+from e2edict.errors import E2EDictError
+from e2edict.saes import SAE, build_sae
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def build_backbone(cfg: Config) -> Backbone:
+    model = load_hooked_transformer(cfg.model.name, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
+                                    process_weights=cfg.model.process_weights)
+    return TLBackbone(model, cfg.model.name)
+
+
+@dataclass
+class RunSetup:
+    cfg: Config
+    backbone: Backbone
+    d_in: dict[str, int]
+    downstream: list[str]  # the hooks of the downstream loss (empty when its coefficient is 0)
+    train_seqs: torch.Tensor
+    eval_seqs: torch.Tensor
+
+    def build_saes(self) -> dict[str, SAE]:
+        torch.manual_seed(self.cfg.seed)
+        s = self.cfg.saes
+        extra = {"orthogonal_init": s.orthogonal_init} if s.architecture == "relu" else {"k": s.k}
+        return {
+            h: build_sae(s.architecture, d, max(1, round(s.dict_ratio * d)), h, **extra).to(self.cfg.model.device)
+            for h, d in self.d_in.items()
+        }
+
+
+def setup_run(cfg: Config) -> RunSetup:
+    """Load and check everything; raise `E2EDictError` on the first problem."""
+    backbone = build_backbone(cfg)
+    positions = cfg.saes.positions
+    backbone.check_hooks(positions)
+    shapes = backbone.hook_shapes()
+    if cfg.data.n_ctx > backbone.n_ctx:
+        raise E2EDictError(f"data.n_ctx={cfg.data.n_ctx} exceeds the model's context of {backbone.n_ctx}")
+    downstream: list[str] = []
+    if cfg.loss.downstream.coeff and cfg.loss.downstream.coeff > 0:
+        if cfg.loss.downstream.positions is not None:
+            downstream = list(cfg.loss.downstream.positions)
+            backbone.check_hooks(downstream, "loss.downstream.positions")
+            last = backbone.block_order(backbone.last_position(positions))
+            early = [h for h in downstream if backbone.block_order(h) <= last]
+            if early:
+                raise E2EDictError(f"loss.downstream.positions {early} are not after the last SAE position")
+        else:
+            downstream = backbone.resid_hooks_after(backbone.last_position(positions))
+        if not downstream:
+            raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
+    if cfg.saes.architecture != "relu":
+        from e2edict.saes import registry
+
+        if cfg.saes.architecture not in registry:
+            raise E2EDictError(f"saes.architecture: unknown {cfg.saes.architecture!r}; known: {', '.join(sorted(registry))}")
+    bos = backbone.bos_token_id
+    train_seqs = to_sequences(load_stream(cfg.data.train, backbone, "data.train"), cfg.data.n_ctx, bos)
+    eval_seqs = to_sequences(load_stream(cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, bos)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if len(train_seqs) < per_step:
+        raise E2EDictError(
+            f"data.train has {len(train_seqs)} sequences of {cfg.data.n_ctx} tokens, fewer than one step's "
+            f"{per_step} (train.batch_size x train.grad_accum)"
+        )
+    if cfg.train.tokens < per_step * cfg.data.n_ctx:
+        raise E2EDictError(
+            f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)"
+        )
+    return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_seqs, eval_seqs)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine or linear decay to ``min_factor``, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return 1.0 - (1.0 - min_factor) * frac
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to reuse a non-empty run directory unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise E2EDictError(f"run directory {str(path)!r} exists and is not a directory")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise E2EDictError(f"run directory {str(path)!r} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,161 @@
+"""The interface every SAE architecture implements, and the SAELens v6 on-disk layout.
+
+A folder holds ``cfg.json`` and ``sae_weights.safetensors`` (tensors ``W_enc [d_in, d_sae]``,
+``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` plus any the architecture adds), so
+``sae_lens.SAE.load_from_disk(folder)`` loads it unchanged. Both files are written to temporary
+names and renamed, so a crash never leaves a half-written SAE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from e2edict.errors import E2EDictError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_VERSION = "6.0.0"
+
+registry: dict[str, type[SAE]] = {}
+
+
+class SAE(nn.Module, ABC):
+    """An SAE at one hook point: ``forward(a) -> (a_hat, c)``."""
+
+    architecture: ClassVar[str]  # e2edict's name, used in configs
+    saelens_architecture: ClassVar[str]  # the name written to cfg.json
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "architecture" in cls.__dict__:
+            registry[cls.architecture] = cls
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = ""):
+        super().__init__()
+        if d_in <= 0 or d_sae <= 0:
+            raise E2EDictError(f"SAE sizes must be positive, got d_in={d_in}, d_sae={d_sae}")
+        self.d_in, self.d_sae, self.hook_name = d_in, d_sae, hook_name
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, c: torch.Tensor) -> torch.Tensor: ...
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.encode(x)
+        return self.decode(c), c
+
+    @abstractmethod
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights in SAELens's layout and meaning (dictionary normalisation folded in)."""
+
+    def saelens_cfg(self) -> dict[str, Any]:
+        """Architecture-specific cfg.json keys (beyond the common ones)."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> SAE: ...
+
+    @property
+    def dictionary(self) -> torch.Tensor:
+        """The decoder directions as rows, [d_sae, d_in]."""
+        return self.saelens_tensors()["W_dec"]
+
+
+def build_sae(architecture: str, d_in: int, d_sae: int, hook_name: str = "", **kw: Any) -> SAE:
+    if architecture not in registry:
+        raise E2EDictError(f"unknown SAE architecture {architecture!r}; known: {', '.join(sorted(registry))}")
+    return registry[architecture](d_in, d_sae, hook_name, **kw)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``sae`` to ``folder`` in the SAELens v6 layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.saelens_tensors().items()}
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    cfg = {
+        "architecture": sae.saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **sae.saelens_cfg(),
+        "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
+                     "hook_name": sae.hook_name, "e2edict_architecture": sae.architecture, **(metadata or {})},
+    }
+    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _atomic_write(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    return folder
+
+
+_SAELENS_TO_E2EDICT = {"standard": "relu"}
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder written by e2edict or by SAELens (architectures e2edict knows)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise E2EDictError(f"SAE folder {str(folder)!r} has no {p.name}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise E2EDictError(f"{str(cfg_path)!r} is not valid JSON ({e})") from None
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise E2EDictError(f"{str(w_path)!r} is not a readable safetensors file ({e})") from None
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    arch = meta.get("e2edict_architecture") or _SAELENS_TO_E2EDICT.get(str(cfg.get("architecture")))
+    if arch not in registry:
+        raise E2EDictError(f"{str(cfg_path)!r}: SAE architecture {cfg.get('architecture')!r} is not supported")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise E2EDictError(f"{str(cfg_path)!r}: {key} must be a positive integer, got {cfg.get(key)!r}")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise E2EDictError(f"{str(cfg_path)!r}: normalize_activations={cfg['normalize_activations']!r} is not supported")
+    sae = registry[arch].from_saelens(tensors, cfg)
+    sae.hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
+    return sae.to(device)
+
+
+def check_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Fetch one tensor, with a clear error when it is missing or has the wrong shape."""
+    if name not in tensors:
+        raise E2EDictError(f"SAE weights lack tensor {name!r}")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise E2EDictError(f"SAE tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    if not torch.isfinite(t).all():
+        raise E2EDictError(f"SAE tensor {name!r} contains NaN or Inf")
+    return t

@@ -1,0 +1,76 @@
+"""The paper's SAE (method §2): ReLU code, unit-norm dictionary as a reparametrisation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from e2edict.errors import E2EDictError
+from e2edict.saes.base import SAE, check_tensor
+
+
+class ReLUSAE(SAE):
+    """``c = ReLU(a W_enc + b_enc)``, ``a_hat = c D + b_dec`` with ``D = W_dec / ||W_dec||_row``.
+
+    The raw decoder rows are normalised on every forward, so gradients flow through the
+    normalisation (not a projection after the step, as some codebases do)."""
+
+    architecture = "relu"
+    saelens_architecture = "standard"
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", orthogonal_init: bool = True,
+                 apply_b_dec_to_input: bool = False):
+        super().__init__(d_in, d_sae, hook_name)
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        # Kaiming-uniform encoder and biases, as torch's nn.Linear initialises them.
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        nn.init.kaiming_uniform_(self.W_enc.T, a=math.sqrt(5))
+        self.b_enc = nn.Parameter(torch.empty(d_sae).uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in)))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        if orthogonal_init:
+            nn.init.orthogonal_(self.W_dec)  # the d_in directions across latents are orthonormal
+        else:
+            nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
+        self.b_dec = nn.Parameter(torch.empty(d_in).uniform_(-1 / math.sqrt(d_sae), 1 / math.sqrt(d_sae)))
+
+    def normalized_decoder(self) -> torch.Tensor:
+        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def decode(self, c: torch.Tensor) -> torch.Tensor:
+        return c @ self.normalized_decoder() + self.b_dec
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.normalized_decoder(), "b_dec": self.b_dec}
+
+    def saelens_cfg(self) -> dict[str, Any]:
+        return {"apply_b_dec_to_input": self.apply_b_dec_to_input}
+
+    @classmethod
+    def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ReLUSAE:
+        d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+        sae = cls(d_in, d_sae, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+        W_enc = check_tensor(tensors, "W_enc", (d_in, d_sae)).float()
+        b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
+        W_dec = check_tensor(tensors, "W_dec", (d_sae, d_in)).float()
+        b_dec = check_tensor(tensors, "b_dec", (d_in,)).float()
+        # A foreign SAE may have decoder rows of any norm: ReLU commutes with a positive scale, so
+        # folding the norms into the encoder gives the same reconstruction with a unit-norm dictionary.
+        norms = W_dec.norm(dim=1)
+        if (norms == 0).any():
+            raise E2EDictError("SAE tensor 'W_dec' has an all-zero row")
+        if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+            norms = torch.ones_like(norms)  # e2edict's own files: keep the latents exactly as saved
+        with torch.no_grad():
+            sae.W_enc.copy_(W_enc * norms)
+            sae.b_enc.copy_(b_enc * norms)
+            sae.W_dec.copy_(W_dec / norms[:, None])
+            sae.b_dec.copy_(b_dec)
+        return sae

@@ -1,0 +1,173 @@
+"""The training loop: Adam, warmup + decay schedule, gradient clipping (pre-clip norm logged),
+gradient accumulation, a token budget, periodic evaluation, metrics.jsonl, the final SAEs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from e2edict.config import Config, dump_config
+from e2edict.data import BatchStream
+from e2edict.errors import E2EDictError
+from e2edict.evaluate import evaluate_backbone
+from e2edict.run import RunSetup, lr_factor, prepare_run_dir, setup_run
+from e2edict.saes import SAE, save_sae
+from e2edict.splice import LossWeights, splice_forward
+
+
+def sae_folder(run_dir: Path, hook: str) -> Path:
+    """``RUN_DIR/saes/<hook>``, refusing any name that would leave the run directory."""
+    base = (run_dir / "saes").resolve()
+    folder = (base / hook).resolve()
+    if folder.parent != base or hook in ("", ".", ".."):
+        raise E2EDictError(f"hook name {hook!r} cannot name a folder inside the run directory")
+    return folder
+
+
+def sae_metadata(cfg: Config, hook: str, tokens: int) -> dict[str, Any]:
+    return {
+        "model_name": cfg.model.name,
+        "hook_name": hook,
+        "context_size": cfg.data.n_ctx,
+        "prepend_bos": True,
+        "dataset_path": cfg.data.train,
+        "e2edict_loss_preset": cfg.loss.preset,
+        "e2edict_coefficients": {
+            "sparsity": cfg.loss.sparsity_coeff(hook), "sparsity_p": cfg.loss.sparsity.p,
+            "local": cfg.loss.local.coeff, "kl": cfg.loss.kl.coeff, "downstream": cfg.loss.downstream.coeff,
+        },
+        "e2edict_tokens_trained": tokens,
+        "e2edict_run_name": cfg.name,
+    }
+
+
+def save_saes(run_dir: Path, cfg: Config, saes: dict[str, SAE], tokens: int) -> None:
+    for h, sae in saes.items():
+        save_sae(sae, sae_folder(run_dir, h), sae_metadata(cfg, h, tokens))
+
+
+class MetricsLog:
+    """Append-only JSON lines; each line flushed so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: int, step: int) -> dict[str, Any]:
+    res = evaluate_backbone(setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens,
+                            alive_tokens=eval_tokens, batch_size=setup.cfg.eval.batch_size)
+    row: dict[str, Any] = {"step": step, "tokens": tokens, "split": "eval"}
+    for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl"):
+        row[k] = res[k]
+    for h, m in res["saes"].items():
+        for k in ("l0", "alive", "explained_variance", "mse"):
+            row[f"{k}/{h}"] = m[k]
+    return row
+
+
+def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train the SAEs of ``cfg``; return the run directory (``out`` or ``out/runs/<name>``)."""
+    setup = setup_run(cfg)  # every check before anything is written
+    if cfg.wandb.project:
+        _import_wandb()
+    run_dir = Path(out) if out is not None else Path("out") / "runs" / cfg.name
+    prepare_run_dir(run_dir, overwrite)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    saes = setup.build_saes()
+    weights = LossWeights.from_config(cfg.loss, cfg.saes.positions, setup.downstream)
+    params = [p for s in saes.values() for p in s.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.train.lr)
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx
+    total_steps = t.tokens // tokens_per_step
+    warmup = t.warmup_tokens // tokens_per_step
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor)
+    )
+    batches = BatchStream(setup.train_seqs, t.batch_size, cfg.seed)
+    wandb_run = _wandb(cfg, run_dir)
+
+    bar = tqdm(total=total_steps * tokens_per_step, unit="tok", unit_scale=True, disable=not progress,
+               desc=cfg.name, dynamic_ncols=True)
+    start = time.perf_counter()
+    next_eval = t.eval_every_tokens
+    for step in range(total_steps):
+        sums: dict[str, float] = {}
+        for _ in range(t.grad_accum):
+            x = batches.next().to(cfg.model.device)
+            out = splice_forward(setup.backbone, saes, x, weights)
+            (out.loss / t.grad_accum).backward()
+            for k, v in out.terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
+            sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / t.grad_accum
+            for h, c in out.codes.items():
+                sums[f"l0/{h}"] = sums.get(f"l0/{h}", 0.0) + (c != 0).sum(-1).float().mean().item() / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens = (step + 1) * tokens_per_step
+        bar.update(tokens_per_step)
+        if step % t.log_every == 0 or step == total_steps - 1:
+            rate = tokens / (time.perf_counter() - start)
+            row = {"step": step + 1, "tokens": tokens, "split": "train", **sums, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": rate}
+            metrics.write(row)
+            if wandb_run is not None:
+                wandb_run.log(row, step=step + 1)
+            l0 = sum(v for k, v in sums.items() if k.startswith("l0/")) / len(saes)
+            post = {"loss": f"{sums['loss']:.4g}", "L0": f"{l0:.1f}"}
+            if "kl" in sums:
+                post["KL"] = f"{sums['kl']:.4f}"
+            bar.set_postfix(post, refresh=False)
+        if next_eval is not None and tokens >= next_eval and step < total_steps - 1:
+            next_eval += t.eval_every_tokens
+            row = _eval_row(setup, saes, tokens, cfg.eval.during_training_tokens, step + 1)
+            metrics.write(row)
+            if wandb_run is not None:
+                wandb_run.log(row, step=step + 1)
+    bar.close()
+    final_tokens = total_steps * tokens_per_step
+    save_saes(run_dir, cfg, saes, final_tokens)
+    result = evaluate_backbone(setup.backbone, saes, setup.eval_seqs, tokens=cfg.eval.tokens,
+                               alive_tokens=cfg.eval.alive_tokens, batch_size=cfg.eval.batch_size)
+    write_eval(run_dir, result)
+    metrics.write({"step": total_steps, "tokens": final_tokens, "split": "final_eval",
+                   **{k: result[k] for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")}})
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
+        wandb_run.finish()
+    return run_dir
+
+
+def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
+    tmp = run_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(run_dir / "eval.json")
+
+
+def _wandb(cfg: Config, run_dir: Path):
+    if not cfg.wandb.project:
+        return None
+    return _import_wandb().init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name, dir=str(run_dir),
+                      config=cfg.to_dict())
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise E2EDictError("wandb.project is set but wandb is not installed (pip install 'e2edict[wandb]')") from None
+    return wandb

@@ -1,0 +1,69 @@
+"""Each loss term against a hand computation on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from e2edict.losses import PRESETS, downstream_loss, kl_loss, mse_loss, next_token_ce, sparsity_loss
+
+
+def test_sparsity_l1_scaled_by_d_in():
+    c = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]]])  # 2 tokens, 3 latents
+    # token L1 norms: 3 and 3 -> mean 3, divided by d_in = 4
+    assert sparsity_loss(c, d_in=4).item() == pytest.approx(0.75)
+
+
+def test_sparsity_is_lp_norm_not_power_sum():
+    c = torch.tensor([[3.0, 4.0]])
+    assert sparsity_loss(c, d_in=1, p=2.0).item() == pytest.approx(5.0)  # not 25
+    assert sparsity_loss(c, d_in=5, p=0.5).item() == pytest.approx((math.sqrt(3) + 2) ** 2 / 5)
+
+
+def test_mse_is_mean_over_all_elements():
+    x = torch.zeros(2, 3, 4)
+    x_hat = torch.zeros(2, 3, 4)
+    x_hat[0, 0, 0] = 2.0
+    assert mse_loss(x_hat, x).item() == pytest.approx(4.0 / 24)
+
+
+def test_kl_direction_and_value():
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.3, 0.3, 0.4])
+    clean, spliced = p.log()[None, None], q.log()[None, None]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p.tolist(), q.tolist()))
+    assert kl_loss(clean, spliced).item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - reverse) > 1e-2  # the test can tell the directions apart
+    # logits shifted by a constant give the same distribution: KL 0, unlike cross-entropy
+    assert kl_loss(clean + 3.0, clean).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_mean_over_tokens():
+    a = torch.tensor([[0.0, 0.0], [0.0, 0.0]])[None]
+    b = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])[None]
+    kl2 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kl_loss(a, b).item() == pytest.approx(kl2 / 2, rel=1e-5)
+
+
+def test_downstream_total_over_k():
+    clean = {"a": torch.zeros(1, 2, 2), "b": torch.zeros(1, 2, 2)}
+    spliced = {"a": torch.ones(1, 2, 2), "b": torch.full((1, 2, 2), 3.0)}
+    # mse a = 1, mse b = 9; (2.5 / 2) * 10
+    assert downstream_loss(spliced, clean, 2.5).item() == pytest.approx(12.5)
+
+
+def test_next_token_ce_hand():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = math.log(3.0)  # p(2) = 3/6
+    tokens = torch.tensor([[0, 2, 1]])
+    ce = next_token_ce(logits, tokens)
+    assert ce.shape == (1, 2)
+    assert ce[0, 0].item() == pytest.approx(-math.log(0.5))
+    assert ce[0, 1].item() == pytest.approx(math.log(4.0))
+
+
+def test_presets_table():
+    assert PRESETS["local"] == {"local": 1.0, "kl": 0.0, "downstream": 0.0}
+    assert PRESETS["e2e"] == {"local": 0.0, "kl": 1.0, "downstream": 0.0}
+    assert PRESETS["e2e+ds"] == {"local": 0.0, "kl": 0.5, "downstream": 2.5}

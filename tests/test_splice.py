@@ -1,0 +1,146 @@
+"""The shared-prefix step against a naive reference: two full forward passes, losses by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from e2edict.saes import ReLUSAE
+from e2edict.splice import LossWeights, splice_forward
+
+
+def make_saes(backbone, positions, ratio=4, seed=0):
+    torch.manual_seed(seed)
+    shapes = backbone.hook_shapes()
+    return {h: ReLUSAE(shapes[h][0], ratio * shapes[h][0], h) for h in positions}
+
+
+def naive_loss(model, saes, tokens, w: LossWeights):
+    """What the reference implementation does: a full clean pass and a full spliced pass."""
+    clean = {}
+    with torch.no_grad():
+        logits_clean = model.run_with_hooks(
+            tokens, fwd_hooks=[(h, lambda a, hook: clean.__setitem__(hook.name, a.clone())) for h in w.downstream_positions]
+        )
+    store, spliced = {}, {}
+
+    def splice(act, hook):
+        sae = saes[hook.name]
+        c = torch.relu(act @ sae.W_enc + sae.b_enc)
+        D = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        out = c @ D + sae.b_dec
+        store[hook.name] = (act, out, c)
+        return out
+
+    if not w.kl and not w.downstream:
+        # Local SAEs each read the clean activation: one full clean pass, SAEs applied beside it.
+        acts = {}
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(h, lambda a, hook: acts.__setitem__(hook.name, a)) for h in saes])
+        for h in saes:
+
+            class _Hook:
+                name = h
+
+            splice(acts[h], _Hook)
+    hooks = [(h, splice) for h in saes] + [
+        (h, lambda a, hook: spliced.__setitem__(hook.name, a)) for h in w.downstream_positions
+    ]
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks) if (w.kl or w.downstream) else None
+    total = 0.0
+    for h, (a, out, c) in store.items():
+        total = total + w.sparsity[h] * c.abs().sum(-1).mean() / a.shape[-1]
+        total = total + w.local * ((out - a) ** 2).mean()
+    if w.kl:
+        lp_c = F.log_softmax(logits_clean, -1).flatten(0, 1)
+        lp_s = F.log_softmax(logits, -1).flatten(0, 1)
+        total = total + w.kl * F.kl_div(lp_s, lp_c, log_target=True, reduction="batchmean")
+    if w.downstream:
+        k = len(w.downstream_positions)
+        total = total + w.downstream / k * sum(((spliced[h] - clean[h]) ** 2).mean() for h in w.downstream_positions)
+    return total
+
+
+CASES = {
+    "local": dict(local=1.0),
+    "e2e": dict(kl=1.0),
+    "e2e+ds": dict(kl=0.5, downstream=2.5),
+}
+
+
+@pytest.mark.parametrize("preset", list(CASES))
+@pytest.mark.parametrize("positions", [["blocks.1.hook_resid_pre"], ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]])
+def test_shared_prefix_matches_naive(small_backbone, preset, positions):
+    model = small_backbone.model.double()
+    try:
+        saes = {h: s.double() for h, s in make_saes(small_backbone, positions).items()}
+        ds = small_backbone.resid_hooks_after(small_backbone.last_position(positions)) if preset == "e2e+ds" else []
+        w = LossWeights(sparsity={h: 0.3 + i for i, h in enumerate(positions)}, downstream_positions=ds, **CASES[preset])
+        tokens = torch.randint(0, 4096, (3, 16), generator=torch.Generator().manual_seed(0))
+
+        ours = splice_forward(small_backbone, saes, tokens, w).loss
+        ours.backward()
+        g_ours = {n: p.grad.clone() for h, s in saes.items() for n, p in s.named_parameters(prefix=h)}
+        for s in saes.values():
+            s.zero_grad()
+        ref = naive_loss(model, saes, tokens, w)
+        ref.backward()
+        g_ref = {n: p.grad.clone() for h, s in saes.items() for n, p in s.named_parameters(prefix=h)}
+
+        assert ours.item() == pytest.approx(ref.item(), abs=1e-6, rel=1e-6)
+        for n in g_ref:
+            torch.testing.assert_close(g_ours[n], g_ref[n], atol=1e-6, rtol=1e-6)
+            assert g_ref[n].abs().sum() > 0
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        model.float()
+
+
+def identity_sae(d: int, hook: str) -> ReLUSAE:
+    sae = ReLUSAE(d, 2 * d, hook)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.b_enc.zero_()
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_identity_sae_leaves_logits_unchanged(small_backbone):
+    h = "blocks.1.hook_resid_pre"
+    saes = {h: identity_sae(32, h)}
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0))
+    torch.testing.assert_close(out.logits_spliced, small_backbone.model(tokens), atol=1e-5, rtol=1e-5)
+    assert out.terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
+    h = "blocks.0.hook_resid_post"
+    saes = make_saes(small_backbone, [h])
+    seen = []
+    model = small_backbone.model
+    handles = [model.blocks[2].register_forward_hook(lambda *a: seen.append("block2")),
+               model.unembed.register_forward_hook(lambda *a: seen.append("unembed"))]
+    try:
+        tokens = torch.randint(0, 4096, (2, 16))
+        out = splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, local=1.0))
+        out.loss.backward()
+        assert seen == []  # local training ran nothing past the SAE's block
+        assert out.logits_spliced is None
+        splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0)).loss.backward()
+        assert seen == ["block2", "unembed", "block2", "unembed"]  # clean and spliced continuations
+    finally:
+        for hd in handles:
+            hd.remove()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert saes[h].W_enc.grad is not None
+
+
+def test_prefix_runs_without_graph(small_backbone):
+    h = "blocks.2.hook_resid_pre"
+    saes = make_saes(small_backbone, [h])
+    out = splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), LossWeights(sparsity={h: 1.0}, kl=1.0))
+    assert not out.inputs[h].requires_grad  # the SAE input came from the no-graph prefix
+    assert out.logits_clean is not None and not out.logits_clean.requires_grad
+    assert out.logits_spliced.requires_grad
