@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
         tokenizer_prepends_bos=False, default_prepend_bos=True, dtype=dtype, device=device,
     )
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    with warnings.catch_warnings():
+        # e2edict relies on HookedTransformer's hook names and start/stop_at_layer on purpose.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = convert_gpt2_weights(hf, cfg)
     # No weight processing: hook activations equal the Hugging Face model's hidden states.
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,

@@ -1,0 +1,86 @@
+"""Config validation, presets and dotted overrides."""
+
+import pytest
+
+from e2edict.config import apply_overrides, config_from_dict, dump_config, load_config
+from e2edict.errors import E2EDictError
+
+BASE = {"saes": {"positions": ["blocks.1.hook_resid_pre"]}}
+
+
+def test_presets_fill_coefficients():
+    c = config_from_dict({**BASE, "loss": {"preset": "e2e+ds"}})
+    assert (c.loss.kl.coeff, c.loss.local.coeff, c.loss.downstream.coeff) == (0.5, 0.0, 2.5)
+    c = config_from_dict({**BASE, "loss": {"preset": "local", "kl": {"coeff": 0.25}}})
+    assert (c.loss.kl.coeff, c.loss.local.coeff) == (0.25, 1.0)
+
+
+def test_per_position_lambda():
+    c = config_from_dict({"saes": {"positions": ["a", "b"]}, "loss": {"sparsity": {"coeff": {"a": 1.0, "b": 2.0}}}})
+    assert c.loss.sparsity_coeff("b") == 2.0
+    with pytest.raises(E2EDictError, match="exactly saes.positions"):
+        config_from_dict({"saes": {"positions": ["a", "b"]}, "loss": {"sparsity": {"coeff": {"a": 1.0}}}})
+
+
+def test_round_trip_of_resolved_config(tmp_path):
+    c = config_from_dict({**BASE, "loss": {"preset": "e2e+ds"}, "train": {"lr": 1e-4}})
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(c))
+    assert load_config(p) == c
+
+
+def test_overrides_are_typed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("saes:\n  positions: [blocks.1.hook_resid_pre]\n")
+    c = load_config(p, ["train.lr=3e-4", "train.batch_size=4", "saes.positions=[blocks.0.hook_mlp_out]",
+                        "loss.preset=local", "wandb.project=null", "train.max_grad_norm=null"])
+    assert c.train.lr == 3e-4 and c.train.batch_size == 4 and c.saes.positions == ["blocks.0.hook_mlp_out"]
+    assert c.loss.local.coeff == 1.0 and c.train.max_grad_norm is None
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({**BASE, "bogus": 1}, "bogus: unknown key"),
+        ({**BASE, "train": {"batch_sise": 4}}, "train.batch_sise: unknown key"),
+        ({**BASE, "train": {"batch_size": 0}}, "train.batch_size"),
+        ({"saes": {"positions": ["h"], "dict_ratio": 0}}, "saes.dict_ratio"),
+        ({"saes": {"positions": ["h"], "dict_ratio": -2}}, "saes.dict_ratio"),
+        ({**BASE, "loss": {"sparsity": {"coeff": -1.0}}}, "loss.sparsity.coeff"),
+        ({**BASE, "loss": {"kl": {"coeff": -0.5}}}, "loss.kl.coeff"),
+        ({**BASE, "loss": {"preset": "global"}}, "loss.preset"),
+        ({**BASE, "train": {"lr": "fast"}}, "train.lr"),
+        ({**BASE, "name": "../../etc"}, "name"),
+        ({}, "saes"),
+        ({"saes": {"positions": ["h", "h"]}}, "repeat"),
+        ({**BASE, "loss": {"preset": "local", "local": {"coeff": 0}}}, "nothing to train"),
+    ],
+)
+def test_bad_configs_give_one_line_errors(raw, fragment):
+    with pytest.raises(E2EDictError) as e:
+        config_from_dict(raw)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(E2EDictError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("saes: [unclosed\n")
+    with pytest.raises(E2EDictError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(E2EDictError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "obj.yaml").write_text("saes: !!python/object/apply:os.system [echo hi]\n")
+    with pytest.raises(E2EDictError):  # safe_load refuses python tags
+        load_config(tmp_path / "obj.yaml")
+    with pytest.raises(E2EDictError, match="dotted.key=value"):
+        load_config(_write(tmp_path), ["train.lr"])
+
+
+def _write(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("saes:\n  positions: [h]\n")
+    return p
