@@ -16,10 +16,25 @@ EXIT_BAD_INPUT = 2
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from e2edict.config import load_config
-    from e2edict.train import train
+    from e2edict.train import Interrupted, train
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise E2EDictError("--resume RUN_DIR takes no config, overrides or --out: the run's config.yaml is used")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        if not args.config:
+            raise E2EDictError("train needs a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = args.out
+    try:
+        run_dir = train(cfg, out=run_dir, overwrite=args.overwrite, progress=not args.quiet, resume=bool(args.resume))
+    except Interrupted as e:
+        print(f"e2edict: {e}", file=sys.stderr)
+        return 130
     result = json.loads((run_dir / "eval.json").read_text())
     print(format_table({cfg.name: result}))
     print(f"run directory: {run_dir}")
@@ -115,11 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train SAEs from a YAML config", description="Train SAEs from a YAML config.")
-    t.add_argument("config", help="YAML config file")
+    t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     t.add_argument("--out", help="run directory (default: out/runs/<name>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest intact checkpoint")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's SAEs; writes eval.json",

@@ -113,6 +113,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0, description="steps")
     eval_every_tokens: int | None = Field(None, gt=0)
     checkpoint_every_tokens: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
 
 
 class EvalConfig(_Strict):

@@ -4,6 +4,10 @@ gradient accumulation, a token budget, periodic evaluation, metrics.jsonl, the f
 from __future__ import annotations
 
 import json
+import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
 from e2edict.data import BatchStream
 from e2edict.errors import E2EDictError
@@ -74,14 +79,44 @@ def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: i
     return row
 
 
-def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train the SAEs of ``cfg``; return the run directory (``out`` or ``out/runs/<name>``)."""
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+
+def _crossed(tokens: int, step_tokens: int, every: int | None) -> bool:
+    return every is not None and tokens // every > (tokens - step_tokens) // every
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to ``step`` (those a checkpoint at ``step`` had written); drop a torn last line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= step and row.get("split") != "final_eval":
+            keep.append(line)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+          resume: bool = False) -> Path:
+    """Train the SAEs of ``cfg``; return the run directory (``out`` or ``out/runs/<name>``).
+
+    With ``resume``, ``out`` is an existing run directory: training continues from its newest
+    intact checkpoint (or from the start if it has none) and ends exactly as an uninterrupted run."""
     setup = setup_run(cfg)  # every check before anything is written
     if cfg.wandb.project:
         _import_wandb()
     run_dir = Path(out) if out is not None else Path("out") / "runs" / cfg.name
-    prepare_run_dir(run_dir, overwrite)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if not resume:
+        prepare_run_dir(run_dir, overwrite)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
     saes = setup.build_saes()
@@ -96,49 +131,76 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
         opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor)
     )
     batches = BatchStream(setup.train_seqs, t.batch_size, cfg.seed)
+    first_step = 0
+    if resume:
+        found = latest_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr))
+        if found is not None:
+            doc = restore(found[1], saes, opt, sched)
+            batches.load_state(doc["data"])
+            first_step = doc["step"]
+            print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
+        _truncate_metrics(run_dir / "metrics.jsonl", first_step)
     wandb_run = _wandb(cfg, run_dir)
 
-    bar = tqdm(total=total_steps * tokens_per_step, unit="tok", unit_scale=True, disable=not progress,
-               desc=cfg.name, dynamic_ncols=True)
+    stop_signal: list[int] = []
+    old_handlers = _install_signal_handlers(stop_signal)
+    bar = tqdm(total=total_steps * tokens_per_step, initial=first_step * tokens_per_step, unit="tok",
+               unit_scale=True, disable=not progress, desc=cfg.name, dynamic_ncols=True)
     start = time.perf_counter()
-    next_eval = t.eval_every_tokens
-    for step in range(total_steps):
-        sums: dict[str, float] = {}
-        for _ in range(t.grad_accum):
-            x = batches.next().to(cfg.model.device)
-            out = splice_forward(setup.backbone, saes, x, weights)
-            (out.loss / t.grad_accum).backward()
-            for k, v in out.terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
-            sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / t.grad_accum
-            for h, c in out.codes.items():
-                sums[f"l0/{h}"] = sums.get(f"l0/{h}", 0.0) + (c != 0).sum(-1).float().mean().item() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        tokens = (step + 1) * tokens_per_step
-        bar.update(tokens_per_step)
-        if step % t.log_every == 0 or step == total_steps - 1:
-            rate = tokens / (time.perf_counter() - start)
-            row = {"step": step + 1, "tokens": tokens, "split": "train", **sums, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": rate}
-            metrics.write(row)
-            if wandb_run is not None:
-                wandb_run.log(row, step=step + 1)
-            l0 = sum(v for k, v in sums.items() if k.startswith("l0/")) / len(saes)
-            post = {"loss": f"{sums['loss']:.4g}", "L0": f"{l0:.1f}"}
-            if "kl" in sums:
-                post["KL"] = f"{sums['kl']:.4f}"
-            bar.set_postfix(post, refresh=False)
-        if next_eval is not None and tokens >= next_eval and step < total_steps - 1:
-            next_eval += t.eval_every_tokens
-            row = _eval_row(setup, saes, tokens, cfg.eval.during_training_tokens, step + 1)
-            metrics.write(row)
-            if wandb_run is not None:
-                wandb_run.log(row, step=step + 1)
-    bar.close()
+    try:
+        for step in range(first_step, total_steps):
+            sums: dict[str, float] = {}
+            for _ in range(t.grad_accum):
+                x = batches.next().to(cfg.model.device)
+                out = splice_forward(setup.backbone, saes, x, weights)
+                (out.loss / t.grad_accum).backward()
+                for k, v in out.terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
+                sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / t.grad_accum
+                for h, c in out.codes.items():
+                    sums[f"l0/{h}"] = sums.get(f"l0/{h}", 0.0) + (c != 0).sum(-1).float().mean().item() / t.grad_accum
+            for k, v in sums.items():
+                if not math.isfinite(v):
+                    _non_finite(run_dir, f"loss term {k!r}", step + 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
+            if not math.isfinite(grad_norm):
+                bad = [f"{h}.{n}" for h, s_ in saes.items() for n, p in s_.named_parameters()
+                       if p.grad is not None and not torch.isfinite(p.grad).all()]
+                _non_finite(run_dir, f"gradient of {', '.join(bad) or 'the SAE parameters'}", step + 1)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if not all(torch.isfinite(p).all() for p in params):
+                _non_finite(run_dir, "SAE weights after the optimizer step", step + 1)
+            tokens = (step + 1) * tokens_per_step
+            bar.update(tokens_per_step)
+            if step % t.log_every == 0 or step == total_steps - 1:
+                rate = (tokens - first_step * tokens_per_step) / (time.perf_counter() - start)
+                row = {"step": step + 1, "tokens": tokens, "split": "train", **sums, "lr": lr,
+                       "grad_norm": grad_norm, "tokens_per_s": rate}
+                metrics.write(row)
+                if wandb_run is not None:
+                    wandb_run.log(row, step=step + 1)
+                l0 = sum(v for k, v in sums.items() if k.startswith("l0/")) / len(saes)
+                post = {"loss": f"{sums['loss']:.4g}", "L0": f"{l0:.1f}"}
+                if "kl" in sums:
+                    post["KL"] = f"{sums['kl']:.4f}"
+                bar.set_postfix(post, refresh=False)
+            if _crossed(tokens, tokens_per_step, t.eval_every_tokens) and step < total_steps - 1:
+                row = _eval_row(setup, saes, tokens, cfg.eval.during_training_tokens, step + 1)
+                metrics.write(row)
+                if wandb_run is not None:
+                    wandb_run.log(row, step=step + 1)
+            if stop_signal or (_crossed(tokens, tokens_per_step, t.checkpoint_every_tokens) and step < total_steps - 1):
+                save_checkpoint(run_dir, step + 1, saes, opt, sched, {"tokens": tokens, "data": batches.state()},
+                                keep=t.keep_checkpoints)
+            if stop_signal:
+                raise Interrupted(f"stopped by signal {stop_signal[0]} at step {step + 1}; "
+                                  f"resume with: e2edict train --resume {run_dir}")
+    finally:
+        bar.close()
+        _restore_signal_handlers(old_handlers)
     final_tokens = total_steps * tokens_per_step
     save_saes(run_dir, cfg, saes, final_tokens)
     result = evaluate_backbone(setup.backbone, saes, setup.eval_seqs, tokens=cfg.eval.tokens,
@@ -150,6 +212,27 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
         wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
         wandb_run.finish()
     return run_dir
+
+
+def _non_finite(run_dir: Path, what: str, step: int) -> None:
+    found = latest_checkpoint(run_dir, warn=lambda m: None) if (run_dir / "checkpoints").is_dir() else None
+    kept = f"the last good checkpoint is {found[0]}" if found else "no checkpoint was written yet"
+    raise E2EDictError(f"NaN or Inf in the {what} at step {step}; training stopped ({kept})")
+
+
+def _install_signal_handlers(flag: list[int]):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        flag.append(signum)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(old) -> None:
+    for sig, h in (old or {}).items():
+        signal.signal(sig, h)
 
 
 def write_eval(run_dir: Path, result: dict[str, Any]) -> None:

@@ -1,0 +1,125 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a folder ``RUN_DIR/checkpoints/step_<N>/`` holding ``saes.safetensors`` (every SAE
+parameter), ``optimizer.safetensors`` (Adam's moments and step counts), and ``state.json`` (step,
+tokens, data position, scheduler and optimizer hyper-parameters). It is written under a temporary
+name, each file fsynced, then renamed into place, so a crash leaves either the whole checkpoint or
+none; ``state.json`` is written last and holds the checksums of the tensor files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from e2edict.errors import E2EDictError
+
+CKPT_DIR = "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, saes: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any], keep: int = 2) -> Path:
+    root = run_dir / CKPT_DIR
+    root.mkdir(exist_ok=True)
+    final = root / f"step_{step:09d}"
+    tmp = root / f".tmp_step_{step:09d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    sae_tensors = {f"{h}::{n}": p.detach().cpu().contiguous() for h, s in saes.items() for n, p in s.named_parameters()}
+    save_file(sae_tensors, str(tmp / "saes.safetensors"))
+    opt_sd = opt.state_dict()
+    opt_tensors = {}
+    for idx, st in opt_sd["state"].items():
+        for k, v in st.items():
+            opt_tensors[f"{idx}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    doc = {
+        "step": step,
+        **state,
+        "scheduler": sched_sd,
+        "optimizer_param_groups": opt_sd["param_groups"],
+        "files": {f: _sha256(tmp / f) for f in ("saes.safetensors", "optimizer.safetensors")},
+    }
+    (tmp / "state.json").write_text(json.dumps(doc, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read and verify one checkpoint folder; raise `E2EDictError` if anything is damaged."""
+    try:
+        doc = json.loads((path / "state.json").read_text())
+        for f, digest in doc["files"].items():
+            if _sha256(path / f) != digest:
+                raise E2EDictError(f"checkpoint {path.name}: {f} does not match its checksum")
+        return doc, load_file(str(path / "saes.safetensors")), load_file(str(path / "optimizer.safetensors"))
+    except E2EDictError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise E2EDictError(f"checkpoint {path.name} is damaged ({type(e).__name__}: {e})") from None
+
+
+def latest_checkpoint(run_dir: Path, warn=print) -> tuple[Path, tuple] | None:
+    """The newest checkpoint that reads back intact; damaged newer ones are skipped with a message."""
+    root = run_dir / CKPT_DIR
+    if not root.is_dir():
+        return None
+    for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except E2EDictError as e:
+            warn(f"e2edict: {e}; falling back to the previous checkpoint")
+    return None
+
+
+def restore(contents: tuple, saes: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    doc, sae_tensors, opt_tensors = contents
+    with torch.no_grad():
+        for h, s in saes.items():
+            for n, p in s.named_parameters():
+                key = f"{h}::{n}"
+                if key not in sae_tensors or sae_tensors[key].shape != p.shape:
+                    raise E2EDictError(f"checkpoint does not match the config: SAE tensor {key!r} missing or misshapen")
+                p.copy_(sae_tensors[key])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in opt_tensors.items():
+        idx, name = key.split("::", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": doc["optimizer_param_groups"]})
+    # The schedule's function comes from the config; only its counters are restored.
+    sched.load_state_dict({**doc["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+    return doc

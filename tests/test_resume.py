@@ -1,0 +1,95 @@
+"""A run killed with SIGKILL and resumed ends bitwise identical to an uninterrupted one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args):
+    return [sys.executable, "-m", "e2edict", *map(str, args)]
+
+
+def overrides(model_dir):
+    return [f"model.name={model_dir}", "data.n_ctx=32", "saes.positions=[blocks.1.hook_resid_pre]",
+            "train.tokens=16384", "train.batch_size=8", "train.grad_accum=2", "train.log_every=1",
+            "train.checkpoint_every_tokens=1024", "train.keep_checkpoints=3", "train.eval_every_tokens=4096",
+            "train.warmup_tokens=2048", "eval.tokens=2048", "eval.alive_tokens=2048", "eval.during_training_tokens=1024"]
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "saes/blocks.1.hook_resid_pre/sae_weights.safetensors"))
+
+
+def steps(run_dir, split="train"):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["split"] == split]
+
+
+@pytest.mark.parametrize("preset", ["e2e", "local"])
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, small_gpt2_dir, preset):
+    config = ROOT / f"configs/tiny/{preset}.yaml"
+    ref = tmp_path / "ref"
+    r = subprocess.run(cli("train", config, *overrides(small_gpt2_dir), "--out", ref, "--quiet"),
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli("train", config, *overrides(small_gpt2_dir), "--out", run, "--quiet"),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait until a couple of checkpoints exist, then kill at whatever point the run has reached
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if len(list((run / "checkpoints").glob("step_*"))) >= 2 or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "eval.json").exists()
+
+    r = subprocess.run(cli("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+
+    a, b = weights(ref), weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].equal(b[k]), k
+    assert steps(run) == steps(ref) == list(range(1, 33))
+    assert steps(run, "eval") == steps(ref, "eval")
+    assert json.loads((run / "eval.json").read_text()) == json.loads((ref / "eval.json").read_text())
+    assert len(list((run / "checkpoints").glob("step_*"))) <= 3
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, small_gpt2_dir):
+    config = ROOT / "configs/tiny/e2e.yaml"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    base = overrides(small_gpt2_dir)
+    for out in (ref, run):
+        r = subprocess.run(cli("train", config, *base, "--out", out, "--quiet"), env=ENV, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    # pretend the run died after its last checkpoint, and that checkpoint got truncated
+    for f in ("eval.json",):
+        (run / f).unlink()
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    newest = ckpts[-1] / "optimizer.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    r = subprocess.run(cli("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "falling back to the previous checkpoint" in r.stderr
+    a, b = weights(ref), weights(run)
+    for k in a:
+        assert a[k].equal(b[k]), k
+    assert steps(run) == list(range(1, 33))
