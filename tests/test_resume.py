@@ -93,3 +93,52 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, small_gpt2_dir):
     for k in a:
         assert a[k].equal(b[k]), k
     assert steps(run) == list(range(1, 33))
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, small_gpt2_dir):
+    config = ROOT / "configs/tiny/local.yaml"
+    base = [*overrides(small_gpt2_dir), "train.checkpoint_every_tokens=null"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = subprocess.run(cli("train", config, *base, "--out", ref, "--quiet"), env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen(cli("train", config, *base, "--out", run, "--quiet"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "resume with: e2edict train --resume" in err
+    assert len(list((run / "checkpoints").glob("step_*"))) == 1
+    r = subprocess.run(cli("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a, b = weights(ref), weights(run)
+    for k in a:
+        assert a[k].equal(b[k]), k
+    assert steps(run) == list(range(1, 33))
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monkeypatch):
+    import torch
+
+    import e2edict.train as train_mod
+    from e2edict.config import load_config
+    from e2edict.errors import E2EDictError
+
+    real = train_mod.splice_forward
+    calls = []
+
+    def poisoned(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 11:  # step 6 (two micro-batches a step)
+            out.terms["kl"] = out.terms["kl"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "splice_forward", poisoned)
+    cfg = load_config(ROOT / "configs/tiny/e2e.yaml", overrides(small_gpt2_dir))
+    with pytest.raises(E2EDictError, match=r"NaN or Inf in the loss term 'kl' at step 6.*step_000000004"):
+        train_mod.train(cfg, out=tmp_path / "run", progress=False)
+    assert torch.isfinite(next(iter(load_file(str(
+        sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "saes.safetensors")).values()))).all()

@@ -57,11 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / "config.yaml")
     backbone = build_backbone(cfg)
     saes = load_saes(run_dir, device=cfg.model.device)
-    backbone.check_hooks(list(saes), "saved SAE")
-    shapes = backbone.hook_shapes()
-    for h, sae in saes.items():
-        if sae.d_in != shapes[h][0]:
-            raise E2EDictError(f"SAE at {h!r} has d_in={sae.d_in} but the model's activation there has width {shapes[h][0]}")
+    backbone.check_saes(saes)
     seqs = to_sequences(load_stream(args.data or cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx,
                         backbone.bos_token_id)
     tokens = args.tokens or cfg.eval.tokens

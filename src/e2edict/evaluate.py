@@ -55,7 +55,7 @@ def evaluate_backbone(backbone: Backbone, saes: dict[str, SAE], sequences: torch
         raise E2EDictError("evaluation data is empty")
     if not saes:
         raise E2EDictError("no SAEs to evaluate")
-    backbone.check_hooks(list(saes), "SAE hook")
+    backbone.check_saes(saes)
     n_ctx = sequences.shape[1]
     n_eval = len(sequences) if tokens is None else max(1, -(-tokens // n_ctx))
     n_alive = n_eval if alive_tokens is None else max(1, -(-alive_tokens // n_ctx))

@@ -65,6 +65,16 @@ class Backbone(ABC):
                 f"valid: {', '.join(shapes)}"
             )
 
+    def check_saes(self, saes: dict) -> None:
+        """SAEs loaded from files must sit at hooks of this model, with matching widths."""
+        self.check_hooks(list(saes), "SAE hook")
+        shapes = self.hook_shapes()
+        for h, sae in saes.items():
+            if sae.d_in != shapes[h][0]:
+                raise E2EDictError(
+                    f"SAE at {h!r} has d_in={sae.d_in} but model {self.name!r} has width {shapes[h][0]} there"
+                )
+
     def resid_hooks_after(self, hook_name: str) -> list[str]:
         """The residual-stream hooks strictly after ``hook_name``: every later ``hook_resid_pre``
         and the final ``hook_resid_post`` (which the reference code leaves out)."""
