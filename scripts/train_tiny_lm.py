@@ -48,9 +48,7 @@ def heldout_loss(model: GPT2LMHeadModel, seqs: torch.Tensor, batch: int = 64) ->
     for i in range(0, len(seqs), batch):
         x = seqs[i : i + batch]
         logits = model(x).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-        )
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += loss.item()
         count += x[:, 1:].numel()
     return total / count
@@ -84,8 +82,9 @@ def main() -> None:
 
     train_texts, val_texts = corpus_split("train"), corpus_split("val")
     raw_tok = train_tokenizer(train_texts, args.vocab)
-    tokenizer = GPT2TokenizerFast(tokenizer_object=raw_tok, bos_token=BOS_TOKEN, eos_token=BOS_TOKEN,
-                                  unk_token=BOS_TOKEN, model_max_length=args.n_ctx)
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=raw_tok, bos_token=BOS_TOKEN, eos_token=BOS_TOKEN, unk_token=BOS_TOKEN, model_max_length=args.n_ctx
+    )
     tokenizer.save_pretrained(args.out)
     bos = raw_tok.token_to_id(BOS_TOKEN)
     train_stream = encode_texts(raw_tok, train_texts)
@@ -93,9 +92,18 @@ def main() -> None:
     np.save(args.out / "val_tokens.npy", val_stream.astype(np.uint16), allow_pickle=False)
     print(f"tokenizer done in {time.time() - t0:.0f}s: train {len(train_stream)} tokens, val {len(val_stream)}", flush=True)
 
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.n_ctx, n_embd=args.d_model, n_layer=args.layers,
-                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=bos, eos_token_id=bos)
+    cfg = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.n_ctx,
+        n_embd=args.d_model,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=bos,
+        eos_token_id=bos,
+    )
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -150,15 +158,30 @@ def main() -> None:
 
     tokens_seen = args.steps * args.batch * args.n_ctx
     stats = {
-        "heldout_loss": round(val_loss, 4), "train_loss": round(train_eval, 4),
-        "heldout_unigram_entropy": round(ent, 4), "steps": args.steps, "tokens_trained": tokens_seen,
-        "train_tokens": int(len(train_stream)), "heldout_tokens": int(len(val_stream)),
-        "train_minutes": round(train_minutes, 1), "n_ctx": args.n_ctx, "seed": args.seed,
+        "heldout_loss": round(val_loss, 4),
+        "train_loss": round(train_eval, 4),
+        "heldout_unigram_entropy": round(ent, 4),
+        "steps": args.steps,
+        "tokens_trained": tokens_seen,
+        "train_tokens": int(len(train_stream)),
+        "heldout_tokens": int(len(val_stream)),
+        "train_minutes": round(train_minutes, 1),
+        "n_ctx": args.n_ctx,
+        "seed": args.seed,
     }
     (args.out / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    cmd = " ".join(["python scripts/train_tiny_lm.py", f"--out {args.out}", f"--steps {args.steps}",
-                    f"--batch {args.batch}", f"--lr {args.lr}", f"--seed {args.seed}"])
-    card = f"""# e2edict tiny: the embedded language model
+    cmd = " ".join(
+        [
+            "python scripts/train_tiny_lm.py",
+            f"--out {args.out}",
+            f"--steps {args.steps}",
+            f"--batch {args.batch}",
+            f"--lr {args.lr}",
+            f"--seed {args.seed}",
+        ]
+    )
+    card = (
+        f"""# e2edict tiny: the embedded language model
 
 A GPT-2-architecture model (`transformers.GPT2LMHeadModel`) trained on this CPU from the public-domain
 corpus shipped in `../corpus/` ({", ".join(TEXT_NAMES)}). It exists so that e2edict's first run,
@@ -198,7 +221,10 @@ cut as above (predicting positions 1..{args.n_ctx - 1}). The tests recompute it 
 `e2edict.load_model("tiny")` and compare with this card (`training_stats.json`).
 
 ## Samples (temperature 0.8)
-""" + "\n".join(f"- `{s!r}`" for s in samples) + "\n"
+"""
+        + "\n".join(f"- `{s!r}`" for s in samples)
+        + "\n"
+    )
     (args.out / "README.md").write_text(card)
     print(json.dumps(stats, indent=2))
 

@@ -29,8 +29,18 @@ def small_gpt2_dir(tmp_path_factory):
     from e2edict.assets import TINY_MODEL_DIR
 
     torch.manual_seed(1234)
-    cfg = GPT2Config(vocab_size=4096, n_positions=32, n_embd=32, n_layer=3, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=4096,
+        n_positions=32,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     path = tmp_path_factory.mktemp("small_gpt2")
     GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(path)

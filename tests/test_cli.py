@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "e2edict", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd or ROOT, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "e2edict", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=900
+    )
 
 
 def test_version_and_help():
@@ -30,9 +31,19 @@ def test_version_and_help():
 
 def test_short_e2e_run_lowers_kl_and_round_trips(tmp_path, tiny_model):
     out = tmp_path / "run"
-    r = run_cli("train", ROOT / "configs/tiny/e2e.yaml", "train.tokens=40960", "train.batch_size=8",
-                "train.warmup_tokens=0", "train.log_every=1", "eval.tokens=8192", "eval.alive_tokens=8192",
-                "--out", out, "--quiet")
+    r = run_cli(
+        "train",
+        ROOT / "configs/tiny/e2e.yaml",
+        "train.tokens=40960",
+        "train.batch_size=8",
+        "train.warmup_tokens=0",
+        "train.log_every=1",
+        "eval.tokens=8192",
+        "eval.alive_tokens=8192",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["split"] == "train"]
@@ -90,8 +101,16 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, small_gpt2_dir
     np.save(tmp_path / "short.npy", np.arange(20, dtype=np.int32))
     overrides = [o.replace("NPY", str(tmp_path / "short.npy")) for o in overrides]
     out = tmp_path / "run"
-    r = run_cli("train", ROOT / "configs/tiny/e2e.yaml", f"model.name={small_gpt2_dir}", "data.n_ctx=32",
-                "saes.positions=[blocks.1.hook_resid_pre]", *overrides, "--out", out)
+    r = run_cli(
+        "train",
+        ROOT / "configs/tiny/e2e.yaml",
+        f"model.name={small_gpt2_dir}",
+        "data.n_ctx=32",
+        "saes.positions=[blocks.1.hook_resid_pre]",
+        *overrides,
+        "--out",
+        out,
+    )
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("e2edict: error:")]
     assert len(lines) == 1 and fragment in lines[0], r.stderr
@@ -103,8 +122,15 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, small_gpt2_dir):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    r = run_cli("train", ROOT / "configs/tiny/local.yaml", f"model.name={small_gpt2_dir}", "data.n_ctx=32",
-                "saes.positions=[blocks.1.hook_resid_pre]", "--out", out)
+    r = run_cli(
+        "train",
+        ROOT / "configs/tiny/local.yaml",
+        f"model.name={small_gpt2_dir}",
+        "data.n_ctx=32",
+        "saes.positions=[blocks.1.hook_resid_pre]",
+        "--out",
+        out,
+    )
     assert r.returncode == 2 and "--overwrite" in r.stderr
     assert (out / "keep.txt").read_text() == "precious"
 

@@ -32,8 +32,17 @@ def test_round_trip_of_resolved_config(tmp_path):
 def test_overrides_are_typed(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("saes:\n  positions: [blocks.1.hook_resid_pre]\n")
-    c = load_config(p, ["train.lr=3e-4", "train.batch_size=4", "saes.positions=[blocks.0.hook_mlp_out]",
-                        "loss.preset=local", "wandb.project=null", "train.max_grad_norm=null"])
+    c = load_config(
+        p,
+        [
+            "train.lr=3e-4",
+            "train.batch_size=4",
+            "saes.positions=[blocks.0.hook_mlp_out]",
+            "loss.preset=local",
+            "wandb.project=null",
+            "train.max_grad_norm=null",
+        ],
+    )
     assert c.train.lr == 3e-4 and c.train.batch_size == 4 and c.saes.positions == ["blocks.0.hook_mlp_out"]
     assert c.loss.local.coeff == 1.0 and c.train.max_grad_norm is None
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}

@@ -13,21 +13,23 @@ from e2edict.saes import ReLUSAE, load_sae, save_sae
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12))
-values = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=3),
-                                                      st.dictionaries(st.text(max_size=10), kids, max_size=3)),
-                      max_leaves=8)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12))
+values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=10), kids, max_size=3)),
+    max_leaves=8,
+)
 KEYS = {
-    "name": values, "seed": values,
+    "name": values,
+    "seed": values,
     "model": st.fixed_dictionaries({}, optional={"name": values, "dtype": values, "device": values, "x": values}),
-    "saes": st.fixed_dictionaries({}, optional={"positions": values, "dict_ratio": values, "architecture": values,
-                                                "k": values}),
-    "loss": st.fixed_dictionaries({}, optional={"preset": values, "sparsity": values, "kl": values,
-                                                "downstream": values}),
-    "train": st.fixed_dictionaries({}, optional={"tokens": values, "batch_size": values, "lr": values,
-                                                 "schedule": values}),
-    "data": values, "eval": values, "wandb": values, "bogus": values,
+    "saes": st.fixed_dictionaries({}, optional={"positions": values, "dict_ratio": values, "architecture": values, "k": values}),
+    "loss": st.fixed_dictionaries({}, optional={"preset": values, "sparsity": values, "kl": values, "downstream": values}),
+    "train": st.fixed_dictionaries({}, optional={"tokens": values, "batch_size": values, "lr": values, "schedule": values}),
+    "data": values,
+    "eval": values,
+    "wandb": values,
+    "bogus": values,
 }
 configs = st.one_of(values, st.fixed_dictionaries({}, optional=KEYS))
 
@@ -86,8 +88,13 @@ def test_truncated_or_flipped_weights(tmp_path, saved, cut, flip):
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(["architecture", "d_in", "d_sae", "metadata", "normalize_activations",
-                                        "apply_b_dec_to_input"]), values, max_size=6))
+@given(
+    st.dictionaries(
+        st.sampled_from(["architecture", "d_in", "d_sae", "metadata", "normalize_activations", "apply_b_dec_to_input"]),
+        values,
+        max_size=6,
+    )
+)
 def test_random_cfg_json(tmp_path, saved, changes):
     weights, cfg = saved
     doc = {**json.loads(cfg), **changes}

@@ -31,8 +31,8 @@ def test_kl_direction_and_value():
     p = torch.tensor([0.7, 0.2, 0.1])
     q = torch.tensor([0.3, 0.3, 0.4])
     clean, spliced = p.log()[None, None], q.log()[None, None]
-    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
-    reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p.tolist(), q.tolist()))
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))
+    reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))
     assert kl_loss(clean, spliced).item() == pytest.approx(expected, rel=1e-5)
     assert abs(expected - reverse) > 1e-2  # the test can tell the directions apart
     # logits shifted by a constant give the same distribution: KL 0, unlike cross-entropy

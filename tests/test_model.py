@@ -52,8 +52,14 @@ def test_conversion_works_for_any_gpt2_folder(small_gpt2_dir):
     torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], hs[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("text", ["It is a truth universally acknowledged, that a single man...",
-                                  "  leading spaces\n\nand blank lines\ttabs", "naïve café — “quotes” 日本"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "It is a truth universally acknowledged, that a single man...",
+        "  leading spaces\n\nand blank lines\ttabs",
+        "naïve café — “quotes” 日本",
+    ],
+)
 def test_tokenizer_round_trips(text):
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     assert len(tok) == 4096

@@ -20,10 +20,22 @@ def cli(*args):
 
 
 def overrides(model_dir):
-    return [f"model.name={model_dir}", "data.n_ctx=32", "saes.positions=[blocks.1.hook_resid_pre]",
-            "train.tokens=16384", "train.batch_size=8", "train.grad_accum=2", "train.log_every=1",
-            "train.checkpoint_every_tokens=1024", "train.keep_checkpoints=3", "train.eval_every_tokens=4096",
-            "train.warmup_tokens=2048", "eval.tokens=2048", "eval.alive_tokens=2048", "eval.during_training_tokens=1024"]
+    return [
+        f"model.name={model_dir}",
+        "data.n_ctx=32",
+        "saes.positions=[blocks.1.hook_resid_pre]",
+        "train.tokens=16384",
+        "train.batch_size=8",
+        "train.grad_accum=2",
+        "train.log_every=1",
+        "train.checkpoint_every_tokens=1024",
+        "train.keep_checkpoints=3",
+        "train.eval_every_tokens=4096",
+        "train.warmup_tokens=2048",
+        "eval.tokens=2048",
+        "eval.alive_tokens=2048",
+        "eval.during_training_tokens=1024",
+    ]
 
 
 def weights(run_dir):
@@ -39,13 +51,22 @@ def steps(run_dir, split="train"):
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, small_gpt2_dir, preset):
     config = ROOT / f"configs/tiny/{preset}.yaml"
     ref = tmp_path / "ref"
-    r = subprocess.run(cli("train", config, *overrides(small_gpt2_dir), "--out", ref, "--quiet"),
-                       env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        cli("train", config, *overrides(small_gpt2_dir), "--out", ref, "--quiet"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(cli("train", config, *overrides(small_gpt2_dir), "--out", run, "--quiet"),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli("train", config, *overrides(small_gpt2_dir), "--out", run, "--quiet"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     # wait until a couple of checkpoints exist, then kill at whatever point the run has reached
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -77,8 +98,9 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, small_gpt2_dir):
     ref, run = tmp_path / "ref", tmp_path / "run"
     base = overrides(small_gpt2_dir)
     for out in (ref, run):
-        r = subprocess.run(cli("train", config, *base, "--out", out, "--quiet"), env=ENV, capture_output=True,
-                           text=True, timeout=600)
+        r = subprocess.run(
+            cli("train", config, *base, "--out", out, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr
     # pretend the run died after its last checkpoint, and that checkpoint got truncated
     for f in ("eval.json",):
@@ -99,11 +121,15 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, small_gpt2_dir
     config = ROOT / "configs/tiny/local.yaml"
     base = [*overrides(small_gpt2_dir), "train.checkpoint_every_tokens=null"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    r = subprocess.run(cli("train", config, *base, "--out", ref, "--quiet"), env=ENV, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(cli("train", config, *base, "--out", ref, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    proc = subprocess.Popen(cli("train", config, *base, "--out", run, "--quiet"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli("train", config, *base, "--out", run, "--quiet"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -140,5 +166,6 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monk
     cfg = load_config(ROOT / "configs/tiny/e2e.yaml", overrides(small_gpt2_dir))
     with pytest.raises(E2EDictError, match=r"NaN or Inf in the loss term 'kl' at step 6.*step_000000004"):
         train_mod.train(cfg, out=tmp_path / "run", progress=False)
-    assert torch.isfinite(next(iter(load_file(str(
-        sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "saes.safetensors")).values()))).all()
+    assert torch.isfinite(
+        next(iter(load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "saes.safetensors")).values()))
+    ).all()

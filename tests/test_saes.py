@@ -83,8 +83,11 @@ def test_foreign_decoder_norms_are_folded(tmp_path):
     W_enc, b_enc, W_dec, b_dec = torch.randn(d, n), torch.randn(n), torch.randn(n, d) * 3, torch.randn(d)
     (tmp_path / "f").mkdir()
     save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "f" / "sae_weights.safetensors"))
-    (tmp_path / "f" / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": d, "d_sae": n,
-                                                         "apply_b_dec_to_input": True, "metadata": {"hook_name": "h"}}))
+    (tmp_path / "f" / "cfg.json").write_text(
+        json.dumps(
+            {"architecture": "standard", "d_in": d, "d_sae": n, "apply_b_dec_to_input": True, "metadata": {"hook_name": "h"}}
+        )
+    )
     sae = load_sae(tmp_path / "f")
     x = torch.randn(5, d)
     expected = torch.relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec

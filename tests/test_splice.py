@@ -42,9 +42,7 @@ def naive_loss(model, saes, tokens, w: LossWeights):
                 name = h
 
             splice(acts[h], _Hook)
-    hooks = [(h, splice) for h in saes] + [
-        (h, lambda a, hook: spliced.__setitem__(hook.name, a)) for h in w.downstream_positions
-    ]
+    hooks = [(h, splice) for h in saes] + [(h, lambda a, hook: spliced.__setitem__(hook.name, a)) for h in w.downstream_positions]
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks) if (w.kl or w.downstream) else None
     total = 0.0
     for h, (a, out, c) in store.items():
@@ -120,8 +118,10 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
     saes = make_saes(small_backbone, [h])
     seen = []
     model = small_backbone.model
-    handles = [model.blocks[2].register_forward_hook(lambda *a: seen.append("block2")),
-               model.unembed.register_forward_hook(lambda *a: seen.append("unembed"))]
+    handles = [
+        model.blocks[2].register_forward_hook(lambda *a: seen.append("block2")),
+        model.unembed.register_forward_hook(lambda *a: seen.append("unembed")),
+    ]
     try:
         tokens = torch.randint(0, 4096, (2, 16))
         out = splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, local=1.0))

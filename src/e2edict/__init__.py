@@ -55,8 +55,9 @@ def evaluate(model, saes: dict[str, Any], tokens, batch_size: int = 16, alive_to
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [N, n_ctx], got shape {tuple(tokens.shape)}")
-    return evaluate_backbone(TLBackbone(model, model.cfg.model_name), saes, tokens, batch_size=batch_size,
-                             alive_tokens=alive_tokens)
+    return evaluate_backbone(
+        TLBackbone(model, model.cfg.model_name), saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens
+    )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None):

@@ -41,8 +41,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, saes: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    saes: dict[str, torch.nn.Module],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     root = run_dir / CKPT_DIR
     root.mkdir(exist_ok=True)
     final = root / f"step_{step:09d}"
@@ -105,8 +112,9 @@ def latest_checkpoint(run_dir: Path, warn=print) -> tuple[Path, tuple] | None:
     return None
 
 
-def restore(contents: tuple, saes: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-            sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+def restore(
+    contents: tuple, saes: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler
+) -> dict[str, Any]:
     doc, sae_tensors, opt_tensors = contents
     with torch.no_grad():
         for h, s in saes.items():

@@ -58,12 +58,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     backbone = build_backbone(cfg)
     saes = load_saes(run_dir, device=cfg.model.device)
     backbone.check_saes(saes)
-    seqs = to_sequences(load_stream(args.data or cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx,
-                        backbone.bos_token_id)
+    seqs = to_sequences(load_stream(args.data or cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, backbone.bos_token_id)
     tokens = args.tokens or cfg.eval.tokens
     with torch.no_grad():
-        result = evaluate_backbone(backbone, saes, seqs, tokens=tokens, alive_tokens=max(tokens, cfg.eval.alive_tokens)
-                                   if args.tokens is None else tokens, batch_size=cfg.eval.batch_size)
+        result = evaluate_backbone(
+            backbone,
+            saes,
+            seqs,
+            tokens=tokens,
+            alive_tokens=max(tokens, cfg.eval.alive_tokens) if args.tokens is None else tokens,
+            batch_size=cfg.eval.batch_size,
+        )
     write_eval(run_dir, result)
     print(format_table({cfg.name: result}))
     return 0
@@ -114,8 +119,10 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
     for label, fn in rows:
         table.append([label, *[fn(r, m) for _, r, m in cols]])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in table]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in table
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -134,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest intact checkpoint")
     t.set_defaults(fn=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run's SAEs; writes eval.json",
-                       description="Evaluate a run directory's SAEs on held-out tokens; writes RUN_DIR/eval.json.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a run's SAEs; writes eval.json",
+        description="Evaluate a run directory's SAEs on held-out tokens; writes RUN_DIR/eval.json.",
+    )
     e.add_argument("run_dir")
     e.add_argument("--tokens", type=int, help="evaluation tokens (default: the run's eval.tokens)")
     e.add_argument("--data", help="evaluation data instead of the run's data.eval")

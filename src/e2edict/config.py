@@ -153,7 +153,9 @@ class Config(_Strict):
             missing = [p for p in self.saes.positions if p not in coeff]
             extra = [k for k in coeff if k not in self.saes.positions]
             if missing or extra:
-                raise ValueError(f"loss.sparsity.coeff mapping must name exactly saes.positions (missing {missing}, extra {extra})")
+                raise ValueError(
+                    f"loss.sparsity.coeff mapping must name exactly saes.positions (missing {missing}, extra {extra})"
+                )
         ds = self.loss.downstream.positions or []
         clash = [h for h in ds if h in self.saes.positions]
         if clash:

@@ -8,7 +8,7 @@ streams that SAE training reads, and by the shipped held-out tokens: the last
 from __future__ import annotations
 
 import lzma
-from functools import lru_cache
+from functools import cache
 
 from e2edict.assets import CORPUS_DIR
 
@@ -16,7 +16,7 @@ TEXT_NAMES = ("austen", "kjv", "shakespeare", "jargon")
 HOLDOUT_FRACTION = 0.05
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_text(name: str) -> str:
     """Return one corpus text, decompressed."""
     if name not in TEXT_NAMES:

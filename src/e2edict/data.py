@@ -22,7 +22,10 @@ BOS_TOKEN = "<|endoftext|>"
 
 def encode_texts(tokenizer, texts: list[str]) -> np.ndarray:
     """Tokenize texts into one stream, each text preceded by the BOS/EOS token."""
-    bos = tokenizer.convert_tokens_to_ids(BOS_TOKEN) if hasattr(tokenizer, "convert_tokens_to_ids") else tokenizer.token_to_id(BOS_TOKEN)
+    if hasattr(tokenizer, "convert_tokens_to_ids"):  # a transformers tokenizer
+        bos = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
+    else:
+        bos = tokenizer.token_to_id(BOS_TOKEN)
     if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
         encoded = [e.ids for e in tokenizer.encode_batch(texts)]
     else:
@@ -59,9 +62,8 @@ def embedded_stream(split: str, tokenizer, tokenizer_key: str) -> np.ndarray:
 
     The held-out stream ships with the tiny model; the training stream is rebuilt from the
     shipped text once and cached (a plain .npy, loaded without pickle)."""
-    from e2edict.corpus import corpus_split
-
     from e2edict.assets import TINY_MODEL_DIR
+    from e2edict.corpus import corpus_split
 
     shipped = TINY_MODEL_DIR / "val_tokens.npy"
     if split == "val" and tokenizer_key == "tiny" and shipped.exists():

@@ -46,9 +46,15 @@ class _Pooled:
 
 
 @torch.no_grad()
-def evaluate_backbone(backbone: Backbone, saes: dict[str, SAE], sequences: torch.Tensor, tokens: int | None = None,
-                      alive_tokens: int | None = None, batch_size: int = 16,
-                      downstream: list[str] | None = None) -> dict[str, Any]:
+def evaluate_backbone(
+    backbone: Backbone,
+    saes: dict[str, SAE],
+    sequences: torch.Tensor,
+    tokens: int | None = None,
+    alive_tokens: int | None = None,
+    batch_size: int = 16,
+    downstream: list[str] | None = None,
+) -> dict[str, Any]:
     """Evaluate on the first ``tokens`` tokens of ``sequences`` ([N, n_ctx]); ``alive`` counts latents
     that fire at least once over the first ``alive_tokens`` tokens (more sequences are read if needed)."""
     if len(sequences) == 0:

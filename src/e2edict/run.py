@@ -21,8 +21,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_backbone(cfg: Config) -> Backbone:
-    model = load_hooked_transformer(cfg.model.name, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
-                                    process_weights=cfg.model.process_weights)
+    model = load_hooked_transformer(
+        cfg.model.name, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype], process_weights=cfg.model.process_weights
+    )
     return TLBackbone(model, cfg.model.name)
 
 
@@ -81,9 +82,7 @@ def setup_run(cfg: Config) -> RunSetup:
             f"{per_step} (train.batch_size x train.grad_accum)"
         )
     if cfg.train.tokens < per_step * cfg.data.n_ctx:
-        raise E2EDictError(
-            f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)"
-        )
+        raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
     return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_seqs, eval_seqs)
 
 

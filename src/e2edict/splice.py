@@ -31,8 +31,11 @@ class LossWeights:
     @classmethod
     def from_config(cls, loss_cfg, positions: list[str], downstream_positions: list[str]) -> LossWeights:
         return cls(
-            sparsity={h: loss_cfg.sparsity_coeff(h) for h in positions}, p=loss_cfg.sparsity.p,
-            local=loss_cfg.local.coeff, kl=loss_cfg.kl.coeff, downstream=loss_cfg.downstream.coeff,
+            sparsity={h: loss_cfg.sparsity_coeff(h) for h in positions},
+            p=loss_cfg.sparsity.p,
+            local=loss_cfg.local.coeff,
+            kl=loss_cfg.kl.coeff,
+            downstream=loss_cfg.downstream.coeff,
             downstream_positions=downstream_positions,
         )
 
@@ -54,8 +57,9 @@ class SpliceOutput:
     spliced_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # downstream hooks, spliced run
 
 
-def splice_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights,
-                   full: bool = False) -> SpliceOutput:
+def splice_forward(
+    backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights, full: bool = False
+) -> SpliceOutput:
     """One training (or, with ``full``, evaluation) forward.
 
     ``full`` runs the whole model even for local training, and returns logits and the clean and

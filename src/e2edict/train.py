@@ -43,8 +43,11 @@ def sae_metadata(cfg: Config, hook: str, tokens: int) -> dict[str, Any]:
         "dataset_path": cfg.data.train,
         "e2edict_loss_preset": cfg.loss.preset,
         "e2edict_coefficients": {
-            "sparsity": cfg.loss.sparsity_coeff(hook), "sparsity_p": cfg.loss.sparsity.p,
-            "local": cfg.loss.local.coeff, "kl": cfg.loss.kl.coeff, "downstream": cfg.loss.downstream.coeff,
+            "sparsity": cfg.loss.sparsity_coeff(hook),
+            "sparsity_p": cfg.loss.sparsity.p,
+            "local": cfg.loss.local.coeff,
+            "kl": cfg.loss.kl.coeff,
+            "downstream": cfg.loss.downstream.coeff,
         },
         "e2edict_tokens_trained": tokens,
         "e2edict_run_name": cfg.name,
@@ -68,8 +71,9 @@ class MetricsLog:
 
 
 def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: int, step: int) -> dict[str, Any]:
-    res = evaluate_backbone(setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens,
-                            alive_tokens=eval_tokens, batch_size=setup.cfg.eval.batch_size)
+    res = evaluate_backbone(
+        setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens, alive_tokens=eval_tokens, batch_size=setup.cfg.eval.batch_size
+    )
     row: dict[str, Any] = {"step": step, "tokens": tokens, "split": "eval"}
     for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl"):
         row[k] = res[k]
@@ -104,8 +108,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          resume: bool = False) -> Path:
+def train(
+    cfg: Config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True, resume: bool = False
+) -> Path:
     """Train the SAEs of ``cfg``; return the run directory (``out`` or ``out/runs/<name>``).
 
     With ``resume``, ``out`` is an existing run directory: training continues from its newest
@@ -127,9 +132,7 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx
     total_steps = t.tokens // tokens_per_step
     warmup = t.warmup_tokens // tokens_per_step
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
     batches = BatchStream(setup.train_seqs, t.batch_size, cfg.seed)
     first_step = 0
     if resume:
@@ -144,8 +147,15 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
 
     stop_signal: list[int] = []
     old_handlers = _install_signal_handlers(stop_signal)
-    bar = tqdm(total=total_steps * tokens_per_step, initial=first_step * tokens_per_step, unit="tok",
-               unit_scale=True, disable=not progress, desc=cfg.name, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps * tokens_per_step,
+        initial=first_step * tokens_per_step,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=cfg.name,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     try:
         for step in range(first_step, total_steps):
@@ -164,8 +174,12 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
                     _non_finite(run_dir, f"loss term {k!r}", step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
             if not math.isfinite(grad_norm):
-                bad = [f"{h}.{n}" for h, s_ in saes.items() for n, p in s_.named_parameters()
-                       if p.grad is not None and not torch.isfinite(p.grad).all()]
+                bad = [
+                    f"{h}.{n}"
+                    for h, s_ in saes.items()
+                    for n, p in s_.named_parameters()
+                    if p.grad is not None and not torch.isfinite(p.grad).all()
+                ]
                 _non_finite(run_dir, f"gradient of {', '.join(bad) or 'the SAE parameters'}", step + 1)
             lr = sched.get_last_lr()[0]
             opt.step()
@@ -177,8 +191,15 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
             bar.update(tokens_per_step)
             if step % t.log_every == 0 or step == total_steps - 1:
                 rate = (tokens - first_step * tokens_per_step) / (time.perf_counter() - start)
-                row = {"step": step + 1, "tokens": tokens, "split": "train", **sums, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": rate}
+                row = {
+                    "step": step + 1,
+                    "tokens": tokens,
+                    "split": "train",
+                    **sums,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": rate,
+                }
                 metrics.write(row)
                 if wandb_run is not None:
                     wandb_run.log(row, step=step + 1)
@@ -193,21 +214,35 @@ def train(cfg: Config, out: str | Path | None = None, overwrite: bool = False, p
                 if wandb_run is not None:
                     wandb_run.log(row, step=step + 1)
             if stop_signal or (_crossed(tokens, tokens_per_step, t.checkpoint_every_tokens) and step < total_steps - 1):
-                save_checkpoint(run_dir, step + 1, saes, opt, sched, {"tokens": tokens, "data": batches.state()},
-                                keep=t.keep_checkpoints)
+                save_checkpoint(
+                    run_dir, step + 1, saes, opt, sched, {"tokens": tokens, "data": batches.state()}, keep=t.keep_checkpoints
+                )
             if stop_signal:
-                raise Interrupted(f"stopped by signal {stop_signal[0]} at step {step + 1}; "
-                                  f"resume with: e2edict train --resume {run_dir}")
+                raise Interrupted(
+                    f"stopped by signal {stop_signal[0]} at step {step + 1}; resume with: e2edict train --resume {run_dir}"
+                )
     finally:
         bar.close()
         _restore_signal_handlers(old_handlers)
     final_tokens = total_steps * tokens_per_step
     save_saes(run_dir, cfg, saes, final_tokens)
-    result = evaluate_backbone(setup.backbone, saes, setup.eval_seqs, tokens=cfg.eval.tokens,
-                               alive_tokens=cfg.eval.alive_tokens, batch_size=cfg.eval.batch_size)
+    result = evaluate_backbone(
+        setup.backbone,
+        saes,
+        setup.eval_seqs,
+        tokens=cfg.eval.tokens,
+        alive_tokens=cfg.eval.alive_tokens,
+        batch_size=cfg.eval.batch_size,
+    )
     write_eval(run_dir, result)
-    metrics.write({"step": total_steps, "tokens": final_tokens, "split": "final_eval",
-                   **{k: result[k] for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")}})
+    metrics.write(
+        {
+            "step": total_steps,
+            "tokens": final_tokens,
+            "split": "final_eval",
+            **{k: result[k] for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")},
+        }
+    )
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
         wandb_run.finish()
@@ -244,8 +279,9 @@ def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
 def _wandb(cfg: Config, run_dir: Path):
     if not cfg.wandb.project:
         return None
-    return _import_wandb().init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name, dir=str(run_dir),
-                      config=cfg.to_dict())
+    return _import_wandb().init(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name, dir=str(run_dir), config=cfg.to_dict()
+    )
 
 
 def _import_wandb():

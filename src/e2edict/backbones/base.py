@@ -61,8 +61,7 @@ class Backbone(ABC):
         bad = [n for n in names if n not in shapes]
         if bad:
             raise E2EDictError(
-                f"{what}: unknown hook name(s) {', '.join(map(repr, bad))} for model {self.name!r}; "
-                f"valid: {', '.join(shapes)}"
+                f"{what}: unknown hook name(s) {', '.join(map(repr, bad))} for model {self.name!r}; valid: {', '.join(shapes)}"
             )
 
     def check_saes(self, saes: dict) -> None:
@@ -71,9 +70,7 @@ class Backbone(ABC):
         shapes = self.hook_shapes()
         for h, sae in saes.items():
             if sae.d_in != shapes[h][0]:
-                raise E2EDictError(
-                    f"SAE at {h!r} has d_in={sae.d_in} but model {self.name!r} has width {shapes[h][0]} there"
-                )
+                raise E2EDictError(f"SAE at {h!r} has d_in={sae.d_in} but model {self.name!r} has width {shapes[h][0]} there")
 
     def resid_hooks_after(self, hook_name: str) -> list[str]:
         """The residual-stream hooks strictly after ``hook_name``: every later ``hook_resid_pre``

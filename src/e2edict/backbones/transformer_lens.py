@@ -47,12 +47,24 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False)
     c = hf.config
     cfg = HookedTransformerConfig(
-        d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-        d_mlp=c.n_inner or 4 * c.n_embd, n_layers=c.n_layer, n_ctx=c.n_positions,
-        eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, act_fn=c.activation_function,
-        use_attn_scale=c.scale_attn_weights, scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
-        normalization_type="LN", original_architecture="GPT2LMHeadModel", model_name=path.name,
-        tokenizer_prepends_bos=False, default_prepend_bos=True, dtype=dtype, device=device,
+        d_model=c.n_embd,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        n_layers=c.n_layer,
+        n_ctx=c.n_positions,
+        eps=c.layer_norm_epsilon,
+        d_vocab=c.vocab_size,
+        act_fn=c.activation_function,
+        use_attn_scale=c.scale_attn_weights,
+        scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+        normalization_type="LN",
+        original_architecture="GPT2LMHeadModel",
+        model_name=path.name,
+        tokenizer_prepends_bos=False,
+        default_prepend_bos=True,
+        dtype=dtype,
+        device=device,
     )
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     with warnings.catch_warnings():
@@ -61,14 +73,16 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = convert_gpt2_weights(hf, cfg)
     # No weight processing: hook activations equal the Hugging Face model's hidden states.
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False)
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
     model.to(dtype)
     return model.to(device)
 
 
-def load_hooked_transformer(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                            process_weights: bool = False):
+def load_hooked_transformer(
+    name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, process_weights: bool = False
+):
     """Load a `HookedTransformer` with frozen weights."""
     path = resolve_model_path(name_or_path)
     if path is not None:
@@ -80,7 +94,8 @@ def load_hooked_transformer(name_or_path: str, device: str = "cpu", dtype: torch
         try:
             model = loader(name_or_path, device=device, dtype=dtype)
         except Exception as e:  # TransformerLens raises many types for unknown or unreachable names
-            raise E2EDictError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise E2EDictError(f"cannot load model {name_or_path!r}: {first}") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -107,8 +107,13 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
         "normalize_activations": "none",
         "reshape_activations": "none",
         **sae.saelens_cfg(),
-        "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
-                     "hook_name": sae.hook_name, "e2edict_architecture": sae.architecture, **(metadata or {})},
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": SAELENS_VERSION,
+            "hook_name": sae.hook_name,
+            "e2edict_architecture": sae.architecture,
+            **(metadata or {}),
+        },
     }
     _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
     _atomic_write(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))

@@ -21,8 +21,9 @@ class ReLUSAE(SAE):
     architecture = "relu"
     saelens_architecture = "standard"
 
-    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", orthogonal_init: bool = True,
-                 apply_b_dec_to_input: bool = False):
+    def __init__(
+        self, d_in: int, d_sae: int, hook_name: str = "", orthogonal_init: bool = True, apply_b_dec_to_input: bool = False
+    ):
         super().__init__(d_in, d_sae, hook_name)
         self.apply_b_dec_to_input = apply_b_dec_to_input
         # Kaiming-uniform encoder and biases, as torch's nn.Linear initialises them.
