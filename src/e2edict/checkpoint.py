@@ -64,6 +64,12 @@ def save_checkpoint(
     for idx, st in opt_sd["state"].items():
         for k, v in st.items():
             opt_tensors[f"{idx}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    # Every RNG state, though the loop draws from none today (the data order is a function of seed
+    # and epoch): an architecture or loss that samples must still resume exactly.
+    opt_tensors["rng::torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            opt_tensors[f"rng::cuda{i}"] = s
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
     doc = {
@@ -126,6 +132,12 @@ def restore(
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in opt_tensors.items():
         idx, name = key.split("::", 1)
+        if idx == "rng":
+            if name == "torch":
+                torch.set_rng_state(v)
+            elif torch.cuda.is_available() and int(name[4:]) < torch.cuda.device_count():
+                torch.cuda.set_rng_state(v, int(name[4:]))
+            continue
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": doc["optimizer_param_groups"]})
     # The schedule's function comes from the config; only its counters are restored.

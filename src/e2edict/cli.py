@@ -49,7 +49,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edict.data import load_stream, to_sequences
     from e2edict.evaluate import evaluate_backbone
     from e2edict.run import build_backbone
-    from e2edict.train import write_eval
+    from e2edict.train import write_eval, write_sparsity
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -60,16 +60,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     backbone.check_saes(saes)
     seqs = to_sequences(load_stream(args.data or cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, backbone.bos_token_id)
     tokens = args.tokens or cfg.eval.tokens
+    densities: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         result = evaluate_backbone(
             backbone,
             saes,
             seqs,
             tokens=tokens,
-            alive_tokens=max(tokens, cfg.eval.alive_tokens) if args.tokens is None else tokens,
+            alive_tokens=args.alive_tokens or cfg.eval.alive_tokens,
             batch_size=cfg.eval.batch_size,
+            densities=densities,
         )
     write_eval(run_dir, result)
+    write_sparsity(run_dir, densities)
     print(format_table({cfg.name: result}))
     return 0
 
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--tokens", type=int, help="evaluation tokens (default: the run's eval.tokens)")
     e.add_argument("--data", help="evaluation data instead of the run's data.eval")
+    e.add_argument("--alive-tokens", type=int, help="window for alive / feature density (default: eval.alive_tokens)")
     e.set_defaults(fn=_cmd_eval)
 
     c = sub.add_parser("compare", help="print runs' eval.json side by side")
@@ -167,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "fn", None) is None:
         ap.print_help()
         return 0
-    if getattr(args, "tokens", None) is not None and args.tokens <= 0:
-        print("e2edict: error: --tokens must be positive", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for opt in ("tokens", "alive_tokens"):
+        if getattr(args, opt, None) is not None and getattr(args, opt) <= 0:
+            print(f"e2edict: error: --{opt.replace('_', '-')} must be positive", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         return args.fn(args)
     except E2EDictError as e:

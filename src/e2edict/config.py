@@ -118,7 +118,7 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     tokens: int = Field(65_536, gt=0)
-    alive_tokens: int = Field(65_536, gt=0)
+    alive_tokens: int = Field(500_000, gt=0, description="window for alive and feature density (or all the data there is)")
     batch_size: int = Field(16, gt=0)
     during_training_tokens: int = Field(16_384, gt=0, description="eval tokens for the evaluations during training")
 

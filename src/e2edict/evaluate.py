@@ -54,9 +54,15 @@ def evaluate_backbone(
     alive_tokens: int | None = None,
     batch_size: int = 16,
     downstream: list[str] | None = None,
+    densities: dict[str, torch.Tensor] | None = None,
+    ce_score: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate on the first ``tokens`` tokens of ``sequences`` ([N, n_ctx]); ``alive`` counts latents
-    that fire at least once over the first ``alive_tokens`` tokens (more sequences are read if needed)."""
+    """Evaluate on the first ``tokens`` tokens of ``sequences`` ([N, n_ctx]).
+
+    ``alive`` and each latent's firing density are measured over the first ``alive_tokens``
+    tokens (more sequences are read if needed, or all there are). Pass a dict as ``densities``
+    to receive each SAE's per-latent firing frequency. ``ce_score`` adds the CE-loss score (two
+    more forward passes per SAE and batch)."""
     if len(sequences) == 0:
         raise E2EDictError("evaluation data is empty")
     if not saes:
@@ -71,20 +77,24 @@ def evaluate_backbone(
         downstream = [h for h in backbone.resid_hooks_after(first) if h not in saes]
     ds = downstream
     weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=ds)
-    device = next(iter(saes.values())).W_enc.device
+    device = next(next(iter(saes.values())).parameters()).device
 
     ce_clean = ce_spliced = kl = 0.0
+    ce_alone = dict.fromkeys(saes, 0.0)
+    ce_zero = dict.fromkeys(saes, 0.0)
     n_pred = n_tok = 0
     pooled = {h: _Pooled() for h in saes}
     down = {h: _Pooled() for h in ds}
     l0 = dict.fromkeys(saes, 0.0)
-    fired = {h: torch.zeros(s.d_sae, dtype=torch.bool, device=device) for h, s in saes.items()}
+    ratio_sum = {h: torch.zeros(n_ctx, dtype=torch.float64) for h in saes}
+    ratio_n = 0
+    fired = {h: torch.zeros(s.d_sae, dtype=torch.long, device=device) for h, s in saes.items()}
     for start in range(0, max(n_eval, n_alive), batch_size):
         stop = min(start + batch_size, max(n_eval, n_alive))
         x = sequences[start:stop].to(device)
         out = splice_forward(backbone, saes, x, weights, full=True)
         for h in saes:
-            fired[h] |= (out.codes[h][: max(0, min(stop, n_alive) - start)] != 0).flatten(0, 1).any(0)
+            fired[h] += (out.codes[h][: max(0, min(stop, n_alive) - start)] != 0).flatten(0, 1).sum(0)
         keep = max(0, min(stop, n_eval) - start)
         if keep == 0:
             continue
@@ -96,9 +106,21 @@ def evaluate_backbone(
         lps = torch.log_softmax(out.logits_spliced[:keep].float(), -1)
         kl += (lpc.exp() * (lpc - lps)).sum().item()
         n_tok += x.numel()
+        ratio_n += keep
         for h in saes:
-            pooled[h].add(out.inputs[h][:keep], out.recons[h][:keep])
+            a, a_hat = out.inputs[h][:keep], out.recons[h][:keep]
+            pooled[h].add(a, a_hat)
             l0[h] += (out.codes[h][:keep] != 0).sum().item()
+            ratio = a_hat.double().norm(dim=-1) / a.double().norm(dim=-1).clamp_min(1e-12)
+            ratio_sum[h] += ratio.sum(0).cpu()
+            # CE-loss score: this SAE alone spliced, against zero ablation of its activation
+            if not ce_score:
+                continue
+            if len(saes) == 1:
+                ce_alone[h] += next_token_ce(out.logits_spliced[:keep], x).sum().item()
+            else:
+                ce_alone[h] += _ce_with_hook(backbone, x, h, lambda act, h=h: saes[h](act)[0])
+            ce_zero[h] += _ce_with_hook(backbone, x, h, torch.zeros_like)
         for h in ds:
             down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
 
@@ -112,7 +134,10 @@ def evaluate_backbone(
         "saes": {},
     }
     for h, sae in saes.items():
-        alive = int(fired[h].sum().item())
+        alive = int((fired[h] > 0).sum().item())
+        by_pos = (ratio_sum[h] / ratio_n).tolist()
+        zero, alone = ce_zero[h] / n_pred, ce_alone[h] / n_pred
+        clean = result["ce_loss_clean"]
         result["saes"][h] = {
             "l0": l0[h] / n_tok,
             "alive": alive,
@@ -120,8 +145,28 @@ def evaluate_backbone(
             "d_sae": sae.d_sae,
             "explained_variance": pooled[h].explained_variance(),
             "mse": pooled[h].mse(),
+            "ce_loss_alone": alone,
+            "ce_loss_zero_ablation": zero,
+            "ce_loss_score": (zero - alone) / (zero - clean) if ce_score and zero != clean else float("nan"),
+            "norm_ratio_pos0": by_pos[0],
+            "norm_ratio_pos_gt0": sum(by_pos[1:]) / max(1, len(by_pos) - 1),
+            "norm_ratio_by_position": by_pos,
             "downstream_explained_variance": {
                 k: down[k].explained_variance() for k in ds if backbone.block_order(k) > backbone.block_order(h)
             },
         }
+        if densities is not None:
+            densities[h] = (fired[h].double() / (n_alive * n_ctx)).cpu()
     return result
+
+
+def _ce_with_hook(backbone: Backbone, x: torch.Tensor, hook: str, fn) -> float:
+    """Summed next-token CE with one hook's activation replaced by ``fn(activation)``."""
+    layer = backbone.block_of(hook)
+    logits = backbone.run_from(backbone.embed_to(x, layer), layer, {hook: fn})
+    return next_token_ce(logits, x).sum().item()
+
+
+def log10_density(density: torch.Tensor) -> torch.Tensor:
+    """SAELens's feature-sparsity convention: log10 of the firing frequency, with 1e-10 added."""
+    return torch.log10(density + 1e-10).float()

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
 from e2edict.data import BatchStream
 from e2edict.errors import E2EDictError
-from e2edict.evaluate import evaluate_backbone
+from e2edict.evaluate import evaluate_backbone, log10_density
 from e2edict.run import RunSetup, lr_factor, prepare_run_dir, setup_run
 from e2edict.saes import SAE, save_sae
 from e2edict.splice import LossWeights, splice_forward
@@ -72,7 +73,8 @@ class MetricsLog:
 
 def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: int, step: int) -> dict[str, Any]:
     res = evaluate_backbone(
-        setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens, alive_tokens=eval_tokens, batch_size=setup.cfg.eval.batch_size
+        setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens, alive_tokens=eval_tokens, batch_size=setup.cfg.eval.batch_size,
+        ce_score=False,
     )
     row: dict[str, Any] = {"step": step, "tokens": tokens, "split": "eval"}
     for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl"):
@@ -226,6 +228,7 @@ def train(
         _restore_signal_handlers(old_handlers)
     final_tokens = total_steps * tokens_per_step
     save_saes(run_dir, cfg, saes, final_tokens)
+    densities: dict[str, torch.Tensor] = {}
     result = evaluate_backbone(
         setup.backbone,
         saes,
@@ -233,8 +236,10 @@ def train(
         tokens=cfg.eval.tokens,
         alive_tokens=cfg.eval.alive_tokens,
         batch_size=cfg.eval.batch_size,
+        densities=densities,
     )
     write_eval(run_dir, result)
+    write_sparsity(run_dir, densities)
     metrics.write(
         {
             "step": total_steps,
@@ -268,6 +273,15 @@ def _install_signal_handlers(flag: list[int]):
 def _restore_signal_handlers(old) -> None:
     for sig, h in (old or {}).items():
         signal.signal(sig, h)
+
+
+def write_sparsity(run_dir: Path, densities: dict[str, torch.Tensor]) -> None:
+    """Each latent's log10 firing density, as SAELens stores it (``sparsity.safetensors``, key ``sparsity``)."""
+    for h, d in densities.items():
+        path = sae_folder(run_dir, h) / "sparsity.safetensors"
+        tmp = path.with_name(".sparsity.safetensors.tmp")
+        save_file({"sparsity": log10_density(d)}, str(tmp))
+        tmp.replace(path)
 
 
 def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
