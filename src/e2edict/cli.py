@@ -78,16 +78,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    runs: dict[str, Any] = {}
-    for d in args.run_dirs:
-        p = Path(d) / "eval.json"
-        if not p.is_file():
-            raise E2EDictError(f"{d!r} has no eval.json (run `e2edict eval {d}` first)")
-        try:
-            runs[Path(d).name] = json.loads(p.read_text())
-        except ValueError as e:
-            raise E2EDictError(f"{str(p)!r} is not valid JSON ({e})") from None
-    print(format_table(runs))
+    from e2edict.analysis.runs import load_runs
+
+    runs = load_runs(args.run_dirs)
+    print(format_table({r.name: r.eval for r in runs}))
+    if args.out:
+        from e2edict.analysis.compare import compare
+        from e2edict.analysis.geometry import geometry, write_geometry
+        from e2edict.train import sae_folder
+
+        out = Path(args.out)
+        written = compare(runs, out)
+        folders = {}
+        for r in runs:
+            for hook in r.eval["saes"]:
+                label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
+                folders[label] = sae_folder(r.path, hook)
+        missing = [str(f) for f in folders.values() if not f.is_dir()]
+        if missing:
+            raise E2EDictError(f"SAE folder(s) missing: {', '.join(missing)}")
+        geo_rows, dists = geometry(folders)
+        written.update(write_geometry(geo_rows, dists, out))
+        print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {out}")
     return 0
 
 
@@ -155,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--alive-tokens", type=int, help="window for alive / feature density (default: eval.alive_tokens)")
     e.set_defaults(fn=_cmd_eval)
 
-    c = sub.add_parser("compare", help="print runs' eval.json side by side")
+    c = sub.add_parser("compare", help="compare runs: table, Pareto plots, dictionary geometry",
+                       description="Print finished runs side by side; with --out, write runs.md/csv, Pareto plots "
+                       "(L0 and alive vs CE-loss increase), downstream EV and norm-ratio plots, and geometry tables.")
     c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", help="folder for the tables and plots")
     c.set_defaults(fn=_cmd_compare)
 
     h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")

@@ -1,0 +1,1 @@
+"""Offline analysis of run directories: tables, Pareto plots, dictionary geometry, HTML reports."""

@@ -1,0 +1,142 @@
+"""`e2edict compare`: a table of runs (Markdown and CSV) and the plots researchers read first:
+L0 and alive latents against CE-loss increase with one Pareto frontier per SAE type, downstream
+explained variance by layer, and the SAE output/input norm ratio by position."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from e2edict.analysis.runs import COLUMNS, Run, rows  # noqa: E402
+
+TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (lower is better on each), sorted by x."""
+    front: list[tuple[float, float]] = []
+    best_y = math.inf
+    for x, y in sorted(points):
+        if y < best_y:
+            front.append((x, y))
+            best_y = y
+    return front
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    md, csv_path = out / "runs.md", out / "runs.csv"
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table:
+        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in COLUMNS) + " |")
+    md.write_text("\n".join(lines) + "\n")
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for row in table:
+            w.writerow({c: ("" if row[c] is None else row[c]) for c in COLUMNS})
+    return md, csv_path
+
+
+def _scatter_with_fronts(table: list[dict[str, Any]], xkey: str, xlabel: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for typ in sorted({r["type"] for r in table}):
+        pts = [(r[xkey], r["ce_loss_increase"]) for r in table if r["type"] == typ and r[xkey] is not None]
+        if not pts:
+            continue
+        color = TYPE_COLORS.get(typ)
+        ax.scatter(*zip(*pts, strict=True), label=typ, color=color, alpha=0.8)
+        front = pareto_front(pts)
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), color=color, lw=1.5)
+    for r in table:
+        if r[xkey] is not None:
+            ax.annotate(r["run"], (r[xkey], r["ce_loss_increase"]), fontsize=7, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("CE-loss increase (nats)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title="SAE type")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _layer_key(hook: str) -> tuple[int, int]:
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return (int(m.group(1)) if m else 0, 1 if hook.endswith("resid_post") else 0)
+
+
+def _downstream_plot(runs: list[Run], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in runs:
+        for hook, m in r.eval["saes"].items():
+            ds = m.get("downstream_explained_variance") or {}
+            if not ds:
+                continue
+            hooks = sorted(ds, key=_layer_key)
+            label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
+            ax.plot(range(len(hooks)), [ds[h] for h in hooks], marker="o", label=label,
+                    color=TYPE_COLORS.get(r.preset))
+            ax.set_xticks(range(len(hooks)), [h.replace("blocks.", "").replace("hook_", "") for h in hooks],
+                          rotation=30, fontsize=7)
+    ax.set_ylabel("downstream explained variance")
+    ax.set_xlabel("later residual-stream hook")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in runs:
+        for hook, m in r.eval["saes"].items():
+            by_pos = m.get("norm_ratio_by_position")
+            if by_pos:
+                label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
+                ax.plot(range(len(by_pos)), by_pos, label=label, color=TYPE_COLORS.get(r.preset), lw=1)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("position in sequence")
+    ax.set_ylabel("‖SAE output‖ / ‖SAE input‖")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(runs: list[Run], out: Path) -> dict[str, Path]:
+    """Write runs.md, runs.csv and the PNG plots into ``out``; return what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = rows(runs)
+    md, csv_path = write_tables(table, out)
+    written = {"table_md": md, "table_csv": csv_path}
+    for key, label, name in (("l0", "L0 (active latents per token)", "l0_vs_ce.png"),
+                             ("alive", "alive latents", "alive_vs_ce.png")):
+        _scatter_with_fronts(table, key, label, out / name)
+        written[name] = out / name
+    _downstream_plot(runs, out / "downstream_ev.png")
+    _norm_ratio_plot(runs, out / "norm_ratio.png")
+    written["downstream_ev.png"] = out / "downstream_ev.png"
+    written["norm_ratio.png"] = out / "norm_ratio.png"
+    return written

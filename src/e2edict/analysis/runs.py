@@ -1,0 +1,75 @@
+"""Reading finished run directories (config.yaml + eval.json) into flat rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e2edict.config import Config, load_config
+from e2edict.errors import E2EDictError
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: Config
+    eval: dict[str, Any]
+
+    @property
+    def preset(self) -> str:
+        return self.config.loss.preset
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    for f in ("config.yaml", "eval.json"):
+        if not (path / f).is_file():
+            hint = f" (run `e2edict eval {path}` first)" if f == "eval.json" else ""
+            raise E2EDictError(f"{str(path)!r} is not a finished run directory: no {f}{hint}")
+    cfg = load_config(path / "config.yaml")
+    try:
+        result = json.loads((path / "eval.json").read_text())
+        if not isinstance(result, dict) or not isinstance(result.get("saes"), dict):
+            raise ValueError("no 'saes' mapping")
+    except ValueError as e:
+        raise E2EDictError(f"{str(path / 'eval.json')!r} is not a valid eval.json ({e})") from None
+    return Run(path, cfg.name, cfg, result)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    for r in runs:  # disambiguate equal names (e.g. the same config with other seeds)
+        if names.count(r.name) > 1:
+            r.name = f"{r.name}@{r.path.name}"
+    names = [r.name for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(r.name) > 1:
+            r.name = f"{r.name}#{i + 1}"
+    return runs
+
+
+COLUMNS = [
+    "run", "type", "position", "lambda", "l0", "alive", "dead", "d_sae", "ce_loss_clean", "ce_loss_increase", "kl",
+    "explained_variance", "mse", "ce_loss_score", "norm_ratio_pos0", "norm_ratio_pos_gt0", "tokens",
+]
+
+
+def rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per (run, SAE) with the columns of `COLUMNS`."""
+    out = []
+    for r in runs:
+        for hook, m in r.eval["saes"].items():
+            out.append({
+                "run": r.name, "type": r.preset, "position": hook,
+                "lambda": r.config.loss.sparsity_coeff(hook) if hook in r.config.saes.positions else None,
+                "l0": m.get("l0"), "alive": m.get("alive"), "dead": m.get("dead"), "d_sae": m.get("d_sae"),
+                "ce_loss_clean": r.eval.get("ce_loss_clean"), "ce_loss_increase": r.eval.get("ce_loss_increase"),
+                "kl": r.eval.get("kl"), "explained_variance": m.get("explained_variance"), "mse": m.get("mse"),
+                "ce_loss_score": m.get("ce_loss_score"), "norm_ratio_pos0": m.get("norm_ratio_pos0"),
+                "norm_ratio_pos_gt0": m.get("norm_ratio_pos_gt0"), "tokens": r.eval.get("tokens"),
+            })
+    return out
