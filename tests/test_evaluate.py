@@ -23,8 +23,7 @@ def test_metrics_match_direct_computation(small_backbone):
         sae.b_enc[48:] = -1.0  # these never fire
     seqs = torch.randint(0, 4096, (10, 16), generator=torch.Generator().manual_seed(3))
     dens = {}
-    res = evaluate_backbone(small_backbone, {HOOK: sae}, seqs, tokens=6 * 16, alive_tokens=10 * 16, batch_size=4,
-                            densities=dens)
+    res = evaluate_backbone(small_backbone, {HOOK: sae}, seqs, tokens=6 * 16, alive_tokens=10 * 16, batch_size=4, densities=dens)
 
     x = seqs[:6]
     with torch.no_grad():
@@ -40,8 +39,9 @@ def test_metrics_match_direct_computation(small_backbone):
         zero = model.run_with_hooks(x, fwd_hooks=[(HOOK, lambda a, hook: torch.zeros_like(a))])
         codes_all = sae.encode(model.run_with_cache(seqs)[1][HOOK])
     a, a_hat, c = store["a"], store["a_hat"], store["c"]
-    kl = F.kl_div(F.log_softmax(spliced, -1).flatten(0, 1), F.log_softmax(clean, -1).flatten(0, 1),
-                  log_target=True, reduction="batchmean").item()
+    kl = F.kl_div(
+        F.log_softmax(spliced, -1).flatten(0, 1), F.log_softmax(clean, -1).flatten(0, 1), log_target=True, reduction="batchmean"
+    ).item()
     flat_a = a.reshape(-1, 32).double()
     ev = 1 - ((flat_a - a_hat.reshape(-1, 32).double()) ** 2).sum() / ((flat_a - flat_a.mean(0)) ** 2).sum()
 
@@ -66,8 +66,9 @@ def test_metrics_match_direct_computation(small_backbone):
     assert list(ds) == ["blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]
     s_act = {}
     with torch.no_grad():
-        model.run_with_hooks(x, fwd_hooks=[(HOOK, splice), ("blocks.2.hook_resid_post",
-                                                             lambda act, hook: s_act.__setitem__("p", act))])
+        model.run_with_hooks(
+            x, fwd_hooks=[(HOOK, splice), ("blocks.2.hook_resid_post", lambda act, hook: s_act.__setitem__("p", act))]
+        )
     cl = cache["blocks.2.hook_resid_post"].reshape(-1, 32).double()
     sp = s_act["p"].reshape(-1, 32).double()
     expected = 1 - ((cl - sp) ** 2).sum() / ((cl - cl.mean(0)) ** 2).sum()

@@ -148,7 +148,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, small_gpt2_dir
 def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monkeypatch):
     import torch
 
-    import e2edict.train as train_mod
+    import e2edict.trainer as train_mod
     from e2edict.config import load_config
     from e2edict.errors import E2EDictError
 

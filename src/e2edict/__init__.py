@@ -70,7 +70,7 @@ def train(config, out: str | Path | None = None, overwrite: bool = False, progre
     """Train from a `Config`, a mapping, or a YAML path; return the run directory."""
     from e2edict.config import Config, config_from_dict
     from e2edict.config import load_config as _load
-    from e2edict.train import train as _train
+    from e2edict.trainer import train as _train
 
     if isinstance(config, (str, Path)):
         config = _load(config)

@@ -16,7 +16,7 @@ EXIT_BAD_INPUT = 2
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from e2edict.config import load_config
-    from e2edict.train import Interrupted, train
+    from e2edict.trainer import Interrupted, train
 
     if args.resume:
         if args.config or args.overrides or args.out:
@@ -49,7 +49,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edict.data import load_stream, to_sequences
     from e2edict.evaluate import evaluate_backbone
     from e2edict.run import build_backbone
-    from e2edict.train import write_eval, write_sparsity
+    from e2edict.trainer import write_eval, write_sparsity
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -85,7 +85,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         from e2edict.analysis.compare import compare
         from e2edict.analysis.geometry import geometry, write_geometry
-        from e2edict.train import sae_folder
+        from e2edict.trainer import sae_folder
 
         out = Path(args.out)
         written = compare(runs, out)
@@ -100,6 +100,58 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         geo_rows, dists = geometry(folders)
         written.update(write_geometry(geo_rows, dists, out))
         print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from e2edict import load_saes
+    from e2edict.analysis.report import write_report
+    from e2edict.config import load_config
+    from e2edict.data import load_stream, to_sequences
+    from e2edict.evaluate import evaluate_backbone
+    from e2edict.run import build_backbone
+    from e2edict.trainer import sae_folder, write_eval, write_sparsity
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    backbone = build_backbone(cfg)
+    saes = load_saes(run_dir, device=cfg.model.device)
+    backbone.check_saes(saes)
+    seqs = to_sequences(load_stream(cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, backbone.bos_token_id)
+    n_seq = max(1, -(-args.tokens // cfg.data.n_ctx))
+    seqs = seqs[:n_seq]
+    densities: dict[str, torch.Tensor] = {}
+    files = {h: sae_folder(run_dir, h) / "sparsity.safetensors" for h in saes}
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file() and all(f.is_file() for f in files.values()):
+        result = json.loads(eval_path.read_text())
+        for h, f in files.items():
+            densities[h] = (10 ** load_file(str(f))["sparsity"].double() - 1e-10).clamp_min(0)
+    else:
+        result = evaluate_backbone(
+            backbone, saes, seqs, alive_tokens=cfg.eval.alive_tokens, batch_size=cfg.eval.batch_size, densities=densities
+        )
+        write_eval(run_dir, result)
+        write_sparsity(run_dir, densities)
+    index = write_report(
+        run_dir,
+        backbone,
+        saes,
+        seqs,
+        result,
+        (run_dir / "config.yaml").read_text(),
+        densities,
+        n_features=args.features,
+        per_page=args.per_page,
+        k=args.contexts,
+        batch_size=cfg.eval.batch_size,
+    )
+    print(f"report: {index}")
     return 0
 
 
@@ -167,12 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--alive-tokens", type=int, help="window for alive / feature density (default: eval.alive_tokens)")
     e.set_defaults(fn=_cmd_eval)
 
-    c = sub.add_parser("compare", help="compare runs: table, Pareto plots, dictionary geometry",
-                       description="Print finished runs side by side; with --out, write runs.md/csv, Pareto plots "
-                       "(L0 and alive vs CE-loss increase), downstream EV and norm-ratio plots, and geometry tables.")
+    c = sub.add_parser(
+        "compare",
+        help="compare runs: table, Pareto plots, dictionary geometry",
+        description="Print finished runs side by side; with --out, write runs.md/csv, Pareto plots "
+        "(L0 and alive vs CE-loss increase), downstream EV and norm-ratio plots, and geometry tables.",
+    )
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", help="folder for the tables and plots")
     c.set_defaults(fn=_cmd_compare)
+
+    r = sub.add_parser(
+        "report",
+        help="write a static HTML report with a feature browser",
+        description="Write RUN_DIR/report/index.html: config, metrics, training curves and, per SAE, "
+        "a paginated feature browser (top contexts, activation histogram, promoted/suppressed tokens).",
+    )
+    r.add_argument("run_dir")
+    r.add_argument("--tokens", type=int, default=65_536, help="held-out tokens to search for top contexts")
+    r.add_argument("--features", type=int, default=200, help="features shown per SAE (densest first)")
+    r.add_argument("--per-page", type=int, default=50)
+    r.add_argument("--contexts", type=int, default=8, help="top contexts per feature")
+    r.set_defaults(fn=_cmd_report)
 
     h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")
     h.add_argument("model", nargs="?", default="tiny")
@@ -186,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "fn", None) is None:
         ap.print_help()
         return 0
-    for opt in ("tokens", "alive_tokens"):
+    for opt in ("tokens", "alive_tokens", "features", "per_page", "contexts"):
         if getattr(args, opt, None) is not None and getattr(args, opt) <= 0:
             print(f"e2edict: error: --{opt.replace('_', '-')} must be positive", file=sys.stderr)
             return EXIT_BAD_INPUT

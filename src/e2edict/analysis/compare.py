@@ -66,8 +66,9 @@ def _scatter_with_fronts(table: list[dict[str, Any]], xkey: str, xlabel: str, pa
             ax.plot(*zip(*front, strict=True), color=color, lw=1.5)
     for r in table:
         if r[xkey] is not None:
-            ax.annotate(r["run"], (r[xkey], r["ce_loss_increase"]), fontsize=7, alpha=0.7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r["run"], (r[xkey], r["ce_loss_increase"]), fontsize=7, alpha=0.7, xytext=(3, 3), textcoords="offset points"
+            )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("CE-loss increase (nats)")
     ax.grid(alpha=0.3)
@@ -92,10 +93,10 @@ def _downstream_plot(runs: list[Run], path: Path) -> None:
                 continue
             hooks = sorted(ds, key=_layer_key)
             label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
-            ax.plot(range(len(hooks)), [ds[h] for h in hooks], marker="o", label=label,
-                    color=TYPE_COLORS.get(r.preset))
-            ax.set_xticks(range(len(hooks)), [h.replace("blocks.", "").replace("hook_", "") for h in hooks],
-                          rotation=30, fontsize=7)
+            ax.plot(range(len(hooks)), [ds[h] for h in hooks], marker="o", label=label, color=TYPE_COLORS.get(r.preset))
+            ax.set_xticks(
+                range(len(hooks)), [h.replace("blocks.", "").replace("hook_", "") for h in hooks], rotation=30, fontsize=7
+            )
     ax.set_ylabel("downstream explained variance")
     ax.set_xlabel("later residual-stream hook")
     ax.grid(alpha=0.3)
@@ -131,8 +132,10 @@ def compare(runs: list[Run], out: Path) -> dict[str, Path]:
     table = rows(runs)
     md, csv_path = write_tables(table, out)
     written = {"table_md": md, "table_csv": csv_path}
-    for key, label, name in (("l0", "L0 (active latents per token)", "l0_vs_ce.png"),
-                             ("alive", "alive latents", "alive_vs_ce.png")):
+    for key, label, name in (
+        ("l0", "L0 (active latents per token)", "l0_vs_ce.png"),
+        ("alive", "alive latents", "alive_vs_ce.png"),
+    ):
         _scatter_with_fronts(table, key, label, out / name)
         written[name] = out / name
     _downstream_plot(runs, out / "downstream_ev.png")

@@ -53,8 +53,23 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 
 
 COLUMNS = [
-    "run", "type", "position", "lambda", "l0", "alive", "dead", "d_sae", "ce_loss_clean", "ce_loss_increase", "kl",
-    "explained_variance", "mse", "ce_loss_score", "norm_ratio_pos0", "norm_ratio_pos_gt0", "tokens",
+    "run",
+    "type",
+    "position",
+    "lambda",
+    "l0",
+    "alive",
+    "dead",
+    "d_sae",
+    "ce_loss_clean",
+    "ce_loss_increase",
+    "kl",
+    "explained_variance",
+    "mse",
+    "ce_loss_score",
+    "norm_ratio_pos0",
+    "norm_ratio_pos_gt0",
+    "tokens",
 ]
 
 
@@ -63,13 +78,25 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
         for hook, m in r.eval["saes"].items():
-            out.append({
-                "run": r.name, "type": r.preset, "position": hook,
-                "lambda": r.config.loss.sparsity_coeff(hook) if hook in r.config.saes.positions else None,
-                "l0": m.get("l0"), "alive": m.get("alive"), "dead": m.get("dead"), "d_sae": m.get("d_sae"),
-                "ce_loss_clean": r.eval.get("ce_loss_clean"), "ce_loss_increase": r.eval.get("ce_loss_increase"),
-                "kl": r.eval.get("kl"), "explained_variance": m.get("explained_variance"), "mse": m.get("mse"),
-                "ce_loss_score": m.get("ce_loss_score"), "norm_ratio_pos0": m.get("norm_ratio_pos0"),
-                "norm_ratio_pos_gt0": m.get("norm_ratio_pos_gt0"), "tokens": r.eval.get("tokens"),
-            })
+            out.append(
+                {
+                    "run": r.name,
+                    "type": r.preset,
+                    "position": hook,
+                    "lambda": r.config.loss.sparsity_coeff(hook) if hook in r.config.saes.positions else None,
+                    "l0": m.get("l0"),
+                    "alive": m.get("alive"),
+                    "dead": m.get("dead"),
+                    "d_sae": m.get("d_sae"),
+                    "ce_loss_clean": r.eval.get("ce_loss_clean"),
+                    "ce_loss_increase": r.eval.get("ce_loss_increase"),
+                    "kl": r.eval.get("kl"),
+                    "explained_variance": m.get("explained_variance"),
+                    "mse": m.get("mse"),
+                    "ce_loss_score": m.get("ce_loss_score"),
+                    "norm_ratio_pos0": m.get("norm_ratio_pos0"),
+                    "norm_ratio_pos_gt0": m.get("norm_ratio_pos_gt0"),
+                    "tokens": r.eval.get("tokens"),
+                }
+            )
     return out

@@ -73,7 +73,12 @@ class MetricsLog:
 
 def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: int, step: int) -> dict[str, Any]:
     res = evaluate_backbone(
-        setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens, alive_tokens=eval_tokens, batch_size=setup.cfg.eval.batch_size,
+        setup.backbone,
+        saes,
+        setup.eval_seqs,
+        tokens=eval_tokens,
+        alive_tokens=eval_tokens,
+        batch_size=setup.cfg.eval.batch_size,
         ce_score=False,
     )
     row: dict[str, Any] = {"step": step, "tokens": tokens, "split": "eval"}

@@ -1,0 +1,272 @@
+"""`e2edict report RUN_DIR`: a static HTML report that opens from disk (no server, no network).
+
+``RUN_DIR/report/index.html`` shows the config, the final metrics and training curves; one set of
+paginated pages per SAE is a feature browser: features ordered by firing density, each with its
+top-activating contexts (token-level highlighting), an activation histogram, and the tokens its
+decoder direction promotes and suppresses most through the unembedding. One pass over the data
+collects everything, so 50k-latent SAEs stay fast (only the top ``features`` are shown).
+Every token is escaped by Jinja2's autoescaping; file names are built from indices, never from
+hook names or tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from e2edict.backbones.base import Backbone
+from e2edict.saes import SAE
+from e2edict.splice import LossWeights, splice_forward
+
+
+@dataclass
+class FeatureStats:
+    """Collected in one pass: top contexts and activation samples of the chosen features."""
+
+    ids: torch.Tensor  # [F] latent indices
+    k: int
+    top_vals: torch.Tensor = field(init=False)
+    top_where: torch.Tensor = field(init=False)  # [F, k] flat token index into the data
+    samples: list[list[torch.Tensor]] = field(init=False)
+    max_samples: int = 20_000
+
+    def __post_init__(self) -> None:
+        f = len(self.ids)
+        self.top_vals = torch.full((f, self.k), -math.inf)
+        self.top_where = torch.full((f, self.k), -1, dtype=torch.long)
+        self.samples = [[] for _ in range(f)]
+        self._n = [0] * f
+
+    def add(self, codes: torch.Tensor, offset: int) -> None:
+        """``codes``: [tokens, d_sae] for a block of the data starting at flat index ``offset``."""
+        acts = codes[:, self.ids].T.float().cpu()  # [F, tokens]
+        k = min(self.k, acts.shape[1])
+        vals, idx = acts.topk(k, dim=1)
+        both_v = torch.cat([self.top_vals, vals], dim=1)
+        both_w = torch.cat([self.top_where, idx + offset], dim=1)
+        best = both_v.topk(self.k, dim=1).indices
+        self.top_vals = both_v.gather(1, best)
+        self.top_where = both_w.gather(1, best)
+        for i in range(len(self.ids)):
+            if self._n[i] < self.max_samples:
+                nz = acts[i][acts[i] > 0][: self.max_samples - self._n[i]]
+                if len(nz):
+                    self.samples[i].append(nz)
+                    self._n[i] += len(nz)
+
+
+def _svg_histogram(values: torch.Tensor, bins: int = 24, width: int = 240, height: int = 60) -> str:
+    """A tiny inline SVG bar chart of the nonzero activations (numbers only, nothing to escape)."""
+    if len(values) == 0:
+        return ""
+    hi = float(values.max())
+    counts = torch.histc(values, bins=bins, min=0.0, max=hi if hi > 0 else 1.0)
+    top = float(counts.max()) or 1.0
+    w = width / bins
+    bars = "".join(
+        f'<rect x="{i * w:.1f}" y="{height - c / top * height:.1f}" width="{w - 1:.1f}" height="{c / top * height:.1f}"/>'
+        for i, c in enumerate(counts.tolist())
+    )
+    return (
+        f'<svg class="hist" width="{width}" height="{height + 14}" viewBox="0 0 {width} {height + 14}">'
+        f'<g fill="#4a7bd0">{bars}</g><text x="0" y="{height + 12}">0</text>'
+        f'<text x="{width}" y="{height + 12}" text-anchor="end">{hi:.3g}</text></svg>'
+    )
+
+
+def _token_strings(tokenizer, ids: list[int]) -> list[str]:
+    if tokenizer is None:
+        return [f"<{i}>" for i in ids]
+    # newlines and tabs made visible so a context stays on one line
+    return [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") for i in ids]
+
+
+def collect_features(
+    backbone: Backbone,
+    saes: dict[str, SAE],
+    sequences: torch.Tensor,
+    densities: dict[str, torch.Tensor],
+    n_features: int,
+    k: int,
+    batch_size: int,
+) -> dict[str, FeatureStats]:
+    """One pass over ``sequences``: for each SAE, the ``n_features`` densest latents' top-``k``
+    contexts and activation samples (codes from the spliced run with every SAE in place)."""
+    stats = {}
+    for h, d in densities.items():
+        order = torch.argsort(d, descending=True)
+        chosen = order[:n_features][d[order[:n_features]] > 0]
+        stats[h] = FeatureStats(chosen, k)
+    weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0))
+    n_ctx = sequences.shape[1]
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            x = sequences[start : start + batch_size]
+            out = splice_forward(backbone, saes, x, weights, full=True)
+            for h, s in stats.items():
+                if len(s.ids):
+                    s.add(out.codes[h].flatten(0, 1), start * n_ctx)
+    return stats
+
+
+def _feature_cards(
+    sae: SAE,
+    stats: FeatureStats,
+    densities: torch.Tensor,
+    sequences: torch.Tensor,
+    model,
+    codes: dict[int, torch.Tensor],
+    window: int,
+    n_logit_tokens: int,
+) -> list[dict[str, Any]]:
+    tok = model.tokenizer
+    n_ctx = sequences.shape[1]
+    flat = sequences.flatten()
+    with torch.no_grad():
+        dirs = sae.dictionary[stats.ids].float()
+        logit_effect = dirs @ model.W_U.float()  # [F, vocab]: each direction through the unembedding
+    cards = []
+    for i, latent in enumerate(stats.ids.tolist()):
+        contexts = []
+        for v, where in zip(stats.top_vals[i].tolist(), stats.top_where[i].tolist(), strict=True):
+            if where < 0 or v <= 0:
+                continue
+            seq, pos = divmod(where, n_ctx)
+            lo, hi = max(0, pos - window), min(n_ctx, pos + window // 2 + 1)
+            ids = flat[seq * n_ctx + lo : seq * n_ctx + hi].tolist()
+            acts = codes[seq][lo:hi, i].tolist()
+            peak = max(acts) or 1.0
+            contexts.append(
+                {
+                    "value": v,
+                    "tokens": [
+                        {"text": t, "act": a, "alpha": max(0.0, a / peak), "peak": lo + j == pos}
+                        for j, (t, a) in enumerate(zip(_token_strings(tok, ids), acts, strict=True))
+                    ],
+                }
+            )
+        eff = logit_effect[i]
+        up, down = eff.topk(n_logit_tokens), (-eff).topk(n_logit_tokens)
+        samples = torch.cat(stats.samples[i]) if stats.samples[i] else torch.zeros(0)
+        cards.append(
+            {
+                "id": latent,
+                "density": float(densities[latent]),
+                "max_act": float(stats.top_vals[i, 0]) if stats.top_vals[i, 0] > -math.inf else 0.0,
+                "contexts": contexts,
+                "histogram": _svg_histogram(samples),
+                "promoted": list(zip(_token_strings(tok, up.indices.tolist()), up.values.tolist(), strict=True)),
+                "suppressed": list(zip(_token_strings(tok, down.indices.tolist()), (-down.values).tolist(), strict=True)),
+            }
+        )
+    return cards
+
+
+def context_codes(
+    backbone: Backbone, saes: dict[str, SAE], sequences: torch.Tensor, stats: dict[str, FeatureStats], batch_size: int
+) -> dict[str, dict[int, torch.Tensor]]:
+    """For every sequence that holds a top context, the chosen features' codes at every position:
+    ``{hook: {sequence index: [n_ctx, F]}}``, from one batched pass over just those sequences."""
+    n_ctx = sequences.shape[1]
+    wanted = sorted({int(w) // n_ctx for s in stats.values() for w in s.top_where.flatten().tolist() if w >= 0})
+    out: dict[str, dict[int, torch.Tensor]] = {h: {} for h in stats}
+    weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0))
+    with torch.no_grad():
+        for start in range(0, len(wanted), batch_size):
+            idx = wanted[start : start + batch_size]
+            res = splice_forward(backbone, saes, sequences[idx], weights, full=True)
+            for h, s in stats.items():
+                sel = res.codes[h][:, :, s.ids].float().cpu()
+                for row, seq in enumerate(idx):
+                    out[h][seq] = sel[row]
+    return out
+
+
+def _curves_png(metrics_path: Path, out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return False
+    rows = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    train = [r for r in rows if r.get("split") == "train"]
+    if not train:
+        return False
+    keys = ["loss"] + [k for k in train[0] if k == "kl" or k.startswith(("l0/", "local/", "downstream"))]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot([r["tokens"] for r in train if key in r], [r[key] for r in train if key in r], lw=1)
+        ev = [r for r in rows if r.get("split") == "eval" and key in r]
+        if ev:
+            ax.plot([r["tokens"] for r in ev], [r[key] for r in ev], "o", ms=3, label="eval")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("tokens", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(
+    run_dir: Path,
+    backbone: Backbone,
+    saes: dict[str, SAE],
+    sequences: torch.Tensor,
+    eval_result: dict[str, Any],
+    config_text: str,
+    densities: dict[str, torch.Tensor],
+    n_features: int = 200,
+    per_page: int = 50,
+    k: int = 8,
+    window: int = 12,
+    batch_size: int = 16,
+    n_logit_tokens: int = 8,
+) -> Path:
+    env = Environment(loader=PackageLoader("e2edict.analysis", "templates"), autoescape=select_autoescape(["html"]))
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    has_curves = _curves_png(run_dir / "metrics.jsonl", out / "curves.png")
+    stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size)
+    codes = context_codes(backbone, saes, sequences, stats, batch_size)
+    model = backbone.model
+    sae_pages = []
+    for si, (h, sae) in enumerate(saes.items()):
+        cards = _feature_cards(sae, stats[h], densities[h], sequences, model, codes[h], window, n_logit_tokens)
+        pages = max(1, math.ceil(len(cards) / per_page))
+        names = [f"sae{si}_features_{p + 1}.html" for p in range(pages)]
+        for p in range(pages):
+            html = env.get_template("features.html").render(
+                run=run_dir.name,
+                hook=h,
+                sae=sae,
+                cards=cards[p * per_page : (p + 1) * per_page],
+                page=p + 1,
+                pages=pages,
+                prev=names[p - 1] if p else None,
+                next=names[p + 1] if p + 1 < pages else None,
+                metrics=eval_result["saes"].get(h, {}),
+                shown=len(cards),
+            )
+            (out / names[p]).write_text(html, encoding="utf-8")
+        sae_pages.append({"hook": h, "link": names[0], "metrics": eval_result["saes"].get(h, {}), "shown": len(cards)})
+    top = {k_: v for k_, v in eval_result.items() if k_ != "saes"}
+    index = env.get_template("index.html").render(
+        run=run_dir.name, config=config_text, top=top, saes=sae_pages, curves=has_curves
+    )
+    (out / "index.html").write_text(index, encoding="utf-8")
+    return out / "index.html"
