@@ -20,6 +20,7 @@ demo: install
 	bash scripts/demo.sh
 
 test: install-dev
+	bash scripts/ensure_chromium.sh
 	$(PYTHON) -m pytest -q
 
 lint:

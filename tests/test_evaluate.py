@@ -55,6 +55,8 @@ def test_metrics_match_direct_computation(small_backbone):
     fired = (codes_all > 0).flatten(0, 1)
     assert m["alive"] == int(fired.any(0).sum()) and 0 < m["alive"] < 64 and m["dead"] == 64 - m["alive"]
     torch.testing.assert_close(dens[HOOK], fired.double().mean(0))
+    expected_log = torch.log10(fired.double().mean(0) + 1e-10)
+    assert m["log10_feature_density"] == pytest.approx(expected_log.tolist(), abs=1e-3)
     assert m["explained_variance"] == pytest.approx(ev.item(), rel=1e-6)
     assert m["mse"] == pytest.approx(((a - a_hat) ** 2).mean().item(), rel=1e-5)
     score = (ce(zero, x) - ce(spliced, x)) / (ce(zero, x) - ce(clean, x))

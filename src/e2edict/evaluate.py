@@ -155,8 +155,10 @@ def evaluate_backbone(
                 k: down[k].explained_variance() for k in ds if backbone.block_order(k) > backbone.block_order(h)
             },
         }
+        density = (fired[h].double() / (n_alive * n_ctx)).cpu()
+        result["saes"][h]["log10_feature_density"] = [round(v, 3) for v in log10_density(density).tolist()]
         if densities is not None:
-            densities[h] = (fired[h].double() / (n_alive * n_ctx)).cpu()
+            densities[h] = density
     return result
 
 
