@@ -57,7 +57,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    sae_tensors = {f"{h}::{n}": p.detach().cpu().contiguous() for h, s in saes.items() for n, p in s.named_parameters()}
+    # state_dict: parameters and buffers (e.g. BatchTopK's running threshold)
+    sae_tensors = {f"{h}::{n}": t.detach().cpu().contiguous() for h, s in saes.items() for n, t in s.state_dict().items()}
     save_file(sae_tensors, str(tmp / "saes.safetensors"))
     opt_sd = opt.state_dict()
     opt_tensors = {}
@@ -124,7 +125,7 @@ def restore(
     doc, sae_tensors, opt_tensors = contents
     with torch.no_grad():
         for h, s in saes.items():
-            for n, p in s.named_parameters():
+            for n, p in s.state_dict(keep_vars=True).items():
                 key = f"{h}::{n}"
                 if key not in sae_tensors or sae_tensors[key].shape != p.shape:
                     raise E2EDictError(f"checkpoint does not match the config: SAE tensor {key!r} missing or misshapen")

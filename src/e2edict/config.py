@@ -42,8 +42,12 @@ class SAEsConfig(_Strict):
     positions: list[str] = Field(min_length=1)
     architecture: str = "relu"
     dict_ratio: float = Field(16.0, gt=0)
-    k: int | None = Field(None, ge=1)
+    k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk)")
     orthogonal_init: bool = True
+    bandwidth: float = Field(0.001, gt=0, description="jumprelu: width of the rectangle kernel of the STE")
+    init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold")
+    threshold_momentum: float = Field(0.99, ge=0, lt=1, description="batchtopk: EMA momentum of the inference threshold")
+    init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
 
     @field_validator("positions")
     @classmethod

@@ -15,7 +15,7 @@ from e2edict.backbones.base import Backbone
 from e2edict.config import Config
 from e2edict.data import load_stream, to_sequences
 from e2edict.errors import E2EDictError
-from e2edict.saes import SAE, build_sae
+from e2edict.saes import SAE, registry
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -39,11 +39,12 @@ class RunSetup:
     def build_saes(self) -> dict[str, SAE]:
         torch.manual_seed(self.cfg.seed)
         s = self.cfg.saes
-        extra = {"orthogonal_init": s.orthogonal_init} if s.architecture == "relu" else {"k": s.k}
-        return {
-            h: build_sae(s.architecture, d, max(1, round(s.dict_ratio * d)), h, **extra).to(self.cfg.model.device)
-            for h, d in self.d_in.items()
-        }
+        cls = registry[s.architecture]
+        return {h: cls.from_config(d, self.d_sae[h], h, s).to(self.cfg.model.device) for h, d in self.d_in.items()}
+
+    @property
+    def d_sae(self) -> dict[str, int]:
+        return {h: max(1, round(self.cfg.saes.dict_ratio * d)) for h, d in self.d_in.items()}
 
 
 def setup_run(cfg: Config) -> RunSetup:
@@ -67,11 +68,14 @@ def setup_run(cfg: Config) -> RunSetup:
             downstream = backbone.resid_hooks_after(backbone.last_position(positions))
         if not downstream:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
-    if cfg.saes.architecture != "relu":
-        from e2edict.saes import registry
-
-        if cfg.saes.architecture not in registry:
-            raise E2EDictError(f"saes.architecture: unknown {cfg.saes.architecture!r}; known: {', '.join(sorted(registry))}")
+    if cfg.saes.architecture not in registry:
+        raise E2EDictError(f"saes.architecture: unknown {cfg.saes.architecture!r}; known: {', '.join(sorted(registry))}")
+    if cfg.saes.architecture in ("topk", "batchtopk"):
+        if cfg.saes.k is None:
+            raise E2EDictError(f"saes.k is required for saes.architecture={cfg.saes.architecture!r}")
+        too_big = [h for h in positions if cfg.saes.k > max(1, round(cfg.saes.dict_ratio * shapes[h][0]))]
+        if too_big:
+            raise E2EDictError(f"saes.k={cfg.saes.k} exceeds the dictionary size at {too_big[0]!r}")
     bos = backbone.bos_token_id
     train_seqs = to_sequences(load_stream(cfg.data.train, backbone, "data.train"), cfg.data.n_ctx, bos)
     eval_seqs = to_sequences(load_stream(cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, bos)

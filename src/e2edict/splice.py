@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from e2edict.backbones.base import Backbone, StopForward
-from e2edict.losses import downstream_loss, kl_loss, mse_loss, sparsity_loss
+from e2edict.losses import downstream_loss, kl_loss, mse_loss
 from e2edict.saes.base import SAE
 
 
@@ -116,11 +116,15 @@ def splice_forward(
     terms: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=tokens.device)
     for h in positions:
-        terms[f"sparsity/{h}"] = sparsity_loss(codes[h], saes[h].d_in, weights.p)
+        terms[f"sparsity/{h}"] = saes[h].sparsity_loss(inputs[h], codes[h], weights.p)
         total = total + weights.sparsity[h] * terms[f"sparsity/{h}"]
         if weights.local > 0 or full:
             terms[f"local/{h}"] = mse_loss(recons[h], inputs[h])
             total = total + weights.local * terms[f"local/{h}"]
+            aux = saes[h].aux_loss(inputs[h]) if weights.local > 0 else None
+            if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
+                terms[f"aux/{h}"] = aux
+                total = total + weights.local * aux
     if logits_spliced is not None and (weights.kl > 0 or full):
         terms["kl"] = kl_loss(logits_clean, logits_spliced)
         total = total + weights.kl * terms["kl"]

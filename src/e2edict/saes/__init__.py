@@ -1,6 +1,20 @@
 """Sparse autoencoders: one class per architecture, registered by name, one on-disk format."""
 
 from e2edict.saes.base import SAE, build_sae, load_sae, registry, save_sae
+from e2edict.saes.gated import GatedSAE
+from e2edict.saes.jumprelu import JumpReLUSAE
 from e2edict.saes.relu import ReLUSAE
+from e2edict.saes.topk import BatchTopKSAE, TopKSAE
 
-__all__ = ["SAE", "ReLUSAE", "build_sae", "load_sae", "registry", "save_sae"]
+__all__ = [
+    "SAE",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "TopKSAE",
+    "build_sae",
+    "load_sae",
+    "registry",
+    "save_sae",
+]

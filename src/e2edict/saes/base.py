@@ -55,12 +55,31 @@ class SAE(nn.Module, ABC):
         c = self.encode(x)
         return self.decode(c), c
 
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> SAE:
+        """Build from the ``saes`` block of a run config (`e2edict.config.SAEsConfig`)."""
+        return cls(d_in, d_sae, hook_name)
+
+    def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
+        """The sparsity term before its coefficient: ``mean_t ||c_t||_p / d_in`` (method §3)."""
+        from e2edict.losses import sparsity_loss
+
+        return sparsity_loss(c, self.d_in, p)
+
+    def aux_loss(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An architecture's auxiliary loss for local training (None: it has none)."""
+        return None
+
     @abstractmethod
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         """The weights in SAELens's layout and meaning (dictionary normalisation folded in)."""
 
     def saelens_cfg(self) -> dict[str, Any]:
         """Architecture-specific cfg.json keys (beyond the common ones)."""
+        return {}
+
+    def saelens_metadata(self) -> dict[str, Any]:
+        """Architecture-specific keys for cfg.json's metadata (e2edict's own)."""
         return {}
 
     @classmethod
@@ -112,6 +131,7 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
             "sae_lens_training_version": SAELENS_VERSION,
             "hook_name": sae.hook_name,
             "e2edict_architecture": sae.architecture,
+            **sae.saelens_metadata(),
             **(metadata or {}),
         },
     }
@@ -120,7 +140,7 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
     return folder
 
 
-_SAELENS_TO_E2EDICT = {"standard": "relu"}
+_SAELENS_TO_E2EDICT = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:

@@ -37,6 +37,10 @@ class ReLUSAE(SAE):
             nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
         self.b_dec = nn.Parameter(torch.empty(d_in).uniform_(-1 / math.sqrt(d_sae), 1 / math.sqrt(d_sae)))
 
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> ReLUSAE:
+        return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
+
     def normalized_decoder(self) -> torch.Tensor:
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
 
@@ -55,9 +59,13 @@ class ReLUSAE(SAE):
         return {"apply_b_dec_to_input": self.apply_b_dec_to_input}
 
     @classmethod
+    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> ReLUSAE:
+        return cls(cfg["d_in"], cfg["d_sae"], apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+
+    @classmethod
     def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ReLUSAE:
         d_in, d_sae = cfg["d_in"], cfg["d_sae"]
-        sae = cls(d_in, d_sae, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+        sae = cls._empty_from_saelens(cfg)
         W_enc = check_tensor(tensors, "W_enc", (d_in, d_sae)).float()
         b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
         W_dec = check_tensor(tensors, "W_dec", (d_sae, d_in)).float()
@@ -74,4 +82,5 @@ class ReLUSAE(SAE):
             sae.b_enc.copy_(b_enc * norms)
             sae.W_dec.copy_(W_dec / norms[:, None])
             sae.b_dec.copy_(b_dec)
+        sae._folded_norms = norms
         return sae

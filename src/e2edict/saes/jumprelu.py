@@ -1,0 +1,114 @@
+"""JumpReLU SAE: ``c = z · 1[z > θ]`` with a learned per-latent threshold θ.
+
+The step function has zero gradient almost everywhere, so θ learns through a straight-through
+estimator with a rectangle kernel of width ε (``saes.bandwidth``): the pseudo-derivative of
+``H(z − θ)`` with respect to θ is ``−K((z − θ)/ε)/ε``, K the unit rectangle on [−½, ½]. The
+sparsity term is an L0 penalty, scaled like the Lp term: ``λ · mean_t ||c_t||_0 / d_in``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from e2edict.saes.base import check_tensor
+from e2edict.saes.relu import ReLUSAE
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z · 1[z > θ]``: exact gradient to z where active, STE gradient to θ."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        grad_z = grad * (z > theta)
+        grad_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad
+        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``1[z > θ]`` with no gradient to z and the STE gradient to θ (for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        grad_theta = -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad
+        return torch.zeros_like(z), grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class JumpReLUSAE(ReLUSAE):
+    architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hook_name: str = "",
+        orthogonal_init: bool = True,
+        apply_b_dec_to_input: bool = False,
+        bandwidth: float = 0.001,
+        init_threshold: float = 0.001,
+    ):
+        super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input)
+        self.bandwidth = bandwidth
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> JumpReLUSAE:
+        return cls(
+            d_in,
+            d_sae,
+            hook_name,
+            orthogonal_init=cfg.orthogonal_init,
+            bandwidth=cfg.bandwidth,
+            init_threshold=cfg.init_threshold,
+        )
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _JumpReLU.apply(self._pre(x), self.threshold, self.bandwidth)
+
+    def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
+        l0 = _Step.apply(self._pre(x), self.threshold, self.bandwidth).sum(-1)
+        return l0.mean() / self.d_in
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().saelens_tensors(), "threshold": self.threshold}
+
+    @classmethod
+    def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> JumpReLUSAE:
+        sae = super().from_saelens(tensors, cfg)
+        thr = check_tensor(tensors, "threshold", (cfg["d_sae"],)).float()
+        norms = sae._folded_norms
+        with torch.no_grad():
+            # folding the decoder norms into the encoder scales the pre-activations, and the threshold with them
+            sae.log_threshold.copy_((thr * norms).clamp_min(1e-12).log())
+        return sae

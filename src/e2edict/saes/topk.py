@@ -1,0 +1,163 @@
+"""TopK and BatchTopK SAEs: the paper's encoder and unit-norm dictionary, with L0 fixed by k.
+
+TopK keeps each token's k largest pre-activations (then ReLU). BatchTopK keeps the k·N largest
+ReLU pre-activations over the N tokens of a training batch, and learns a single threshold (a
+running average of the smallest value kept) that replaces the batch-level selection at inference,
+which makes it a JumpReLU SAE on disk. With k much smaller than the dictionary, decoding gathers
+the k active directions (``embedding_bag``) instead of a dense matrix product.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from e2edict.errors import E2EDictError
+from e2edict.saes.base import check_tensor
+from e2edict.saes.relu import ReLUSAE
+
+SPARSE_DECODE_FRACTION = 1 / 16  # gather-decode when k / d_sae is below this (see benchmarks/)
+
+
+class TopKSAE(ReLUSAE):
+    architecture = "topk"
+    saelens_architecture = "topk"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hook_name: str = "",
+        k: int = 32,
+        orthogonal_init: bool = True,
+        apply_b_dec_to_input: bool = False,
+        sparse_decode: bool | None = None,
+    ):
+        super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input)
+        if not 1 <= k <= d_sae:
+            raise E2EDictError(f"k must lie in [1, d_sae={d_sae}], got {k}")
+        self.k = k
+        self.sparse_decode = (k / d_sae < SPARSE_DECODE_FRACTION) if sparse_decode is None else sparse_decode
+
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> TopKSAE:
+        return cls(d_in, d_sae, hook_name, k=cfg.k, orthogonal_init=cfg.orthogonal_init)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre = self.pre_activations(x)
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        vals = torch.relu(vals)
+        return torch.zeros_like(pre).scatter(-1, idx, vals), vals, idx
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._topk(x)[0]
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``sum_i vals_i D[idx_i] + b_dec`` without touching the inactive directions."""
+        shape = vals.shape[:-1]
+        out = F.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]),
+            self.normalized_decoder(),
+            per_sample_weights=vals.reshape(-1, vals.shape[-1]),
+            mode="sum",
+        )
+        return out.view(*shape, self.d_in) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, vals, idx = self._topk(x)
+        x_hat = self.decode_sparse(vals, idx) if self.sparse_decode else self.decode(c)
+        return x_hat, c
+
+    def saelens_cfg(self) -> dict[str, Any]:
+        return {**super().saelens_cfg(), "k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> TopKSAE:
+        k = cfg.get("k")
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise E2EDictError(f"a topk SAE's cfg.json needs an integer k, got {k!r}")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise E2EDictError("topk SAEs with rescale_acts_by_decoder_norm are not supported")
+        return cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    saelens_architecture = "jumprelu"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hook_name: str = "",
+        k: int = 32,
+        orthogonal_init: bool = True,
+        apply_b_dec_to_input: bool = False,
+        momentum: float = 0.99,
+    ):
+        super().__init__(d_in, d_sae, hook_name, k, orthogonal_init, apply_b_dec_to_input, sparse_decode=False)
+        self.momentum = momentum
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> BatchTopKSAE:
+        return cls(d_in, d_sae, hook_name, k=cfg.k, orthogonal_init=cfg.orthogonal_init, momentum=cfg.threshold_momentum)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.pre_activations(x))
+        if not self.training:
+            return z * (z > self.threshold)
+        flat = z.reshape(-1, self.d_sae)
+        n_keep = min(self.k * flat.shape[0], flat.numel())
+        vals, idx = flat.flatten().topk(n_keep, sorted=False)
+        c = torch.zeros_like(flat).flatten().scatter(0, idx, vals).view_as(z)
+        with torch.no_grad():
+            kept = vals[vals > 0]
+            if len(kept):
+                smallest = kept.min()
+                if self.threshold_updates == 0:
+                    self.threshold.copy_(smallest)
+                else:
+                    self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
+                self.threshold_updates += 1
+        return c
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.encode(x)
+        return self.decode(c), c
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().saelens_tensors(), "threshold": self.threshold.expand(self.d_sae)}
+
+    def saelens_cfg(self) -> dict[str, Any]:
+        return {"apply_b_dec_to_input": self.apply_b_dec_to_input}
+
+    def saelens_metadata(self) -> dict[str, Any]:
+        return {"e2edict_k": self.k, "e2edict_threshold_momentum": self.momentum}
+
+    @classmethod
+    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> BatchTopKSAE:
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        k = meta.get("e2edict_k")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg["d_sae"]:
+            raise E2EDictError(f"a batchtopk SAE's metadata needs an integer e2edict_k in [1, d_sae], got {k!r}")
+        return cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+
+    @classmethod
+    def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> BatchTopKSAE:
+        sae = super().from_saelens(tensors, cfg)
+        thr = check_tensor(tensors, "threshold", (cfg["d_sae"],)).float()
+        if not torch.all(thr == thr[0]):
+            raise E2EDictError("a batchtopk SAE's threshold must be one value for every latent")
+        with torch.no_grad():
+            sae.threshold.copy_(thr[0])
+            sae.threshold_updates.fill_(1)
+        return sae

@@ -1,0 +1,153 @@
+"""TopK, BatchTopK, JumpReLU and Gated SAEs: their defining properties, SAELens files, every preset."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import e2edict
+from e2edict.cli import main as cli_main
+from e2edict.saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE, load_sae, registry, save_sae
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 256, k=5, sparse_decode=True)
+    with torch.no_grad():
+        sae.b_enc.add_(10.0)  # every pre-activation positive, so ReLU removes none of the top k
+    x = torch.randn(3, 7, 16)
+    x_hat, c = sae(x)
+    assert ((c != 0).sum(-1) == 5).all()
+    pre = x @ sae.W_enc + sae.b_enc
+    assert torch.equal(c != 0, pre >= pre.topk(5, dim=-1).values[..., -1:])
+    torch.testing.assert_close(x_hat, sae.decode(c), atol=1e-5, rtol=1e-5)
+    g_sparse = torch.autograd.grad(x_hat.square().sum(), [sae.W_dec, sae.W_enc])
+    g_dense = torch.autograd.grad(sae.decode(sae.encode(x)).square().sum(), [sae.W_dec, sae.W_enc])
+    for a, b in zip(g_sparse, g_dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_batchtopk_keeps_k_times_batch_and_learns_a_threshold():
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(16, 128, k=6, momentum=0.5)
+    with torch.no_grad():
+        sae.b_enc.add_(5.0)
+    x = torch.randn(4, 5, 16)
+    sae.train()
+    _, c = sae(x)
+    assert (c != 0).sum().item() == 6 * 20
+    assert (c != 0).sum(-1).float().std() > 0  # per-token counts vary: the selection is over the batch
+    kept_min = c[c > 0].min()
+    assert sae.threshold.item() == pytest.approx(kept_min.item())
+    _, c2 = sae(x * 1.1)
+    assert sae.threshold.item() == pytest.approx(0.5 * kept_min.item() + 0.5 * c2[c2 > 0].min().item())
+    sae.eval()
+    _, c_inf = sae(x)
+    z = torch.relu(x @ sae.W_enc + sae.b_enc)
+    torch.testing.assert_close(c_inf, z * (z > sae.threshold))
+
+
+def test_jumprelu_threshold_gets_the_ste_gradient():
+    torch.manual_seed(0)
+    eps = 0.5
+    sae = JumpReLUSAE(8, 32, bandwidth=eps, init_threshold=0.3)
+    x = torch.randn(50, 8)
+    _, c = sae(x)
+    z = torch.relu(x @ sae.W_enc + sae.b_enc)
+    assert torch.equal(c, z * (z > 0.3))
+    loss = sae.sparsity_loss(x, c, 1.0)
+    (g,) = torch.autograd.grad(loss, [sae.log_threshold])
+    theta = sae.threshold.detach()
+    in_window = ((z - theta).abs() < eps / 2).float()
+    # d/dtheta of mean_t sum_i H(z - theta) / d_in, then the chain rule through theta = exp(log_theta)
+    expected = -(in_window / eps).sum(0) / 50 / 8 * theta
+    torch.testing.assert_close(g, expected.detach(), atol=1e-6, rtol=1e-5)
+    assert g.abs().sum() > 0
+    (g2,) = torch.autograd.grad(c.sum(), [sae.log_threshold])
+    torch.testing.assert_close(g2, (-(theta / eps) * in_window).sum(0) * theta, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_saved_form_reproduces_training_output(tmp_path):
+    torch.manual_seed(0)
+    sae = GatedSAE(12, 48, "h")
+    with torch.no_grad():
+        sae.r_mag.normal_()
+        sae.W_dec.mul_(torch.rand(48, 1) + 0.5)
+    x = torch.randn(5, 12)
+    x_hat, c = sae(x)
+    back = load_sae(save_sae(sae, tmp_path / "g"))
+    x2, c2 = back(x)
+    torch.testing.assert_close(x2, x_hat, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c2, c, atol=1e-6, rtol=1e-5)
+    assert sae.aux_loss(x) is not None and sae.aux_loss(x).requires_grad
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated"])
+def test_saelens_computes_the_same_latents(tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    torch.manual_seed(0)
+    kw = {"k": 5} if arch in ("topk", "batchtopk") else {}
+    sae = registry[arch](16, 64, "blocks.1.hook_resid_pre", **kw)
+    x = torch.randn(30, 16)
+    if arch == "batchtopk":
+        sae.train()
+        sae(x)  # sets the threshold
+    sae.eval()
+    save_sae(sae, tmp_path / "s")
+    cfg = json.loads((tmp_path / "s/cfg.json").read_text())
+    assert cfg["architecture"] == {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}[arch]
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"))
+    with torch.no_grad():
+        ours = sae.encode(x)
+        torch.testing.assert_close(theirs.encode(x), ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.decode(ours), sae.decode(ours), atol=1e-5, rtol=1e-5)
+        mine = load_sae(tmp_path / "s").eval()
+        torch.testing.assert_close(mine.encode(x), ours, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
+def test_every_architecture_trains_with_every_preset(tmp_path, small_gpt2_dir, arch, preset, capsys):
+    out = tmp_path / "run"
+    lam = 0.0 if arch in ("topk", "batchtopk") else 0.5
+    rc = cli_main(
+        [
+            "train",
+            str(ROOT / "configs/tiny/e2e.yaml"),
+            f"model.name={small_gpt2_dir}",
+            "data.n_ctx=32",
+            "saes.positions=[blocks.1.hook_resid_pre]",
+            f"saes.architecture={arch}",
+            "saes.k=8",
+            "saes.dict_ratio=4",
+            f"loss.preset={preset}",
+            f"loss.sparsity.coeff={lam}",
+            "train.tokens=2048",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.eval_every_tokens=null",
+            "eval.tokens=1024",
+            "eval.alive_tokens=1024",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    if arch == "gated" and preset == "local":
+        assert "aux/blocks.1.hook_resid_pre" in rows[0]
+    m = json.loads((out / "eval.json").read_text())["saes"]["blocks.1.hook_resid_pre"]
+    if arch == "topk":
+        assert m["l0"] <= 8 + 1e-9
+    sae = e2edict.load_saes(out)["blocks.1.hook_resid_pre"]
+    assert type(sae).architecture == arch
+    x = torch.randn(2, 5, 32)
+    sae.eval()
+    again = e2edict.load_saes(out)["blocks.1.hook_resid_pre"].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], sae(x)[0], atol=0, rtol=0)
