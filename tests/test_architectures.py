@@ -151,3 +151,69 @@ def test_every_architecture_trains_with_every_preset(tmp_path, small_gpt2_dir, a
     again = e2edict.load_saes(out)["blocks.1.hook_resid_pre"].eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], sae(x)[0], atol=0, rtol=0)
+
+
+def test_warm_start_from_a_local_run(tmp_path, small_gpt2_dir, capsys):
+    base = [
+        str(ROOT / "configs/tiny/local.yaml"),
+        f"model.name={small_gpt2_dir}",
+        "data.n_ctx=32",
+        "saes.positions=[blocks.1.hook_resid_pre]",
+        "saes.dict_ratio=4",
+        "train.tokens=2048",
+        "train.batch_size=8",
+        "train.eval_every_tokens=null",
+        "eval.tokens=1024",
+        "eval.alive_tokens=1024",
+        "--quiet",
+    ]
+    assert cli_main(["train", *base, "--out", str(tmp_path / "local")]) == 0
+    start = e2edict.load_saes(tmp_path / "local")["blocks.1.hook_resid_pre"]
+    rc = cli_main(
+        [
+            "train",
+            *base,
+            "loss.preset=e2e",
+            f"saes.init_from={tmp_path / 'local'}",
+            "train.lr=1e-12",
+            "--out",
+            str(tmp_path / "ft"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    ft = e2edict.load_saes(tmp_path / "ft")["blocks.1.hook_resid_pre"]
+    for a, b in zip(start.parameters(), ft.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    cfg = json.loads((tmp_path / "ft/saes/blocks.1.hook_resid_pre/cfg.json").read_text())
+    assert cfg["metadata"]["e2edict_loss_preset"] == "e2e"
+
+    capsys.readouterr()
+    rc = cli_main(
+        ["train", *base, "saes.architecture=gated", f"saes.init_from={tmp_path / 'local'}", "--out", str(tmp_path / "bad")]
+    )
+    assert rc == 2 and "is a relu SAE but saes.architecture is 'gated'" in capsys.readouterr().err
+    rc = cli_main(
+        [
+            "train",
+            *base,
+            "saes.positions=[blocks.2.hook_resid_pre]",
+            f"saes.init_from={tmp_path / 'local'}",
+            "--out",
+            str(tmp_path / "bad"),
+        ]
+    )
+    assert rc == 2 and "has no SAE at blocks.2.hook_resid_pre" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_batchtopk_evaluates_with_its_threshold(small_backbone):
+    from e2edict.evaluate import evaluate_backbone
+
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(32, 128, "blocks.1.hook_resid_pre", k=4)
+    seqs = torch.randint(0, 4096, (4, 16))
+    sae.train()
+    sae(torch.randn(64, 32) * 0.05)
+    thr = sae.threshold.clone()
+    evaluate_backbone(small_backbone, {"blocks.1.hook_resid_pre": sae}, seqs)
+    assert sae.training and torch.equal(sae.threshold, thr)  # evaluation neither trains nor moves the threshold

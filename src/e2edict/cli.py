@@ -250,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    # overrides may come after options (`train c.yaml --out d a.b=1`): argparse leaves those over
+    if getattr(args, "overrides", None) is not None:
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "fn", None) is None:
         ap.print_help()
         return 0

@@ -13,7 +13,7 @@ import torch
 from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.losses import next_token_ce
-from e2edict.saes.base import SAE
+from e2edict.saes.base import SAE, eval_mode
 from e2edict.splice import LossWeights, splice_forward
 
 
@@ -45,7 +45,6 @@ class _Pooled:
         return self.sse / (self.n * self.d)
 
 
-@torch.no_grad()
 def evaluate_backbone(
     backbone: Backbone,
     saes: dict[str, SAE],
@@ -63,6 +62,11 @@ def evaluate_backbone(
     tokens (more sequences are read if needed, or all there are). Pass a dict as ``densities``
     to receive each SAE's per-latent firing frequency. ``ce_score`` adds the CE-loss score (two
     more forward passes per SAE and batch)."""
+    with eval_mode(saes), torch.no_grad():
+        return _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downstream, densities, ce_score)
+
+
+def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downstream, densities, ce_score):
     if len(sequences) == 0:
         raise E2EDictError("evaluation data is empty")
     if not saes:

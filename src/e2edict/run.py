@@ -35,9 +35,14 @@ class RunSetup:
     downstream: list[str]  # the hooks of the downstream loss (empty when its coefficient is 0)
     train_seqs: torch.Tensor
     eval_seqs: torch.Tensor
+    init_from: dict[str, SAE] | None = None  # warm start (saes.init_from), already checked
 
     def build_saes(self) -> dict[str, SAE]:
         torch.manual_seed(self.cfg.seed)
+        if self.init_from is not None:
+            import copy
+
+            return {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
         s = self.cfg.saes
         cls = registry[s.architecture]
         return {h: cls.from_config(d, self.d_sae[h], h, s).to(self.cfg.model.device) for h, d in self.d_in.items()}
@@ -87,7 +92,30 @@ def setup_run(cfg: Config) -> RunSetup:
         )
     if cfg.train.tokens < per_step * cfg.data.n_ctx:
         raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
-    return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_seqs, eval_seqs)
+    init = _load_init(cfg, backbone) if cfg.saes.init_from else None
+    return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_seqs, eval_seqs, init)
+
+
+def _load_init(cfg: Config, backbone: Backbone) -> dict[str, SAE]:
+    """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture."""
+    from e2edict import load_saes
+
+    loaded = load_saes(cfg.saes.init_from)
+    missing = [h for h in cfg.saes.positions if h not in loaded]
+    if missing:
+        raise E2EDictError(
+            f"saes.init_from {cfg.saes.init_from!r} has no SAE at {', '.join(missing)} (it has {', '.join(loaded)})"
+        )
+    picked = {h: loaded[h] for h in cfg.saes.positions}
+    backbone.check_saes(picked)
+    for h, sae in picked.items():
+        if sae.architecture != cfg.saes.architecture:
+            raise E2EDictError(
+                f"saes.init_from SAE at {h!r} is a {sae.architecture} SAE but saes.architecture is {cfg.saes.architecture!r}"
+            )
+        if getattr(sae, "k", None) is not None and cfg.saes.k is not None and sae.k != cfg.saes.k:
+            raise E2EDictError(f"saes.init_from SAE at {h!r} has k={sae.k} but saes.k is {cfg.saes.k}")
+    return picked
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: float) -> float:

@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from e2edict.backbones.base import Backbone
 from e2edict.saes import SAE
+from e2edict.saes.base import eval_mode
 from e2edict.splice import LossWeights, splice_forward
 
 
@@ -241,8 +242,9 @@ def write_report(
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     has_curves = _curves_png(run_dir / "metrics.jsonl", out / "curves.png")
-    stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size)
-    codes = context_codes(backbone, saes, sequences, stats, batch_size)
+    with eval_mode(saes):
+        stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size)
+        codes = context_codes(backbone, saes, sequences, stats, batch_size)
     model = backbone.model
     sae_pages = []
     for si, (h, sae) in enumerate(saes.items()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -90,6 +91,19 @@ class SAE(nn.Module, ABC):
     def dictionary(self) -> torch.Tensor:
         """The decoder directions as rows, [d_sae, d_in]."""
         return self.saelens_tensors()["W_dec"]
+
+
+@contextmanager
+def eval_mode(saes: dict[str, SAE]):
+    """Inference behaviour inside (e.g. BatchTopK's threshold instead of batch selection)."""
+    modes = {h: s.training for h, s in saes.items()}
+    for s in saes.values():
+        s.eval()
+    try:
+        yield saes
+    finally:
+        for h, s in saes.items():
+            s.train(modes[h])
 
 
 def build_sae(architecture: str, d_in: int, d_sae: int, hook_name: str = "", **kw: Any) -> SAE:
