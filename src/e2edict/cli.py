@@ -44,21 +44,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from e2edict import load_saes
-    from e2edict.config import load_config
-    from e2edict.data import load_stream, to_sequences
     from e2edict.evaluate import evaluate_backbone
-    from e2edict.run import build_backbone
+    from e2edict.run import load_run_dir
     from e2edict.trainer import write_eval, write_sparsity
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    backbone = build_backbone(cfg)
-    saes = load_saes(run_dir, device=cfg.model.device)
-    backbone.check_saes(saes)
-    seqs = to_sequences(load_stream(args.data or cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, backbone.bos_token_id)
+    run = load_run_dir(args.run_dir, args.data)
+    run_dir, cfg, backbone, saes, seqs = run.path, run.cfg, run.backbone, run.saes, run.eval_seqs
     tokens = args.tokens or cfg.eval.tokens
     densities: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -107,22 +98,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from e2edict import load_saes
     from e2edict.analysis.report import write_report
-    from e2edict.config import load_config
-    from e2edict.data import load_stream, to_sequences
     from e2edict.evaluate import evaluate_backbone
-    from e2edict.run import build_backbone
+    from e2edict.run import load_run_dir
     from e2edict.trainer import sae_folder, write_eval, write_sparsity
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    backbone = build_backbone(cfg)
-    saes = load_saes(run_dir, device=cfg.model.device)
-    backbone.check_saes(saes)
-    seqs = to_sequences(load_stream(cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, backbone.bos_token_id)
+    run = load_run_dir(args.run_dir)
+    run_dir, cfg, backbone, saes, seqs = run.path, run.cfg, run.backbone, run.saes, run.eval_seqs
     n_seq = max(1, -(-args.tokens // cfg.data.n_ctx))
     seqs = seqs[:n_seq]
     densities: dict[str, torch.Tensor] = {}
@@ -267,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except E2EDictError as e:
-        print(f"e2edict: error: {e}", file=sys.stderr)
+        print(f"e2edict: error: {' '.join(str(e).split(chr(10)))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("e2edict: interrupted", file=sys.stderr)

@@ -178,7 +178,8 @@ def _format_validation_error(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         parts.append(f"{loc}: {msg}")
-    return "invalid config: " + "; ".join(parts)
+    text = "invalid config: " + "; ".join(parts)
+    return text.replace("\r", "\\r").replace("\n", "\\n")  # user-given key names stay on one line
 
 
 def parse_value(text: str) -> Any:

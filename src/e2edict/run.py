@@ -139,3 +139,29 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
             raise E2EDictError(f"run directory {str(path)!r} exists and is not empty (use --overwrite to replace it)")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class LoadedRun:
+    """A run directory read back for evaluation or reports: its config, model, SAEs and eval data."""
+
+    path: Path
+    cfg: Config
+    backbone: Backbone
+    saes: dict[str, SAE]
+    eval_seqs: torch.Tensor
+
+
+def load_run_dir(run_dir: str | Path, data: str | None = None) -> LoadedRun:
+    from e2edict import load_saes
+    from e2edict.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    backbone = build_backbone(cfg)
+    saes = load_saes(run_dir, device=cfg.model.device)
+    backbone.check_saes(saes)
+    stream = load_stream(data or cfg.data.eval, backbone, "data.eval")
+    return LoadedRun(run_dir, cfg, backbone, saes, to_sequences(stream, cfg.data.n_ctx, backbone.bos_token_id))

@@ -9,6 +9,7 @@ names and renamed, so a crash never leaves a half-written SAE.
 from __future__ import annotations
 
 import json
+import math
 import os
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -49,8 +50,22 @@ class SAE(nn.Module, ABC):
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    @abstractmethod
-    def decode(self, c: torch.Tensor) -> torch.Tensor: ...
+    def _init_decoder(self, orthogonal_init: bool) -> None:
+        """The paper's dictionary: raw ``W_dec [d_sae, d_in]`` (orthogonal init: its d_in columns are
+        orthonormal) and ``b_dec``; the rows are normalised on every forward."""
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_in))
+        if orthogonal_init:
+            nn.init.orthogonal_(self.W_dec)
+        else:
+            nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.d_sae)
+        self.b_dec = nn.Parameter(torch.empty(self.d_in).uniform_(-bound, bound))
+
+    def normalized_decoder(self) -> torch.Tensor:
+        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+
+    def decode(self, c: torch.Tensor) -> torch.Tensor:
+        return c @ self.normalized_decoder() + self.b_dec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.encode(x)
@@ -186,6 +201,16 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     sae = registry[arch].from_saelens(tensors, cfg)
     sae.hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
     return sae.to(device)
+
+
+def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
+    """Row norms of a loaded decoder, to fold into the encoder; exactly 1 for e2edict's own files."""
+    norms = W_dec.norm(dim=1)
+    if (norms == 0).any():
+        raise E2EDictError("SAE tensor 'W_dec' has an all-zero row")
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        return torch.ones_like(norms)  # keep the latents exactly as saved
+    return norms
 
 
 def check_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:

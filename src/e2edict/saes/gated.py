@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.errors import E2EDictError
 from e2edict.losses import mse_loss, sparsity_loss
-from e2edict.saes.base import SAE, check_tensor
+from e2edict.saes.base import SAE, check_tensor, decoder_norms
 
 
 class GatedSAE(SAE):
@@ -35,19 +34,11 @@ class GatedSAE(SAE):
         self.b_gate = nn.Parameter(torch.empty(d_sae).uniform_(-bound, bound))
         self.b_mag = nn.Parameter(torch.empty(d_sae).uniform_(-bound, bound))
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
-        if orthogonal_init:
-            nn.init.orthogonal_(self.W_dec)
-        else:
-            nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
-        self.b_dec = nn.Parameter(torch.empty(d_in).uniform_(-1 / math.sqrt(d_sae), 1 / math.sqrt(d_sae)))
+        self._init_decoder(orthogonal_init)
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> GatedSAE:
         return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
-
-    def normalized_decoder(self) -> torch.Tensor:
-        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.b_dec if self.apply_b_dec_to_input else x
@@ -60,9 +51,6 @@ class GatedSAE(SAE):
         gate = (xin @ self.W_enc + self.b_gate) > 0
         mag = torch.relu(xin @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
         return gate * mag
-
-    def decode(self, c: torch.Tensor) -> torch.Tensor:
-        return c @ self.normalized_decoder() + self.b_dec
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         return sparsity_loss(torch.relu(self.gate_pre(x)), self.d_in, p)
@@ -93,11 +81,7 @@ class GatedSAE(SAE):
         d_in, d_sae = cfg["d_in"], cfg["d_sae"]
         sae = cls(d_in, d_sae, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
         W_dec = check_tensor(tensors, "W_dec", (d_sae, d_in)).float()
-        norms = W_dec.norm(dim=1)
-        if (norms == 0).any():
-            raise E2EDictError("SAE tensor 'W_dec' has an all-zero row")
-        if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
-            norms = torch.ones_like(norms)
+        norms = decoder_norms(W_dec)
         with torch.no_grad():
             # the gate only sees signs, so scaling a latent by its decoder norm changes the magnitude path alone
             sae.W_enc.copy_(check_tensor(tensors, "W_enc", (d_in, d_sae)).float())

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.errors import E2EDictError
-from e2edict.saes.base import SAE, check_tensor
+from e2edict.saes.base import SAE, check_tensor, decoder_norms
 
 
 class ReLUSAE(SAE):
@@ -30,27 +29,16 @@ class ReLUSAE(SAE):
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         nn.init.kaiming_uniform_(self.W_enc.T, a=math.sqrt(5))
         self.b_enc = nn.Parameter(torch.empty(d_sae).uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in)))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
-        if orthogonal_init:
-            nn.init.orthogonal_(self.W_dec)  # the d_in directions across latents are orthonormal
-        else:
-            nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
-        self.b_dec = nn.Parameter(torch.empty(d_in).uniform_(-1 / math.sqrt(d_sae), 1 / math.sqrt(d_sae)))
+        self._init_decoder(orthogonal_init)
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> ReLUSAE:
         return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
 
-    def normalized_decoder(self) -> torch.Tensor:
-        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def decode(self, c: torch.Tensor) -> torch.Tensor:
-        return c @ self.normalized_decoder() + self.b_dec
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.normalized_decoder(), "b_dec": self.b_dec}
@@ -72,11 +60,7 @@ class ReLUSAE(SAE):
         b_dec = check_tensor(tensors, "b_dec", (d_in,)).float()
         # A foreign SAE may have decoder rows of any norm: ReLU commutes with a positive scale, so
         # folding the norms into the encoder gives the same reconstruction with a unit-norm dictionary.
-        norms = W_dec.norm(dim=1)
-        if (norms == 0).any():
-            raise E2EDictError("SAE tensor 'W_dec' has an all-zero row")
-        if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
-            norms = torch.ones_like(norms)  # e2edict's own files: keep the latents exactly as saved
+        norms = decoder_norms(W_dec)
         with torch.no_grad():
             sae.W_enc.copy_(W_enc * norms)
             sae.b_enc.copy_(b_enc * norms)
