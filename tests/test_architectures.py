@@ -82,7 +82,11 @@ def test_gated_saved_form_reproduces_training_output(tmp_path):
     x2, c2 = back(x)
     torch.testing.assert_close(x2, x_hat, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(c2, c, atol=1e-6, rtol=1e-5)
-    assert sae.aux_loss(x) is not None and sae.aux_loss(x).requires_grad
+    aux = sae.aux_loss(x, x_hat, c)
+    expected = ((torch.relu(x @ sae.W_enc + sae.b_gate) @ sae.normalized_decoder() + sae.b_dec - x) ** 2).mean()
+    torch.testing.assert_close(aux, expected)
+    (g,) = torch.autograd.grad(aux, [sae.W_dec], allow_unused=True)
+    assert g is None  # the auxiliary path reconstructs through a frozen decoder
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated"])
@@ -217,3 +221,23 @@ def test_batchtopk_evaluates_with_its_threshold(small_backbone):
     thr = sae.threshold.clone()
     evaluate_backbone(small_backbone, {"blocks.1.hook_resid_pre": sae}, seqs)
     assert sae.training and torch.equal(sae.threshold, thr)  # evaluation neither trains nor moves the threshold
+
+
+def test_auxk_trains_dead_latents_on_the_residual_error():
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 32, k=2, auxk_coeff=0.5, auxk_k=3, dead_tokens=10)
+    x = torch.randn(4, 5, 8)
+    x_hat, c = sae(x)  # 20 tokens seen
+    fired = (c != 0).flatten(0, 1).any(0)
+    assert torch.equal(sae.tokens_since_fired == 0, fired) and (sae.tokens_since_fired[~fired] == 20).all()
+    aux = sae.aux_loss(x, x_hat, c)
+    dead = ~fired
+    pre = (x @ sae.W_enc + sae.b_enc).masked_fill(~dead, float("-inf"))
+    vals, idx = pre.topk(3, dim=-1)
+    code = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    err = (x - x_hat).detach()
+    expected = 0.5 * ((code @ sae.normalized_decoder() - err) ** 2).mean() / (err**2).mean()
+    torch.testing.assert_close(aux, expected)
+    grads = torch.autograd.grad(aux, [sae.W_enc])[0]
+    assert grads[:, fired].abs().sum() == 0 and grads[:, dead].abs().sum() > 0  # only dead latents learn from it
+    assert TopKSAE(8, 32, k=2).aux_loss(x, x_hat, c) is None  # off by default

@@ -47,6 +47,9 @@ class SAEsConfig(_Strict):
     bandwidth: float = Field(0.001, gt=0, description="jumprelu: width of the rectangle kernel of the STE")
     init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold")
     threshold_momentum: float = Field(0.99, ge=0, lt=1, description="batchtopk: EMA momentum of the inference threshold")
+    auxk_coeff: float = Field(0.0, ge=0, description="topk/batchtopk, local training: AuxK dead-latent loss (paper: 1/32)")
+    auxk_k: int | None = Field(None, ge=1, description="AuxK: dead latents used per token (null: d_in / 2)")
+    dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
     init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
 
     @field_validator("positions")

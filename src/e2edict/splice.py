@@ -121,7 +121,7 @@ def splice_forward(
         if weights.local > 0 or full:
             terms[f"local/{h}"] = mse_loss(recons[h], inputs[h])
             total = total + weights.local * terms[f"local/{h}"]
-            aux = saes[h].aux_loss(inputs[h]) if weights.local > 0 else None
+            aux = saes[h].aux_loss(inputs[h], recons[h], codes[h]) if weights.local > 0 else None
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 terms[f"aux/{h}"] = aux
                 total = total + weights.local * aux

@@ -82,7 +82,7 @@ class SAE(nn.Module, ABC):
 
         return sparsity_loss(c, self.d_in, p)
 
-    def aux_loss(self, x: torch.Tensor) -> torch.Tensor | None:
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
         """An architecture's auxiliary loss for local training (None: it has none)."""
         return None
 

@@ -55,7 +55,7 @@ class GatedSAE(SAE):
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         return sparsity_loss(torch.relu(self.gate_pre(x)), self.d_in, p)
 
-    def aux_loss(self, x: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         recon = torch.relu(self.gate_pre(x)) @ self.normalized_decoder().detach() + self.b_dec.detach()
         return mse_loss(recon, x)
 

@@ -34,16 +34,58 @@ class TopKSAE(ReLUSAE):
         orthogonal_init: bool = True,
         apply_b_dec_to_input: bool = False,
         sparse_decode: bool | None = None,
+        auxk_coeff: float = 0.0,
+        auxk_k: int | None = None,
+        dead_tokens: int = 1_000_000,
     ):
         super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input)
         if not 1 <= k <= d_sae:
             raise E2EDictError(f"k must lie in [1, d_sae={d_sae}], got {k}")
         self.k = k
         self.sparse_decode = (k / d_sae < SPARSE_DECODE_FRACTION) if sparse_decode is None else sparse_decode
+        # AuxK (Gao et al. 2024): dead latents learn to explain the residual error
+        self.auxk_coeff, self.auxk_k, self.dead_tokens = auxk_coeff, auxk_k or max(1, d_in // 2), dead_tokens
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> TopKSAE:
-        return cls(d_in, d_sae, hook_name, k=cfg.k, orthogonal_init=cfg.orthogonal_init)
+        return cls(
+            d_in,
+            d_sae,
+            hook_name,
+            k=cfg.k,
+            orthogonal_init=cfg.orthogonal_init,
+            auxk_coeff=cfg.auxk_coeff,
+            auxk_k=cfg.auxk_k,
+            dead_tokens=cfg.dead_tokens,
+        )
+
+    def _track_dead(self, c: torch.Tensor) -> None:
+        if self.training:
+            with torch.no_grad():
+                fired = (c.reshape(-1, self.d_sae) != 0).any(0)
+                self.tokens_since_fired.add_(c.numel() // self.d_sae)
+                self.tokens_since_fired[fired] = 0
+
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+        """AuxK: the top ``auxk_k`` pre-activations among dead latents reconstruct ``x - x_hat``;
+        ``auxk_coeff`` times its MSE, normalised by the error's own MSE (Gao et al. 2024)."""
+        if self.auxk_coeff <= 0:
+            return None
+        dead = self.tokens_since_fired >= self.dead_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x.new_zeros(())
+        pre = self.pre_activations(x).masked_fill(~dead, float("-inf"))
+        vals, idx = pre.topk(min(self.auxk_k, n_dead), dim=-1)
+        err = (x - x_hat).detach().reshape(-1, self.d_in)
+        err_hat = F.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]),
+            self.normalized_decoder(),
+            per_sample_weights=torch.relu(vals).reshape(-1, vals.shape[-1]),
+            mode="sum",
+        )
+        return self.auxk_coeff * (err_hat - err).pow(2).mean() / err.pow(2).mean().clamp_min(1e-12)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         if self.apply_b_dec_to_input:
@@ -73,6 +115,7 @@ class TopKSAE(ReLUSAE):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, vals, idx = self._topk(x)
         x_hat = self.decode_sparse(vals, idx) if self.sparse_decode else self.decode(c)
+        self._track_dead(c)
         return x_hat, c
 
     def saelens_cfg(self) -> dict[str, Any]:
@@ -101,15 +144,39 @@ class BatchTopKSAE(TopKSAE):
         orthogonal_init: bool = True,
         apply_b_dec_to_input: bool = False,
         momentum: float = 0.99,
+        auxk_coeff: float = 0.0,
+        auxk_k: int | None = None,
+        dead_tokens: int = 1_000_000,
     ):
-        super().__init__(d_in, d_sae, hook_name, k, orthogonal_init, apply_b_dec_to_input, sparse_decode=False)
+        super().__init__(
+            d_in,
+            d_sae,
+            hook_name,
+            k,
+            orthogonal_init,
+            apply_b_dec_to_input,
+            sparse_decode=False,
+            auxk_coeff=auxk_coeff,
+            auxk_k=auxk_k,
+            dead_tokens=dead_tokens,
+        )
         self.momentum = momentum
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> BatchTopKSAE:
-        return cls(d_in, d_sae, hook_name, k=cfg.k, orthogonal_init=cfg.orthogonal_init, momentum=cfg.threshold_momentum)
+        return cls(
+            d_in,
+            d_sae,
+            hook_name,
+            k=cfg.k,
+            orthogonal_init=cfg.orthogonal_init,
+            momentum=cfg.threshold_momentum,
+            auxk_coeff=cfg.auxk_coeff,
+            auxk_k=cfg.auxk_k,
+            dead_tokens=cfg.dead_tokens,
+        )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.relu(self.pre_activations(x))
@@ -132,6 +199,7 @@ class BatchTopKSAE(TopKSAE):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.encode(x)
+        self._track_dead(c)
         return self.decode(c), c
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
