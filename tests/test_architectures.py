@@ -241,3 +241,25 @@ def test_auxk_trains_dead_latents_on_the_residual_error():
     grads = torch.autograd.grad(aux, [sae.W_enc])[0]
     assert grads[:, fired].abs().sum() == 0 and grads[:, dead].abs().sum() > 0  # only dead latents learn from it
     assert TopKSAE(8, 32, k=2).aux_loss(x, x_hat, c) is None  # off by default
+
+
+def test_relu_sparse_decode_matches_dense_with_gradients():
+    from e2edict.saes import ReLUSAE
+
+    torch.manual_seed(0)
+    sae = ReLUSAE(16, 512)
+    with torch.no_grad():
+        sae.b_enc.sub_(0.6)  # low L0
+    x = torch.randn(3, 9, 16)
+    sae.sparse_decode = True
+    a_sparse, c = sae(x)
+    assert 0 < (c != 0).sum(-1).max() < 512 // 16
+    g_sparse = torch.autograd.grad(a_sparse.square().sum(), [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    sae.sparse_decode = False
+    a_dense, _ = sae(x)
+    g_dense = torch.autograd.grad(a_dense.square().sum(), [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    torch.testing.assert_close(a_sparse, a_dense, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_sparse, g_dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    sae.sparse_decode = None  # automatic: this L0 is below the crossover
+    torch.testing.assert_close(sae(x)[0], a_dense, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import torch
 
 from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
-from e2edict.losses import next_token_ce
+from e2edict.losses import kl_loss, next_token_ce
 from e2edict.saes.base import SAE, eval_mode
 from e2edict.splice import LossWeights, splice_forward
 
@@ -106,9 +106,7 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
         ce_clean += next_token_ce(out.logits_clean[:keep], x).sum().item()
         ce_spliced += next_token_ce(out.logits_spliced[:keep], x).sum().item()
         n_pred += x[:, 1:].numel()
-        lpc = torch.log_softmax(out.logits_clean[:keep].float(), -1)
-        lps = torch.log_softmax(out.logits_spliced[:keep].float(), -1)
-        kl += (lpc.exp() * (lpc - lps)).sum().item()
+        kl += kl_loss(out.logits_clean[:keep], out.logits_spliced[:keep]).item() * x.numel()
         n_tok += x.numel()
         ratio_n += keep
         for h in saes:

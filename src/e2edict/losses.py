@@ -28,12 +28,45 @@ def mse_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x_hat, x, reduction="mean")
 
 
+KL_CHUNK_TOKENS = 1024
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Mean forward KL over tokens, computed ``KL_CHUNK_TOKENS`` rows of [tokens, vocab] at a time.
+
+    Nothing of size tokens x vocab is kept for backward: the gradient with respect to the spliced
+    logits, ``(softmax(spliced) - softmax(clean)) / n_tokens``, is recomputed chunk by chunk from
+    the logits themselves, which exist anyway."""
+
+    @staticmethod
+    def forward(ctx, clean: torch.Tensor, spliced: torch.Tensor) -> torch.Tensor:
+        c2, s2 = clean.reshape(-1, clean.shape[-1]), spliced.reshape(-1, spliced.shape[-1])
+        dtype = torch.promote_types(spliced.dtype, torch.float32)  # at least fp32, also under bf16
+        total = torch.zeros((), dtype=torch.float64, device=spliced.device)
+        for i in range(0, len(c2), KL_CHUNK_TOKENS):
+            lc = F.log_softmax(c2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
+            ls = F.log_softmax(s2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
+            total += (lc.exp() * (lc - ls)).sum().double()
+        ctx.save_for_backward(clean, spliced)
+        return (total / len(c2)).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        clean, spliced = ctx.saved_tensors
+        c2, s2 = clean.reshape(-1, clean.shape[-1]), spliced.reshape(-1, spliced.shape[-1])
+        out = torch.empty_like(s2)
+        scale = grad / len(c2)
+        dtype = torch.promote_types(spliced.dtype, torch.float32)
+        for i in range(0, len(c2), KL_CHUNK_TOKENS):
+            pc = F.softmax(c2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
+            ps = F.softmax(s2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
+            out[i : i + KL_CHUNK_TOKENS] = ((ps - pc) * scale).to(out.dtype)
+        return None, out.view_as(spliced)
+
+
 def kl_loss(logits_clean: torch.Tensor, logits_spliced: torch.Tensor) -> torch.Tensor:
-    """Forward KL(p_clean || p_spliced) in nats, averaged over tokens."""
-    logp_clean = F.log_softmax(logits_clean.float(), dim=-1)
-    logp_spliced = F.log_softmax(logits_spliced.float(), dim=-1)
-    per_token = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
-    return per_token.mean()
+    """Forward KL(p_clean || p_spliced) in nats, averaged over tokens (no gradient to the clean side)."""
+    return _ChunkedKL.apply(logits_clean.detach(), logits_spliced)
 
 
 def downstream_loss(spliced: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], total_coeff: float) -> torch.Tensor:
@@ -43,6 +76,13 @@ def downstream_loss(spliced: dict[str, torch.Tensor], clean: dict[str, torch.Ten
 
 
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-sequence-position cross-entropy (nats) of predicting ``tokens[:, 1:]``; shape [B, T-1]."""
-    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    """Per-position cross-entropy (nats) of predicting ``tokens[:, 1:]``; shape [B, T-1].
+    Computed a few sequences at a time, so no second [B, T, vocab] tensor is made."""
+    rows = max(1, KL_CHUNK_TOKENS // max(1, logits.shape[1]))
+    out = []
+    for i in range(0, len(logits), rows):
+        lg, tk = logits[i : i + rows, :-1], tokens[i : i + rows, 1:]
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).to(torch.promote_types(lg.dtype, torch.float32)),
+                             tk.reshape(-1), reduction="none")
+        out.append(ce.view(tk.shape))
+    return torch.cat(out)

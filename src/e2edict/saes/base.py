@@ -29,6 +29,10 @@ SAELENS_VERSION = "6.0.0"
 
 registry: dict[str, type[SAE]] = {}
 
+# Decode by gathering the active directions when at most this fraction of latents is active in
+# any token (the crossover measured by benchmarks/sparse_decode.py).
+SPARSE_DECODE_FRACTION = 1 / 16
+
 
 class SAE(nn.Module, ABC):
     """An SAE at one hook point: ``forward(a) -> (a_hat, c)``."""
@@ -60,6 +64,17 @@ class SAE(nn.Module, ABC):
             nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
         bound = 1 / math.sqrt(self.d_sae)
         self.b_dec = nn.Parameter(torch.empty(self.d_in).uniform_(-bound, bound))
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``sum_i vals_i D[idx_i] + b_dec`` without touching the inactive directions."""
+        shape = vals.shape[:-1]
+        out = torch.nn.functional.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]),
+            self.normalized_decoder(),
+            per_sample_weights=vals.reshape(-1, vals.shape[-1]),
+            mode="sum",
+        )
+        return out.view(*shape, self.d_in) + self.b_dec
 
     def normalized_decoder(self) -> torch.Tensor:
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)

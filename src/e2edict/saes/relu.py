@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SAE, check_tensor, decoder_norms
+from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, check_tensor, decoder_norms
 
 
 class ReLUSAE(SAE):
@@ -25,6 +25,7 @@ class ReLUSAE(SAE):
     ):
         super().__init__(d_in, d_sae, hook_name)
         self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.sparse_decode: bool | None = None  # None: gather-decode when codes are sparse enough
         # Kaiming-uniform encoder and biases, as torch's nn.Linear initialises them.
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         nn.init.kaiming_uniform_(self.W_enc.T, a=math.sqrt(5))
@@ -39,6 +40,16 @@ class ReLUSAE(SAE):
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.encode(x)
+        if self.sparse_decode is not False:
+            flat = c.reshape(-1, self.d_sae)
+            l0_max = int((flat != 0).sum(-1).max()) if flat.numel() else 0
+            if self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION:
+                vals, idx = flat.topk(max(1, l0_max), dim=-1, sorted=False)  # every active latent, then zeros
+                return self.decode_sparse(vals, idx).view_as(x), c
+        return self.decode(c), c
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.normalized_decoder(), "b_dec": self.b_dec}

@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
 from e2edict.saes.relu import ReLUSAE
-
-SPARSE_DECODE_FRACTION = 1 / 16  # gather-decode when k / d_sae is below this (see benchmarks/)
 
 
 class TopKSAE(ReLUSAE):
@@ -100,17 +98,6 @@ class TopKSAE(ReLUSAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._topk(x)[0]
-
-    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``sum_i vals_i D[idx_i] + b_dec`` without touching the inactive directions."""
-        shape = vals.shape[:-1]
-        out = F.embedding_bag(
-            idx.reshape(-1, idx.shape[-1]),
-            self.normalized_decoder(),
-            per_sample_weights=vals.reshape(-1, vals.shape[-1]),
-            mode="sum",
-        )
-        return out.view(*shape, self.d_in) + self.b_dec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, vals, idx = self._topk(x)
