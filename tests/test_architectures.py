@@ -18,14 +18,19 @@ def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():
     sae = TopKSAE(16, 256, k=5, sparse_decode=True)
     with torch.no_grad():
         sae.b_enc.add_(10.0)  # every pre-activation positive, so ReLU removes none of the top k
-    x = torch.randn(3, 7, 16)
+    x = torch.randn(3, 7, 16, requires_grad=True)
     x_hat, c = sae(x)
     assert ((c != 0).sum(-1) == 5).all()
     pre = x @ sae.W_enc + sae.b_enc
     assert torch.equal(c != 0, pre >= pre.topk(5, dim=-1).values[..., -1:])
-    torch.testing.assert_close(x_hat, sae.decode(c), atol=1e-5, rtol=1e-5)
-    g_sparse = torch.autograd.grad(x_hat.square().sum(), [sae.W_dec, sae.W_enc])
-    g_dense = torch.autograd.grad(sae.decode(sae.encode(x)).square().sum(), [sae.W_dec, sae.W_enc])
+    # a dense reference written out here: dense pre-activations, top-k, dense decode
+    vals, idx = pre.topk(5, dim=-1)
+    c_ref = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    x_ref = c_ref @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)) + sae.b_dec
+    torch.testing.assert_close(x_hat, x_ref, atol=1e-5, rtol=1e-5)
+    params = [x, sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec]
+    g_sparse = torch.autograd.grad(x_hat.square().sum() + c.sum(), params)  # sparse decode and sparse encoder backward
+    g_dense = torch.autograd.grad(x_ref.square().sum() + c_ref.sum(), params)
     for a, b in zip(g_sparse, g_dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 

@@ -82,7 +82,8 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     out = []
     for i in range(0, len(logits), rows):
         lg, tk = logits[i : i + rows, :-1], tokens[i : i + rows, 1:]
-        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).to(torch.promote_types(lg.dtype, torch.float32)),
-                             tk.reshape(-1), reduction="none")
+        ce = F.cross_entropy(
+            lg.reshape(-1, lg.shape[-1]).to(torch.promote_types(lg.dtype, torch.float32)), tk.reshape(-1), reduction="none"
+        )
         out.append(ce.view(tk.shape))
     return torch.cat(out)

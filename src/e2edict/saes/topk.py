@@ -19,6 +19,39 @@ from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
 from e2edict.saes.relu import ReLUSAE
 
 
+class _SparseTopKEncode(torch.autograd.Function):
+    """``ReLU(topk(x W + b))`` whose backward touches only the k selected latents per token.
+
+    Autograd's backward of the dense pre-activation ``x W + b`` costs a full ``[d_in, tokens] @
+    [tokens, d_sae]`` product although only k entries per token carry gradient; here the weight
+    gradient is k ``index_add`` updates and the input gradient a gather (``embedding_bag``).
+    Nothing of size tokens x d_sae is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int):
+        vals, idx = (x @ W + b).topk(k, dim=-1, sorted=False)
+        vals = torch.relu(vals)
+        ctx.save_for_backward(x, W, idx, vals)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
+        x, W, idx, vals = ctx.saved_tensors
+        g = grad_vals * (vals > 0)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W.T, per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            rows = torch.zeros(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
+            for j in range(idx.shape[1]):
+                rows.index_add_(0, idx[:, j], g[:, j, None] * x)
+            grad_W = rows.T
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, idx.flatten(), g.flatten())
+        return grad_x, grad_W, grad_b, None
+
+
 class TopKSAE(ReLUSAE):
     architecture = "topk"
     saelens_architecture = "topk"
@@ -91,6 +124,12 @@ class TopKSAE(ReLUSAE):
         return x @ self.W_enc + self.b_enc
 
     def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.sparse_decode and torch.is_grad_enabled():
+            xin = x - self.b_dec if self.apply_b_dec_to_input else x
+            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.k)
+            vals, idx = vals.view(*x.shape[:-1], self.k), idx.view(*x.shape[:-1], self.k)
+            c = torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+            return c, vals, idx
         pre = self.pre_activations(x)
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         vals = torch.relu(vals)

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""One training step of e2edict against a naive reference, side by side, on this machine.
+
+For each case it reports tokens/s, peak memory of the step, FLOPs counted with
+`torch.utils.flop_counter` and the achieved fraction of this machine's measured matmul peak,
+for e2edict's step ("ours") and for a naive step that does what the reference implementation
+does: two full forward passes (clean, then spliced), a dense SAE, full log-softmax of both
+logits, then backward. Both start from the same SAE weights and tokens; their losses are shown
+side by side (equal to 1e-5 in fp32). Every case and mode runs in its own subprocess so that peak
+memory (max RSS above the level after loading) is its own.
+
+    python benchmarks/bench_step.py                 # every case
+    python benchmarks/bench_step.py --cases gpt2-topk --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CASES = {
+    # name: (model, hook, architecture, preset, dict_ratio, k, batch, n_ctx, target L0)
+    "tiny-local": ("tiny", "blocks.2.hook_resid_pre", "relu", "local", 16, None, 16, 128, None),
+    "tiny-e2e": ("tiny", "blocks.2.hook_resid_pre", "relu", "e2e", 16, None, 16, 128, None),
+    "tiny-e2e+ds": ("tiny", "blocks.2.hook_resid_pre", "relu", "e2e+ds", 16, None, 16, 128, None),
+    "gpt2-topk": ("gpt2-shape", "blocks.6.hook_resid_pre", "topk", "e2e", 60, 32, 4, 64, None),
+    "gpt2-relu": ("gpt2-shape", "blocks.6.hook_resid_pre", "relu", "e2e", 60, None, 4, 64, 50),
+    "gpt2-local-topk": ("gpt2-shape", "blocks.6.hook_resid_pre", "topk", "local", 60, 32, 4, 64, None),
+    "gpt2-local-relu": ("gpt2-shape", "blocks.6.hook_resid_pre", "relu", "local", 60, None, 4, 64, 50),
+}
+
+
+def build_model(name: str, n_ctx: int):
+    if name == "tiny":
+        import e2edict
+
+        return e2edict.load_model("tiny")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        d_vocab=50257,
+        n_ctx=n_ctx,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def naive_step(model, sae, hook, tokens, lam, preset, ds_hooks):
+    """The reference algorithm: full clean pass, full spliced pass, dense SAE, full log-softmax."""
+    clean_acts: dict = {}
+    with torch.no_grad():
+        logits_clean = model.run_with_hooks(
+            tokens, fwd_hooks=[(h, lambda a, hook: clean_acts.__setitem__(hook.name, a)) for h in ds_hooks + [hook]]
+        )
+    store: dict = {}
+    spliced_acts: dict = {}
+
+    def splice(act, hook):
+        c = torch.relu(act @ sae.W_enc + sae.b_enc) if sae.architecture == "relu" else sae.encode(act)
+        out = c @ sae.normalized_decoder() + sae.b_dec  # dense decode
+        store.update(a=act, out=out, c=c)
+        return out
+
+    if preset == "local":
+        splice(clean_acts[hook], None)
+        loss = ((store["out"] - store["a"]) ** 2).mean()
+    else:
+        hooks = [(hook, splice)] + [(h, lambda a, hook: spliced_acts.__setitem__(hook.name, a)) for h in ds_hooks]
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        lp_clean = F.log_softmax(logits_clean, -1)
+        lp_spliced = F.log_softmax(logits, -1)
+        kl = (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean()
+        loss = kl if preset == "e2e" else 0.5 * kl
+        if preset == "e2e+ds":
+            loss = loss + 2.5 / len(ds_hooks) * sum(((spliced_acts[h] - clean_acts[h]) ** 2).mean() for h in ds_hooks)
+    c = store["c"]
+    return loss + lam * c.norm(p=1, dim=-1).mean() / sae.d_in
+
+
+def worker(spec: dict) -> dict:
+    from e2edict.backbones import TLBackbone
+    from e2edict.losses import PRESETS
+    from e2edict.saes import registry
+    from e2edict.splice import LossWeights, splice_forward
+
+    torch.set_num_threads(spec["threads"])
+    model_name, hook, arch, preset, ratio, k, batch, n_ctx, target_l0 = CASES[spec["case"]]
+    model = build_model(model_name, n_ctx)
+    bb = TLBackbone(model, model_name)
+    d_in = bb.hook_shapes()[hook][0]
+    torch.manual_seed(0)
+    kw = {"k": k} if k else {}
+    sae = registry[arch](d_in, ratio * d_in, hook, **kw)
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
+    if target_l0:  # a ReLU SAE at the L0 a trained one has, not the ~50% of a fresh one
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=hook)
+            pre = cache[hook] @ sae.W_enc + sae.b_enc
+            sae.b_enc -= torch.quantile(pre.flatten()[:: max(1, pre.numel() // 2_000_000)], 1 - target_l0 / sae.d_sae)
+    ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
+    table = PRESETS[preset]
+    w = LossWeights(
+        sparsity={hook: 1.0}, local=table["local"], kl=table["kl"], downstream=table["downstream"], downstream_positions=ds
+    )
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    if spec["mode"] == "naive":
+        sae.sparse_decode = False
+
+        def step():
+            loss = naive_step(model, sae, hook, tokens, 1.0, preset, ds)
+            loss.backward()
+            return loss
+    else:
+
+        def step():
+            out = splice_forward(bb, {hook: sae}, tokens, w)
+            out.loss.backward()
+            return out.loss
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad():
+        l0 = (sae.encode(model.run_with_cache(tokens, names_filter=hook)[1][hook]) != 0).sum(-1).float().mean().item()
+    # Adam's state (zero gradients leave the weights unchanged), so that it is not counted as the step's
+    for p in sae.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    # the step's memory: the high-water mark above the model, SAE, optimizer state and one set of gradients
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the loss at the starting weights, for the side-by-side check
+    sae_state = {n: t.clone() for n, t in sae.state_dict().items()}
+    loss0 = step().item()
+    opt.zero_grad(set_to_none=True)
+    sae.load_state_dict(sae_state)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(spec["reps"]):
+        t = time.perf_counter()
+        step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    best = min(times)
+    return {
+        "case": spec["case"],
+        "mode": spec["mode"],
+        "loss": loss0,
+        "l0": l0,
+        "step_s": best,
+        "tokens_per_s": batch * n_ctx / best,
+        "flops": flops,
+        "peak_mem_mb": (peak - base) / 1024,
+    }
+
+
+def matmul_peak(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    peak = matmul_peak(args.threads)
+    print(
+        f"machine: {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}, "
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    results = []
+    for case in args.cases:
+        for mode in ("naive", "ours"):
+            spec = json.dumps({"case": case, "mode": mode, "reps": args.reps, "threads": args.threads})
+            r = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{case}/{mode} failed:\n{r.stderr[-2000:]}")
+            results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    head = (
+        f"{'case':<16} {'mode':<6} {'tok/s':>8} {'speed-up':>8} {'peak MB':>8} {'mem ratio':>9} "
+        f"{'GFLOP':>7} {'of peak':>7} {'L0':>6} {'loss':>12}"
+    )
+    print(head)
+    print("-" * len(head))
+    by = {(r["case"], r["mode"]): r for r in results}
+    for r in results:
+        n = by[(r["case"], "naive")]
+        r["speedup_vs_naive"] = r["tokens_per_s"] / n["tokens_per_s"]
+        r["memory_vs_naive"] = r["peak_mem_mb"] / n["peak_mem_mb"] if n["peak_mem_mb"] > 0 else float("nan")
+        r["fraction_of_peak"] = r["flops"] / r["step_s"] / peak
+        print(
+            f"{r['case']:<16} {r['mode']:<6} {r['tokens_per_s']:>8.0f} {r['speedup_vs_naive']:>7.2f}x "
+            f"{r['peak_mem_mb']:>8.0f} {r['memory_vs_naive']:>9.2f} {r['flops'] / 1e9:>7.1f} "
+            f"{r['fraction_of_peak']:>7.1%} {r['l0']:>6.1f} {r['loss']:>12.7f}"
+        )
+    for case in args.cases:
+        a, b = by[(case, "naive")]["loss"], by[(case, "ours")]["loss"]
+        flag = "ok" if abs(a - b) <= 1e-5 * max(1.0, abs(a)) else "MISMATCH"
+        print(f"loss check {case}: naive {a:.7f} ours {b:.7f} ({flag})")
+    pairs = [("gpt2-local-topk", "gpt2-topk"), ("gpt2-local-relu", "gpt2-relu"), ("tiny-local", "tiny-e2e")]
+    for loc, e2e in pairs:
+        if (loc, "ours") in by and (e2e, "ours") in by:
+            print(
+                f"local vs e2e step ({loc} / {e2e}, ours): "
+                f"{by[(loc, 'ours')]['tokens_per_s'] / by[(e2e, 'ours')]['tokens_per_s']:.2f}x"
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"matmul_peak_flops": peak, "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
