@@ -43,11 +43,11 @@ def main() -> None:
         c, vals, idx = sae._topk(x)
         c, vals = c.detach(), vals.detach()
 
-        def dense():
+        def dense(sae=sae, c=c):
             sae.zero_grad(set_to_none=True)
             sae.decode(c).square().sum().backward()
 
-        def gather():
+        def gather(sae=sae, vals=vals, idx=idx):
             sae.zero_grad(set_to_none=True)
             sae.decode_sparse(vals, idx).square().sum().backward()
 
