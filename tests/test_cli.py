@@ -98,7 +98,7 @@ def test_short_e2e_run_lowers_kl_and_round_trips(tmp_path, tiny_model):
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, small_gpt2_dir, overrides, fragment):
-    np.save(tmp_path / "short.npy", np.arange(20, dtype=np.int32))
+    np.save(tmp_path / "short.npy", np.arange(100, dtype=np.int32))  # 3 sequences of 32
     overrides = [o.replace("NPY", str(tmp_path / "short.npy")) for o in overrides]
     out = tmp_path / "run"
     r = run_cli(
