@@ -144,3 +144,17 @@ def test_prefix_runs_without_graph(small_backbone):
     assert not out.inputs[h].requires_grad  # the SAE input came from the no-graph prefix
     assert out.logits_clean is not None and not out.logits_clean.requires_grad
     assert out.logits_spliced.requires_grad
+
+
+def test_bf16_autocast_step_keeps_fp32_master_weights(small_backbone):
+    h = "blocks.1.hook_resid_pre"
+    saes = make_saes(small_backbone, [h])
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(2))
+    w = LossWeights(sparsity={h: 1.0}, kl=1.0)
+    ref = splice_forward(small_backbone, saes, tokens, w).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = splice_forward(small_backbone, saes, tokens, w)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and out.terms["kl"].dtype == torch.float32
+    assert out.loss.item() == pytest.approx(ref.item(), rel=0.05)  # bf16 forward, fp32 loss
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in saes[h].parameters())

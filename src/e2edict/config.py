@@ -121,6 +121,9 @@ class TrainConfig(_Strict):
     eval_every_tokens: int | None = Field(None, gt=0)
     checkpoint_every_tokens: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward, fp32 master weights")
+    tf32: bool = Field(True, description="allow TF32 matmuls on CUDA")
+    compile: bool = Field(False, description="torch.compile each SAE")
 
 
 class EvalConfig(_Strict):

@@ -140,6 +140,7 @@ def train(
     total_steps = t.tokens // tokens_per_step
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
+    autocast, step_saes = _speed_settings(cfg, saes)
     batches = BatchStream(setup.train_seqs, t.batch_size, cfg.seed)
     first_step = 0
     if resume:
@@ -169,7 +170,8 @@ def train(
             sums: dict[str, float] = {}
             for _ in range(t.grad_accum):
                 x = batches.next().to(cfg.model.device)
-                out = splice_forward(setup.backbone, saes, x, weights)
+                with autocast():
+                    out = splice_forward(setup.backbone, step_saes, x, weights)
                 (out.loss / t.grad_accum).backward()
                 for k, v in out.terms.items():
                     sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
@@ -257,6 +259,20 @@ def train(
         wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
         wandb_run.finish()
     return run_dir
+
+
+def _speed_settings(cfg: Config, saes: dict[str, SAE]):
+    """bf16 autocast (weights, optimizer state and losses stay fp32), TF32 on CUDA, optional compile."""
+    device_type = torch.device(cfg.model.device).type
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+    def autocast():
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+    step_saes = {h: torch.compile(s) for h, s in saes.items()} if cfg.train.compile else saes
+    return autocast, step_saes
 
 
 def _non_finite(run_dir: Path, what: str, step: int) -> None:
