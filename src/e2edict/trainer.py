@@ -167,17 +167,17 @@ def train(
     start = time.perf_counter()
     try:
         for step in range(first_step, total_steps):
-            sums: dict[str, float] = {}
+            acc: dict[str, torch.Tensor] = {}  # detached, read back once per step (one device sync)
             for _ in range(t.grad_accum):
                 x = batches.next().to(cfg.model.device)
                 with autocast():
                     out = splice_forward(setup.backbone, step_saes, x, weights)
                 (out.loss / t.grad_accum).backward()
-                for k, v in out.terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
-                sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / t.grad_accum
-                for h, c in out.codes.items():
-                    sums[f"l0/{h}"] = sums.get(f"l0/{h}", 0.0) + (c != 0).sum(-1).float().mean().item() / t.grad_accum
+                terms = {**out.terms, "loss": out.loss}
+                terms.update({f"l0/{h}": (c != 0).sum(-1).float().mean() for h, c in out.codes.items()})
+                for k, v in terms.items():
+                    acc[k] = acc.get(k, 0.0) + v.detach().float() / t.grad_accum
+            sums = dict(zip(acc, torch.stack(list(acc.values())).tolist(), strict=True))
             for k, v in sums.items():
                 if not math.isfinite(v):
                     _non_finite(run_dir, f"loss term {k!r}", step + 1)
@@ -194,7 +194,7 @@ def train(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            if not all(torch.isfinite(p).all() for p in params):
+            if not torch.stack([torch.isfinite(p).all() for p in params]).all().item():
                 _non_finite(run_dir, "SAE weights after the optimizer step", step + 1)
             tokens = (step + 1) * tokens_per_step
             bar.update(tokens_per_step)
