@@ -216,7 +216,7 @@ def test_warm_start_from_a_local_run(tmp_path, small_gpt2_dir, capsys):
 
 
 def test_batchtopk_evaluates_with_its_threshold(small_backbone):
-    from e2edict.evaluate import evaluate_backbone
+    from e2edict.evaluation import evaluate_backbone
 
     torch.manual_seed(0)
     sae = BatchTopKSAE(32, 128, "blocks.1.hook_resid_pre", k=4)

@@ -93,3 +93,16 @@ def _write(tmp_path):
     p = tmp_path / "ok.yaml"
     p.write_text("saes:\n  positions: [h]\n")
     return p
+
+
+def test_public_api_is_not_shadowed_by_submodules():
+    import importlib
+    import pkgutil
+
+    import e2edict
+
+    for mod in pkgutil.walk_packages(e2edict.__path__, "e2edict."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+    for name in ("load_model", "load_saes", "evaluate", "train", "load_config"):
+        assert callable(getattr(e2edict, name)), name

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2edict.evaluate import evaluate_backbone
+from e2edict.evaluation import evaluate_backbone
 from e2edict.saes import ReLUSAE
 
 HOOK = "blocks.1.hook_resid_pre"

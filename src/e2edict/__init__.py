@@ -1,7 +1,7 @@
 """e2edict: end-to-end sparse dictionary learning.
 
 The data flow, one module a step: `config` -> `backbones` (model) + `saes` -> `data` ->
-`splice` (the shared-prefix forward) and `losses` -> `train` -> run directory -> `evaluate`.
+`splice` (the shared-prefix forward) and `losses` -> `trainer` -> run directory -> `evaluation`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def evaluate(model, saes: dict[str, Any], tokens, batch_size: int = 16, alive_to
     import torch
 
     from e2edict.backbones import TLBackbone
-    from e2edict.evaluate import evaluate_backbone
+    from e2edict.evaluation import evaluate_backbone
 
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:

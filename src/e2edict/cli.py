@@ -44,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from e2edict.evaluate import evaluate_backbone
+    from e2edict.evaluation import evaluate_backbone
     from e2edict.run import load_run_dir
     from e2edict.trainer import write_eval, write_sparsity
 
@@ -99,7 +99,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
 
     from e2edict.analysis.report import write_report
-    from e2edict.evaluate import evaluate_backbone
+    from e2edict.evaluation import evaluate_backbone
     from e2edict.run import load_run_dir
     from e2edict.trainer import sae_folder, write_eval, write_sparsity
 

@@ -20,7 +20,7 @@ from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
 from e2edict.data import BatchStream
 from e2edict.errors import E2EDictError
-from e2edict.evaluate import evaluate_backbone, log10_density
+from e2edict.evaluation import evaluate_backbone, log10_density
 from e2edict.run import RunSetup, lr_factor, prepare_run_dir, setup_run
 from e2edict.saes import SAE, save_sae
 from e2edict.splice import LossWeights, splice_forward
