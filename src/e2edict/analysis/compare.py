@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from e2edict.analysis.runs import COLUMNS, Run, rows  # noqa: E402
 
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
+LINE_STYLES = ["-", "--", ":", "-."]  # runs of one type: one colour, a style each
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -86,14 +87,21 @@ def _layer_key(hook: str) -> tuple[int, int]:
 
 def _downstream_plot(runs: list[Run], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for r in runs:
+    for i, r in enumerate(runs):
         for hook, m in r.eval["saes"].items():
             ds = m.get("downstream_explained_variance") or {}
             if not ds:
                 continue
             hooks = sorted(ds, key=_layer_key)
             label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
-            ax.plot(range(len(hooks)), [ds[h] for h in hooks], marker="o", label=label, color=TYPE_COLORS.get(r.preset))
+            ax.plot(
+                range(len(hooks)),
+                [ds[h] for h in hooks],
+                marker="o",
+                label=label,
+                color=TYPE_COLORS.get(r.preset),
+                ls=LINE_STYLES[i % len(LINE_STYLES)],
+            )
             ax.set_xticks(
                 range(len(hooks)), [h.replace("blocks.", "").replace("hook_", "") for h in hooks], rotation=30, fontsize=7
             )
@@ -109,12 +117,19 @@ def _downstream_plot(runs: list[Run], path: Path) -> None:
 
 def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for r in runs:
+    for i, r in enumerate(runs):
         for hook, m in r.eval["saes"].items():
             by_pos = m.get("norm_ratio_by_position")
             if by_pos:
                 label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
-                ax.plot(range(len(by_pos)), by_pos, label=label, color=TYPE_COLORS.get(r.preset), lw=1)
+                ax.plot(
+                    range(len(by_pos)),
+                    by_pos,
+                    label=label,
+                    color=TYPE_COLORS.get(r.preset),
+                    lw=1,
+                    ls=LINE_STYLES[i % len(LINE_STYLES)],
+                )
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("position in sequence")
     ax.set_ylabel("‖SAE output‖ / ‖SAE input‖")
