@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"e2edict: {e}", file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     result = json.loads((run_dir / "eval.json").read_text())
     print(format_table({cfg.name: result}))
     print(f"run directory: {run_dir}")

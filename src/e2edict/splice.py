@@ -57,6 +57,15 @@ class SpliceOutput:
     spliced_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # downstream hooks, spliced run
 
 
+def unwrap(module: torch.nn.Module) -> SAE:
+    """The SAE inside a DistributedDataParallel or torch.compile wrapper (whose forward the step calls)."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if inner is None:
+            return module
+        module = inner
+
+
 def splice_forward(
     backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights, full: bool = False
 ) -> SpliceOutput:
@@ -116,12 +125,13 @@ def splice_forward(
     terms: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=tokens.device)
     for h in positions:
-        terms[f"sparsity/{h}"] = saes[h].sparsity_loss(inputs[h], codes[h], weights.p)
+        core = unwrap(saes[h])
+        terms[f"sparsity/{h}"] = core.sparsity_loss(inputs[h], codes[h], weights.p)
         total = total + weights.sparsity[h] * terms[f"sparsity/{h}"]
         if weights.local > 0 or full:
             terms[f"local/{h}"] = mse_loss(recons[h], inputs[h])
             total = total + weights.local * terms[f"local/{h}"]
-            aux = saes[h].aux_loss(inputs[h], recons[h], codes[h]) if weights.local > 0 else None
+            aux = core.aux_loss(inputs[h], recons[h], codes[h]) if weights.local > 0 else None
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 terms[f"aux/{h}"] = aux
                 total = total + weights.local * aux

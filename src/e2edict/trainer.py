@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
 from e2edict.data import BatchStream
+from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_backbone, log10_density
 from e2edict.run import RunSetup, lr_factor, prepare_run_dir, setup_run
@@ -121,14 +123,43 @@ def train(
     """Train the SAEs of ``cfg``; return the run directory (``out`` or ``out/runs/<name>``).
 
     With ``resume``, ``out`` is an existing run directory: training continues from its newest
-    intact checkpoint (or from the start if it has none) and ends exactly as an uninterrupted run."""
-    setup = setup_run(cfg)  # every check before anything is written
+    intact checkpoint (or from the start if it has none) and ends exactly as an uninterrupted run.
+    Under torchrun every rank calls this; see `e2edict.distributed`."""
+    ctx = init_distributed(cfg.model.device, cfg.train.dist_backend, cfg.train.dist_timeout_s)
+    try:
+        return _train(cfg, ctx, out, overwrite, progress, resume)
+    finally:
+        close_distributed(ctx)
+
+
+def _on_main(ctx: DistContext, fn) -> None:
+    """Run ``fn`` on rank 0; if it fails there, every rank fails (nobody waits forever)."""
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on rank 0 as itself
+            error = e
+    if ctx.broadcast_flag(error is not None):
+        raise error if error is not None else E2EDictError("rank 0 failed to prepare the run; see its message")
+
+
+def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, resume: bool) -> Path:
+    config_text = dump_config(cfg)
+    if ctx.enabled and ctx.device != cfg.model.device:
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.device = ctx.device  # cuda:LOCAL_RANK
+    setup = setup_run(cfg)  # every check before anything is written (the same on every rank)
     if cfg.wandb.project:
         _import_wandb()
     run_dir = Path(out) if out is not None else Path("out") / "runs" / cfg.name
     if not resume:
-        prepare_run_dir(run_dir, overwrite)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+        def prepare() -> None:
+            prepare_run_dir(run_dir, overwrite)
+            (run_dir / "config.yaml").write_text(config_text)
+
+        _on_main(ctx, prepare)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
     saes = setup.build_saes()
@@ -136,22 +167,32 @@ def train(
     params = [p for s in saes.values() for p in s.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx * ctx.world
     total_steps = t.tokens // tokens_per_step
+    if total_steps == 0:
+        raise E2EDictError(f"train.tokens={t.tokens} is less than one step of {tokens_per_step} tokens over {ctx.world} ranks")
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
-    autocast, step_saes = _speed_settings(cfg, saes)
-    batches = BatchStream(setup.train_seqs, t.batch_size, cfg.seed)
+    autocast, step_saes = _speed_settings(cfg, saes, ctx)
+    # one global batch per micro-step, sliced by rank: 2 ranks x b sequences see what 1 rank x 2b does
+    batches = BatchStream(setup.train_seqs, t.batch_size * ctx.world, cfg.seed)
+    mine = slice(ctx.rank * t.batch_size, (ctx.rank + 1) * t.batch_size)
     first_step = 0
     if resume:
-        found = latest_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr))
+        found = latest_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr) if ctx.is_main else None)
         if found is not None:
+            world = found[1][0].get("world_size", 1)
+            if world != ctx.world:
+                raise E2EDictError(f"the checkpoint was written by {world} ranks; resume it with {world}, not {ctx.world}")
             doc = restore(found[1], saes, opt, sched)
             batches.load_state(doc["data"])
             first_step = doc["step"]
-            print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
-        _truncate_metrics(run_dir / "metrics.jsonl", first_step)
-    wandb_run = _wandb(cfg, run_dir)
+            if ctx.is_main:
+                print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
+        if ctx.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", first_step)
+        ctx.barrier()
+    wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
 
     stop_signal: list[int] = []
     old_handlers = _install_signal_handlers(stop_signal)
@@ -160,7 +201,7 @@ def train(
         initial=first_step * tokens_per_step,
         unit="tok",
         unit_scale=True,
-        disable=not progress,
+        disable=not progress or not ctx.is_main,
         desc=cfg.name,
         dynamic_ncols=True,
     )
@@ -168,16 +209,21 @@ def train(
     try:
         for step in range(first_step, total_steps):
             acc: dict[str, torch.Tensor] = {}  # detached, read back once per step (one device sync)
-            for _ in range(t.grad_accum):
-                x = batches.next().to(cfg.model.device)
-                with autocast():
-                    out = splice_forward(setup.backbone, step_saes, x, weights)
-                (out.loss / t.grad_accum).backward()
+            for micro in range(t.grad_accum):
+                x = batches.next()[mine].to(cfg.model.device)
+                with ExitStack() as no_sync:
+                    if ctx.enabled and micro < t.grad_accum - 1:  # DDP averages once, after the last micro-batch
+                        for m in step_saes.values():
+                            no_sync.enter_context(m.no_sync())
+                    with autocast():
+                        out = splice_forward(setup.backbone, step_saes, x, weights)
+                    (out.loss / t.grad_accum).backward()
                 terms = {**out.terms, "loss": out.loss}
                 terms.update({f"l0/{h}": (c != 0).sum(-1).float().mean() for h, c in out.codes.items()})
                 for k, v in terms.items():
                     acc[k] = acc.get(k, 0.0) + v.detach().float() / t.grad_accum
-            sums = dict(zip(acc, torch.stack(list(acc.values())).tolist(), strict=True))
+            values = ctx.mean(torch.stack(list(acc.values())))  # logged values: the mean over ranks
+            sums = dict(zip(acc, values.tolist(), strict=True))
             for k, v in sums.items():
                 if not math.isfinite(v):
                     _non_finite(run_dir, f"loss term {k!r}", step + 1)
@@ -198,7 +244,7 @@ def train(
                 _non_finite(run_dir, "SAE weights after the optimizer step", step + 1)
             tokens = (step + 1) * tokens_per_step
             bar.update(tokens_per_step)
-            if step % t.log_every == 0 or step == total_steps - 1:
+            if ctx.is_main and (step % t.log_every == 0 or step == total_steps - 1):
                 rate = (tokens - first_step * tokens_per_step) / (time.perf_counter() - start)
                 row = {
                     "step": step + 1,
@@ -217,22 +263,25 @@ def train(
                 if "kl" in sums:
                     post["KL"] = f"{sums['kl']:.4f}"
                 bar.set_postfix(post, refresh=False)
-            if _crossed(tokens, tokens_per_step, t.eval_every_tokens) and step < total_steps - 1:
+            if ctx.is_main and _crossed(tokens, tokens_per_step, t.eval_every_tokens) and step < total_steps - 1:
                 row = _eval_row(setup, saes, tokens, cfg.eval.during_training_tokens, step + 1)
                 metrics.write(row)
                 if wandb_run is not None:
                     wandb_run.log(row, step=step + 1)
-            if stop_signal or (_crossed(tokens, tokens_per_step, t.checkpoint_every_tokens) and step < total_steps - 1):
-                save_checkpoint(
-                    run_dir, step + 1, saes, opt, sched, {"tokens": tokens, "data": batches.state()}, keep=t.keep_checkpoints
-                )
-            if stop_signal:
-                raise Interrupted(
-                    f"stopped by signal {stop_signal[0]} at step {step + 1}; resume with: e2edict train --resume {run_dir}"
-                )
+            stopping = ctx.broadcast_flag(bool(stop_signal))
+            if ctx.is_main and (
+                stopping or (_crossed(tokens, tokens_per_step, t.checkpoint_every_tokens) and step < total_steps - 1)
+            ):
+                state = {"tokens": tokens, "data": batches.state(), "world_size": ctx.world}
+                save_checkpoint(run_dir, step + 1, saes, opt, sched, state, keep=t.keep_checkpoints)
+            if stopping:
+                ctx.barrier()  # the checkpoint is on disk before any rank leaves
+                raise Interrupted(f"stopped by a signal at step {step + 1}; resume with: e2edict train --resume {run_dir}")
     finally:
         bar.close()
         _restore_signal_handlers(old_handlers)
+    if not ctx.is_main:
+        return run_dir
     final_tokens = total_steps * tokens_per_step
     save_saes(run_dir, cfg, saes, final_tokens)
     densities: dict[str, torch.Tensor] = {}
@@ -261,8 +310,9 @@ def train(
     return run_dir
 
 
-def _speed_settings(cfg: Config, saes: dict[str, SAE]):
-    """bf16 autocast (weights, optimizer state and losses stay fp32), TF32 on CUDA, optional compile."""
+def _speed_settings(cfg: Config, saes: dict[str, SAE], ctx: DistContext):
+    """bf16 autocast (weights, optimizer state and losses stay fp32), TF32 on CUDA, DDP under
+    torchrun, optional compile. Returns the autocast factory and the SAEs the step calls."""
     device_type = torch.device(cfg.model.device).type
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
@@ -271,7 +321,14 @@ def _speed_settings(cfg: Config, saes: dict[str, SAE]):
     def autocast():
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
-    step_saes = {h: torch.compile(s) for h, s in saes.items()} if cfg.train.compile else saes
+    step_saes: dict = dict(saes)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [ctx.local_rank] if device_type == "cuda" else None
+        step_saes = {h: DistributedDataParallel(s, device_ids=ids) for h, s in step_saes.items()}
+    if cfg.train.compile:
+        step_saes = {h: torch.compile(s) for h, s in step_saes.items()}
     return autocast, step_saes
 
 

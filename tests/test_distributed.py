@@ -1,0 +1,147 @@
+"""torchrun with 2 processes on gloo: the same SAE as one process with twice the batch, exact
+resume under the same world size, and a failing rank ends the whole run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def overrides(model_dir, batch):
+    return [
+        f"model.name={model_dir}",
+        "data.n_ctx=32",
+        f"saes.positions=[{HOOK}]",
+        "saes.dict_ratio=4",
+        "train.tokens=8192",
+        f"train.batch_size={batch}",
+        "train.log_every=1",
+        "train.eval_every_tokens=null",
+        "train.warmup_tokens=1024",
+        "eval.tokens=1024",
+        "eval.alive_tokens=1024",
+        "train.dist_timeout_s=120",
+    ]
+
+
+def torchrun(*args, n=2):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "e2edict",
+        *map(str, args),
+    ]
+
+
+def single(*args):
+    return [sys.executable, "-m", "e2edict", *map(str, args)]
+
+
+def weights(run):
+    return load_file(str(run / "saes" / HOOK / "sae_weights.safetensors"))
+
+
+def train_steps(run):
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if json.loads(x)["split"] == "train"]
+
+
+@pytest.mark.parametrize("preset", ["e2e", "local"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir, preset):
+    cfg = ROOT / f"configs/tiny/{preset}.yaml"
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run(
+        single("train", cfg, *overrides(small_gpt2_dir, 8), "--out", one, "--quiet"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        torchrun("train", cfg, *overrides(small_gpt2_dir, 4), "--out", two, "--quiet"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(one), weights(two)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    assert train_steps(two) == train_steps(one) == list(range(1, 33))  # rank 0 alone logs
+    rows1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    # the logged loss is the mean over ranks, i.e. the loss of the whole global batch
+    assert rows2[0]["loss"] == pytest.approx(rows1[0]["loss"], rel=1e-5)
+    assert sorted(p.name for p in two.iterdir()) == ["config.yaml", "eval.json", "metrics.jsonl", "saes"]
+
+
+def test_resume_under_torchrun_and_world_size_check(tmp_path, small_gpt2_dir):
+    cfg = ROOT / "configs/tiny/e2e.yaml"
+    base = [*overrides(small_gpt2_dir, 4), "train.checkpoint_every_tokens=1024", "train.tokens=16384"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = subprocess.run(
+        torchrun("train", cfg, *base, "--out", ref, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(
+        torchrun("train", cfg, *base, "--out", run, "--quiet"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((run / "checkpoints").glob("step_*"))) < 2:
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for w in [proc, *workers]:  # a preemption kills every process at once
+        try:
+            w.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    assert not (run / "eval.json").exists()
+
+    r = subprocess.run(single("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "resume it with 2, not 1" in r.stderr
+    r = subprocess.run(torchrun("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(ref), weights(run)
+    for k in a:
+        assert a[k].equal(b[k]), k
+    assert train_steps(run) == train_steps(ref) == list(range(1, 65))
+
+
+def test_a_failing_rank_ends_the_whole_run(tmp_path, small_gpt2_dir):
+    cfg = ROOT / "configs/tiny/e2e.yaml"
+    run = tmp_path / "run"
+    base = [*overrides(small_gpt2_dir, 4), "train.tokens=400000", "train.dist_timeout_s=30"]
+    proc = subprocess.Popen(
+        torchrun("train", cfg, *base, "--out", run, "--quiet"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "e2edict" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)  # one rank dies mid-run
+    start = time.time()
+    rc = proc.wait(timeout=180)
+    assert rc != 0 and time.time() - start < 180
+    assert not (run / "eval.json").exists()
