@@ -77,23 +77,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs = load_runs(args.run_dirs)
     print(format_table({r.name: r.eval for r in runs}))
     if args.out:
-        from e2edict.analysis.compare import compare
-        from e2edict.analysis.geometry import geometry, write_geometry
-        from e2edict.trainer import sae_folder
+        from e2edict.analysis.compare import compare_with_geometry
 
-        out = Path(args.out)
-        written = compare(runs, out)
-        folders = {}
-        for r in runs:
-            for hook in r.eval["saes"]:
-                label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
-                folders[label] = sae_folder(r.path, hook)
-        missing = [str(f) for f in folders.values() if not f.is_dir()]
-        if missing:
-            raise E2EDictError(f"SAE folder(s) missing: {', '.join(missing)}")
-        geo_rows, dists = geometry(folders)
-        written.update(write_geometry(geo_rows, dists, out))
-        print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {out}")
+        written = compare_with_geometry(runs, Path(args.out))
+        print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {args.out}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from e2edict.sweep import run_sweep
+
+    dirs = run_sweep(args.sweep, dry_run=args.dry_run, progress=not args.quiet)
+    if not args.dry_run:
+        from e2edict.analysis.runs import load_runs
+
+        print(format_table({r.name: r.eval for r in load_runs(dirs)}))
     return 0
 
 
@@ -213,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", help="folder for the tables and plots")
     c.set_defaults(fn=_cmd_compare)
+
+    w = sub.add_parser(
+        "sweep",
+        help="run a grid of configs, then compare them",
+        description="Train every run of SWEEP.yaml that is not finished (resuming unfinished ones), "
+        "then write the comparison tables and plots.",
+    )
+    w.add_argument("sweep")
+    w.add_argument("--dry-run", action="store_true", help="list what would run")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(fn=_cmd_sweep)
 
     r = sub.add_parser(
         "report",

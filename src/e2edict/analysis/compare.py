@@ -158,3 +158,23 @@ def compare(runs: list[Run], out: Path) -> dict[str, Path]:
     written["downstream_ev.png"] = out / "downstream_ev.png"
     written["norm_ratio.png"] = out / "norm_ratio.png"
     return written
+
+
+def compare_with_geometry(runs: list[Run], out: Path) -> dict[str, Path]:
+    """`compare` plus the dictionary geometry of every SAE of the runs."""
+    from e2edict.analysis.geometry import geometry, write_geometry
+    from e2edict.errors import E2EDictError
+    from e2edict.trainer import sae_folder
+
+    written = compare(runs, out)
+    folders = {}
+    for r in runs:
+        for hook in r.eval["saes"]:
+            label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
+            folders[label] = sae_folder(r.path, hook)
+    missing = [str(f) for f in folders.values() if not f.is_dir()]
+    if missing:
+        raise E2EDictError(f"SAE folder(s) missing: {', '.join(missing)}")
+    geo_rows, dists = geometry(folders)
+    written.update(write_geometry(geo_rows, dists, out))
+    return written
