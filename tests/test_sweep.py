@@ -20,7 +20,7 @@ def test_expand_grid_and_runs():
         "runs": [{"name": "ft", "overrides": ["saes.init_from={run:x-l0.5-local}"]}],
     })
     runs = expand(sweep)
-    assert [n for n, _ in runs] == ["x-l0.5-local", "x-l2-local", "x-l0.5-e2e_ds", "x-l2-e2e_ds", "ft"]
+    assert [n for n, _ in runs] == ["x-l0.5-local", "x-l2-local", "x-l0.5-e2e+ds", "x-l2-e2e+ds", "ft"]
     assert runs[2][1] == ["loss.preset=e2e+ds", "loss.sparsity.coeff=0.5"]
     with pytest.raises(E2EDictError, match="repeat"):
         expand(SweepConfig.model_validate({"base": "b", "out": "o", "runs": [{"name": "a"}, {"name": "a"}]}))
