@@ -119,16 +119,17 @@ def test_saelens_computes_the_same_latents(tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated"])
 @pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
-def test_every_architecture_trains_with_every_preset(tmp_path, small_gpt2_dir, arch, preset, capsys):
+def test_every_architecture_trains_with_every_preset(tmp_path, arch, preset, capsys):
+    """Through the CLI on the embedded model."""
     out = tmp_path / "run"
     lam = 0.0 if arch in ("topk", "batchtopk") else 0.5
     rc = cli_main(
         [
             "train",
             str(ROOT / "configs/tiny/e2e.yaml"),
-            f"model.name={small_gpt2_dir}",
+            "model.name=tiny",
             "data.n_ctx=32",
-            "saes.positions=[blocks.1.hook_resid_pre]",
+            "saes.positions=[blocks.2.hook_resid_pre]",
             f"saes.architecture={arch}",
             "saes.k=8",
             "saes.dict_ratio=4",
@@ -149,15 +150,15 @@ def test_every_architecture_trains_with_every_preset(tmp_path, small_gpt2_dir, a
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6, 7, 8]
     if arch == "gated" and preset == "local":
-        assert "aux/blocks.1.hook_resid_pre" in rows[0]
-    m = json.loads((out / "eval.json").read_text())["saes"]["blocks.1.hook_resid_pre"]
+        assert "aux/blocks.2.hook_resid_pre" in rows[0]
+    m = json.loads((out / "eval.json").read_text())["saes"]["blocks.2.hook_resid_pre"]
     if arch == "topk":
         assert m["l0"] <= 8 + 1e-9
-    sae = e2edict.load_saes(out)["blocks.1.hook_resid_pre"]
+    sae = e2edict.load_saes(out)["blocks.2.hook_resid_pre"]
     assert type(sae).architecture == arch
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 128)
     sae.eval()
-    again = e2edict.load_saes(out)["blocks.1.hook_resid_pre"].eval()
+    again = e2edict.load_saes(out)["blocks.2.hook_resid_pre"].eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], sae(x)[0], atol=0, rtol=0)
 

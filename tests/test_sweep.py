@@ -13,12 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_expand_grid_and_runs():
-    sweep = SweepConfig.model_validate({
-        "base": "b.yaml", "out": "o",
-        "grid": [{"name": "x-l{loss.sparsity.coeff}-{loss.preset}",
-                  "values": {"loss.preset": ["local", "e2e+ds"], "loss.sparsity.coeff": [0.5, 2]}}],
-        "runs": [{"name": "ft", "overrides": ["saes.init_from={run:x-l0.5-local}"]}],
-    })
+    sweep = SweepConfig.model_validate(
+        {
+            "base": "b.yaml",
+            "out": "o",
+            "grid": [
+                {
+                    "name": "x-l{loss.sparsity.coeff}-{loss.preset}",
+                    "values": {"loss.preset": ["local", "e2e+ds"], "loss.sparsity.coeff": [0.5, 2]},
+                }
+            ],
+            "runs": [{"name": "ft", "overrides": ["saes.init_from={run:x-l0.5-local}"]}],
+        }
+    )
     runs = expand(sweep)
     assert [n for n, _ in runs] == ["x-l0.5-local", "x-l2-local", "x-l0.5-e2e+ds", "x-l2-e2e+ds", "ft"]
     assert runs[2][1] == ["loss.preset=e2e+ds", "loss.sparsity.coeff=0.5"]
@@ -48,13 +55,18 @@ runs:
     assert out.count("training ->") == 3
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["e2e-ft", "local-l0.5", "local-l2"]
-    assert json.loads((runs / "e2e-ft/saes/blocks.1.hook_resid_pre/cfg.json").read_text())["metadata"][
-        "e2edict_loss_preset"] == "e2e"
+    assert (
+        json.loads((runs / "e2e-ft/saes/blocks.1.hook_resid_pre/cfg.json").read_text())["metadata"]["e2edict_loss_preset"]
+        == "e2e"
+    )
     for f in ("runs.csv", "runs.md", "l0_vs_ce.png", "geometry.md"):
         assert (tmp_path / "results" / f).is_file()
     table = {r["run"]: r for r in _csv(tmp_path / "results/runs.csv")}
     assert {n: (r["type"], r["lambda"]) for n, r in table.items()} == {
-        "local-l0.5": ("local", "0.5"), "local-l2": ("local", "2.0"), "e2e-ft": ("e2e", "1.0")}
+        "local-l0.5": ("local", "0.5"),
+        "local-l2": ("local", "2.0"),
+        "e2e-ft": ("e2e", "1.0"),
+    }
 
     # an interrupted run (config.yaml, no eval.json) is resumed; finished ones are skipped
     (runs / "local-l2" / "eval.json").unlink()
