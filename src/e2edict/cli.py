@@ -138,6 +138,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from e2edict.saes.import_e2e import convert
+
+    for hook, folder in convert(args.checkpoint, args.config, args.out).items():
+        print(f"{hook} -> {folder}")
+    return 0
+
+
 def _cmd_hooks(args: argparse.Namespace) -> int:
     from e2edict.backbones import TLBackbone, load_hooked_transformer
 
@@ -211,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", help="folder for the tables and plots")
     c.set_defaults(fn=_cmd_compare)
+
+    im = sub.add_parser(
+        "import-e2e-sae",
+        help="convert a checkpoint of the reference e2e_sae code to SAELens-layout folders",
+        description="Convert the reference implementation's samples_N.pt (tensors only, loaded with "
+        "weights_only) and final_config.yaml into one SAELens-layout folder per SAE position.",
+    )
+    im.add_argument("checkpoint")
+    im.add_argument("config")
+    im.add_argument("--out", required=True)
+    im.set_defaults(fn=_cmd_import)
 
     w = sub.add_parser(
         "sweep",
