@@ -11,7 +11,9 @@ from e2edict.config import config_from_dict, load_config
 from e2edict.errors import E2EDictError
 from e2edict.saes import ReLUSAE, load_sae, save_sae
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12))
 values = st.recursive(
@@ -115,3 +117,23 @@ def test_sae_width_must_match_the_model(tmp_path, small_backbone):
         small_backbone.check_saes(saes)
     with pytest.raises(E2EDictError, match="unknown hook name"):
         small_backbone.check_saes({"blocks.7.hook_nothing": ReLUSAE(32, 32)})
+
+
+def test_boolean_sizes_are_rejected(tmp_path, saved):
+    weights, cfg = saved
+    doc = {**json.loads(cfg), "d_in": True}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sae_weights.safetensors").write_bytes(weights)
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(doc))
+    with pytest.raises(E2EDictError, match="d_in must be a positive integer"):
+        load_sae(tmp_path / "s")
+
+
+def test_huge_sizes_in_cfg_fail_before_allocating(tmp_path, saved):
+    weights, cfg = saved
+    doc = {**json.loads(cfg), "d_in": 10**6, "d_sae": 10**6}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sae_weights.safetensors").write_bytes(weights)
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(doc))
+    with pytest.raises(E2EDictError, match="W_dec"):
+        load_sae(tmp_path / "s")

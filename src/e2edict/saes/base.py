@@ -209,10 +209,12 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if arch not in registry:
         raise E2EDictError(f"{str(cfg_path)!r}: SAE architecture {cfg.get('architecture')!r} is not supported")
     for key in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise E2EDictError(f"{str(cfg_path)!r}: {key} must be a positive integer, got {cfg.get(key)!r}")
     if cfg.get("normalize_activations", "none") != "none":
         raise E2EDictError(f"{str(cfg_path)!r}: normalize_activations={cfg['normalize_activations']!r} is not supported")
+    # the sizes must match the file before anything of that size is allocated
+    check_tensor(tensors, "W_dec", (cfg["d_sae"], cfg["d_in"]))
     sae = registry[arch].from_saelens(tensors, cfg)
     sae.hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
     return sae.to(device)
