@@ -44,30 +44,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _evaluate_and_write(run, tokens: int | None = None, alive_tokens: int | None = None):
+    """Evaluate a loaded run on its eval data and write eval.json and sparsity.safetensors."""
     import torch
 
     from e2edict.evaluation import evaluate_backbone
-    from e2edict.run import load_run_dir
     from e2edict.trainer import write_eval, write_sparsity
 
-    run = load_run_dir(args.run_dir, args.data)
-    run_dir, cfg, backbone, saes, seqs = run.path, run.cfg, run.backbone, run.saes, run.eval_seqs
-    tokens = args.tokens or cfg.eval.tokens
+    cfg = run.cfg
     densities: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        result = evaluate_backbone(
-            backbone,
-            saes,
-            seqs,
-            tokens=tokens,
-            alive_tokens=args.alive_tokens or cfg.eval.alive_tokens,
-            batch_size=cfg.eval.batch_size,
-            densities=densities,
-        )
-    write_eval(run_dir, result)
-    write_sparsity(run_dir, densities)
-    print(format_table({cfg.name: result}))
+    result = evaluate_backbone(
+        run.backbone,
+        run.saes,
+        run.eval_seqs,
+        tokens=tokens or cfg.eval.tokens,
+        alive_tokens=alive_tokens or cfg.eval.alive_tokens,
+        batch_size=cfg.eval.batch_size,
+        densities=densities,
+    )
+    write_eval(run.path, result)
+    write_sparsity(run.path, densities)
+    return result, densities
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from e2edict.run import load_run_dir
+
+    run = load_run_dir(args.run_dir, args.data)
+    result, _ = _evaluate_and_write(run, args.tokens, args.alive_tokens)
+    print(format_table({run.cfg.name: result}))
     return 0
 
 
@@ -96,31 +101,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import load_file
 
     from e2edict.analysis.report import write_report
-    from e2edict.evaluation import evaluate_backbone
+    from e2edict.evaluation import density_from_log10
     from e2edict.run import load_run_dir
-    from e2edict.trainer import sae_folder, write_eval, write_sparsity
+    from e2edict.trainer import sae_folder
 
     run = load_run_dir(args.run_dir)
-    run_dir, cfg, backbone, saes, seqs = run.path, run.cfg, run.backbone, run.saes, run.eval_seqs
-    n_seq = max(1, -(-args.tokens // cfg.data.n_ctx))
-    seqs = seqs[:n_seq]
-    densities: dict[str, torch.Tensor] = {}
+    run_dir, cfg, backbone, saes = run.path, run.cfg, run.backbone, run.saes
     files = {h: sae_folder(run_dir, h) / "sparsity.safetensors" for h in saes}
-    eval_path = run_dir / "eval.json"
-    if eval_path.is_file() and all(f.is_file() for f in files.values()):
-        result = json.loads(eval_path.read_text())
-        for h, f in files.items():
-            densities[h] = (10 ** load_file(str(f))["sparsity"].double() - 1e-10).clamp_min(0)
-    else:
-        result = evaluate_backbone(
-            backbone, saes, seqs, alive_tokens=cfg.eval.alive_tokens, batch_size=cfg.eval.batch_size, densities=densities
-        )
-        write_eval(run_dir, result)
-        write_sparsity(run_dir, densities)
+    if (run_dir / "eval.json").is_file() and all(f.is_file() for f in files.values()):
+        result = json.loads((run_dir / "eval.json").read_text())
+        densities = {h: density_from_log10(load_file(str(f))["sparsity"]) for h, f in files.items()}
+    else:  # the same evaluation `e2edict eval` runs, written to the run directory
+        result, densities = _evaluate_and_write(run)
+    seqs = run.eval_seqs[: max(1, -(-args.tokens // cfg.data.n_ctx))]  # where to search for top contexts
     index = write_report(
         run_dir,
         backbone,

@@ -174,3 +174,8 @@ def _ce_with_hook(backbone: Backbone, x: torch.Tensor, hook: str, fn) -> float:
 def log10_density(density: torch.Tensor) -> torch.Tensor:
     """SAELens's feature-sparsity convention: log10 of the firing frequency, with 1e-10 added."""
     return torch.log10(density + 1e-10).float()
+
+
+def density_from_log10(log_density: torch.Tensor) -> torch.Tensor:
+    """The inverse of `log10_density` (a latent that never fired comes back as 0)."""
+    return (10 ** log_density.double() - 1e-10).clamp_min(0)

@@ -54,6 +54,16 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     return md, csv_path
 
 
+def _finish(fig, ax, path: Path, **legend) -> None:
+    """Grid, a legend when something is labelled, and the PNG."""
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _scatter_with_fronts(table: list[dict[str, Any]], xkey: str, xlabel: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for typ in sorted({r["type"] for r in table}):
@@ -72,12 +82,7 @@ def _scatter_with_fronts(table: list[dict[str, Any]], xkey: str, xlabel: str, pa
             )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("CE-loss increase (nats)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(title="SAE type")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title="SAE type")
 
 
 def _layer_key(hook: str) -> tuple[int, int]:
@@ -107,12 +112,7 @@ def _downstream_plot(runs: list[Run], path: Path) -> None:
             )
     ax.set_ylabel("downstream explained variance")
     ax.set_xlabel("later residual-stream hook")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, fontsize=7)
 
 
 def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
@@ -133,12 +133,7 @@ def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("position in sequence")
     ax.set_ylabel("‖SAE output‖ / ‖SAE input‖")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, fontsize=7)
 
 
 def compare(runs: list[Run], out: Path) -> dict[str, Path]:

@@ -92,7 +92,7 @@ class TopKSAE(ReLUSAE):
         )
 
     def _track_dead(self, c: torch.Tensor) -> None:
-        if self.training:
+        if self.training and self.auxk_coeff > 0:  # only AuxK reads the counts
             with torch.no_grad():
                 fired = (c.reshape(-1, self.d_sae) != 0).any(0)
                 self.tokens_since_fired.add_(c.numel() // self.d_sae)
