@@ -14,12 +14,14 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "evaluate", "load_config", "load_model", "load_saes", "train"]
 
 
-def load_model(name_or_path: str = "tiny", device: str = "cpu"):
-    """A frozen TransformerLens `HookedTransformer`: ``"tiny"`` (the embedded model), a folder
-    holding a GPT-2-architecture Hugging Face model, or a TransformerLens model name."""
-    from e2edict.backbones import load_hooked_transformer
+def load_model(name_or_path: str = "tiny", device: str = "cpu", backend: str = "transformer_lens"):
+    """A frozen model: ``"tiny"`` (the embedded model), a model folder, or a hub name.
 
-    return load_hooked_transformer(name_or_path, device=device)
+    ``backend="transformer_lens"`` gives a `HookedTransformer` (folders must hold a GPT-2-architecture
+    model); ``backend="huggingface"`` gives the ``transformers`` causal LM itself."""
+    from e2edict.run import open_backbone
+
+    return open_backbone(name_or_path, backend, device).model
 
 
 def load_saes(path: str | Path, device: str = "cpu") -> dict[str, Any]:
@@ -45,19 +47,21 @@ def load_saes(path: str | Path, device: str = "cpu") -> dict[str, Any]:
 
 
 def evaluate(model, saes: dict[str, Any], tokens, batch_size: int = 16, alive_tokens: int | None = None) -> dict[str, Any]:
-    """The metrics of method §5 (eval.json's shape) for ``saes`` spliced into ``model`` on
-    ``tokens`` ([N, n_ctx] token ids)."""
+    """The metrics of method §5 (eval.json's shape) for ``saes`` spliced into ``model`` (a
+    `HookedTransformer` or a ``transformers`` causal LM) on ``tokens`` ([N, n_ctx] token ids)."""
     import torch
 
-    from e2edict.backbones import TLBackbone
+    from e2edict.backbones import HFBackbone, TLBackbone
     from e2edict.evaluation import evaluate_backbone
 
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [N, n_ctx], got shape {tuple(tokens.shape)}")
-    return evaluate_backbone(
-        TLBackbone(model, model.cfg.model_name), saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens
-    )
+    if hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
+        backbone = TLBackbone(model, model.cfg.model_name)
+    else:  # a transformers causal LM: hooks by module path
+        backbone = HFBackbone(model, None, getattr(model.config, "name_or_path", type(model).__name__))
+    return evaluate_backbone(backbone, saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None):

@@ -70,7 +70,7 @@ def _evaluate_and_write(run, tokens: int | None = None, alive_tokens: int | None
 def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edict.run import load_run_dir
 
-    run = load_run_dir(args.run_dir, args.data)
+    run = load_run_dir(args.run_dir, args.data, max(args.tokens or 0, args.alive_tokens or 0) or None)
     result, _ = _evaluate_and_write(run, args.tokens, args.alive_tokens)
     print(format_table({run.cfg.name: result}))
     return 0
@@ -108,7 +108,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from e2edict.run import load_run_dir
     from e2edict.trainer import sae_folder
 
-    run = load_run_dir(args.run_dir)
+    run = load_run_dir(args.run_dir, tokens=args.tokens)
     run_dir, cfg, backbone, saes = run.path, run.cfg, run.backbone, run.saes
     files = {h: sae_folder(run_dir, h) / "sparsity.safetensors" for h in saes}
     if (run_dir / "eval.json").is_file() and all(f.is_file() for f in files.values()):
@@ -143,9 +143,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
-    from e2edict.backbones import TLBackbone, load_hooked_transformer
+    from e2edict.run import open_backbone
 
-    bb = TLBackbone(load_hooked_transformer(args.model), args.model)
+    bb = open_backbone(args.model, args.backend, trust_remote_code=args.trust_remote_code)
     for name, shape in bb.hook_shapes().items():
         print(f"{name}\t{shape[0]}")
     return 0
@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_cmd_report)
 
     h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")
-    h.add_argument("model", nargs="?", default="tiny")
+    h.add_argument("model", nargs="?", default="tiny", help="tiny, a model folder, or a hub name")
+    h.add_argument("--backend", choices=["transformer_lens", "huggingface"], default="transformer_lens")
+    h.add_argument("--trust-remote-code", action="store_true", help="huggingface: run the repository's own model code")
     h.set_defaults(fn=_cmd_hooks)
     return ap
 

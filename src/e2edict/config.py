@@ -26,16 +26,52 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     name: str = "tiny"
-    backend: Literal["transformer_lens"] = "transformer_lens"
+    backend: Literal["transformer_lens", "huggingface"] = Field(
+        "transformer_lens", description="transformer_lens: TransformerLens hook names; huggingface: module paths"
+    )
     process_weights: bool = Field(False, description="TransformerLens weight processing (fold_ln, centering) for hub names")
+    trust_remote_code: bool = Field(False, description="huggingface: run the model repository's own code (only if you trust it)")
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
 
 
+class DataSource(_Strict):
+    """A data source with options; a plain string ``path`` is the same with the defaults."""
+
+    path: str = Field(min_length=1, description="tiny, tiny-val, a file, a glob, a folder, or a Hugging Face dataset name")
+    split: str = Field("train", description="Hugging Face datasets: the split")
+    name: str | None = Field(None, description="Hugging Face datasets: the configuration name")
+    column: str | None = Field(None, description="the text or token column (null: input_ids if present, else text)")
+    streaming: bool = Field(False, description="read in order without loading it all (Hugging Face datasets, text files)")
+    max_tokens: int | None = Field(None, gt=0, description="read no more than this many tokens")
+
+
 class DataConfig(_Strict):
-    train: str = "tiny"
-    eval: str = "tiny-val"
+    train: str | DataSource = "tiny"
+    eval: str | DataSource = Field("tiny-val", description="a source, or 'holdout': the head of data.train, kept out of training")
+    holdout_tokens: int | None = Field(None, gt=0, description="eval: holdout; null: max(eval.tokens, eval.alive_tokens)")
     n_ctx: int = Field(128, ge=2)
+    packing: Literal["auto", "bos", "rows"] = Field("auto", description="bos: BOS + n_ctx-1 tokens of the stream; rows: one row each")
+    shuffle_buffer: int = Field(10_000, ge=1, description="streaming sources: sequences in the seeded shuffle buffer")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must name a data source")
+        return v
+
+    def same_source(self) -> bool:
+        """Whether train and eval name one source (same path, split and configuration)."""
+
+        def key(spec: str | DataSource) -> tuple:
+            s = DataSource(path=spec) if isinstance(spec, str) else spec
+            p = Path(s.path).expanduser()
+            return (str(p.resolve()) if p.exists() else s.path, s.split, s.name)
+
+        if self.eval == "holdout":
+            return False
+        return key(self.train) == key(self.eval)
 
 
 class SAEsConfig(_Strict):
@@ -168,6 +204,15 @@ class Config(_Strict):
                 raise ValueError(
                     f"loss.sparsity.coeff mapping must name exactly saes.positions (missing {missing}, extra {extra})"
                 )
+        d = self.data
+        if d.train == "holdout":
+            raise ValueError("data.train: 'holdout' names eval data only")
+        if d.eval == "holdout" and d.holdout_tokens is None:
+            d.holdout_tokens = max(self.eval.tokens, self.eval.alive_tokens)
+        if d.eval != "holdout" and d.holdout_tokens is not None:
+            raise ValueError("data.holdout_tokens applies only with data.eval: holdout")
+        if d.same_source():
+            raise ValueError("data.eval is the same source as data.train: use data.eval: holdout to keep them disjoint")
         ds = self.loss.downstream.positions or []
         clash = [h for h in ds if h in self.saes.positions]
         if clash:

@@ -1,21 +1,26 @@
-"""Token sources and batching: config names -> token streams -> [N, n_ctx] sequences -> batches.
+"""Token data for a run: sources (see `e2edict.sources`) -> [N, n_ctx] sequences -> batches.
 
-Every sequence is ``[BOS] + (n_ctx - 1)`` consecutive tokens of a stream, windows without overlap,
-so that the SAE sees the same layout the tiny model was trained on (``prepend_bos = True``).
-Training order is a seeded permutation per epoch; the position in it is plain integers, so a run
-can say exactly where it is.
+Sequences live in random-access sets (in memory, or memory-mapped shards) or, for streaming
+sources, in a `SequenceStream` read in order. With ``bos`` packing every sequence is ``[BOS] +
+(n_ctx - 1)`` consecutive tokens of the stream, windows without overlap, the layout the tiny model
+was trained on (``prepend_bos = True``). Training order is a seeded permutation per epoch (a seeded
+shuffle buffer for streams); the position in it is plain integers, so a run can say exactly where
+it is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from e2edict.errors import E2EDictError
+from e2edict.shards import ShardSequences
 
 BOS_TOKEN = "<|endoftext|>"
 
@@ -84,7 +89,7 @@ def embedded_stream(split: str, tokenizer, tokenizer_key: str) -> np.ndarray:
 
 
 def _tokenizer_key(backbone) -> str:
-    tok = backbone.model.tokenizer
+    tok = backbone.tokenizer
     if backbone.name == "tiny":
         return "tiny"
     if tok is None:
@@ -92,45 +97,174 @@ def _tokenizer_key(backbone) -> str:
     return f"{getattr(tok, 'name_or_path', backbone.name)}:{len(tok)}"
 
 
-def load_stream(spec: str, backbone, what: str) -> np.ndarray:
-    """Resolve a data spec to a 1-D token stream.
+def _check_vocab(seqs: torch.Tensor, backbone, what: str) -> torch.Tensor:
+    if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= backbone.d_vocab):
+        raise E2EDictError(f"{what}: token ids must lie in [0, {backbone.d_vocab}) for model {backbone.name!r}")
+    return seqs
 
-    ``tiny`` / ``tiny-val``: the embedded corpus's train / held-out split, in the model's tokens;
-    ``*.npy``: a 1-D integer token array; ``*.txt`` or ``*.txt.xz``: text, tokenized by the model."""
-    if spec in ("tiny", "tiny-train", "tiny-val"):
-        split = "val" if spec == "tiny-val" else "train"
-        key = _tokenizer_key(backbone)
-        stream = embedded_stream(split, backbone.model.tokenizer, key)
+
+class TensorSequences:
+    """Sequences held in memory."""
+
+    def __init__(self, seqs: torch.Tensor):
+        self.seqs = seqs
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        return self.seqs[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+
+
+class ShardView:
+    """A shard folder's sequences, cut to the run's ``n_ctx``."""
+
+    def __init__(self, shards: ShardSequences, n_ctx: int):
+        self.shards, self.n_ctx = shards, n_ctx
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        return self.shards.take(idx, self.n_ctx)
+
+
+class SubsetSequences:
+    """Rows ``start..stop`` of another sequence set (what is left for training after a holdout)."""
+
+    def __init__(self, base, start: int, stop: int):
+        self.base, self.start, self.stop = base, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        return self.base.take(np.asarray(idx, dtype=np.int64) + self.start)
+
+
+class SequenceStream:
+    """A source read in its own order, from the start, without random access (streaming)."""
+
+    def __init__(self, factory: Callable[[], Iterator[np.ndarray]], backbone, what: str, skip: int = 0):
+        self.factory, self.backbone, self.what, self.skip = factory, backbone, what, skip
+
+    def iterate(self) -> Iterator[np.ndarray]:
+        it = self.factory()
+        for _ in itertools.islice(it, self.skip):
+            pass
+        for seq in it:
+            if seq.min() < 0 or seq.max() >= self.backbone.d_vocab:
+                raise E2EDictError(f"{self.what}: token ids must lie in [0, {self.backbone.d_vocab}) for model {self.backbone.name!r}")
+            yield seq
+
+    def head(self, n: int) -> torch.Tensor:
+        rows = list(itertools.islice(self.iterate(), n))
+        if not rows:
+            raise E2EDictError(f"{self.what}: the source gave no complete sequence")
+        return torch.from_numpy(np.stack(rows))
+
+
+def _open_shards(path: str, backbone, n_ctx: int, packing: str, what: str) -> ShardView:
+    from e2edict.sources import tokenizer_fingerprint
+
+    shards = ShardSequences(Path(path).expanduser(), what)
+    m = shards.manifest
+    if n_ctx > shards.n_ctx:
+        raise E2EDictError(f"{what}: shards of {shards.n_ctx} tokens are shorter than data.n_ctx={n_ctx}")
+    if packing not in ("auto", m.get("packing")):
+        raise E2EDictError(f"{what}: the shards are packed {m.get('packing')!r}, but data.packing is {packing!r}")
+    if shards.max_token_id >= backbone.d_vocab:
+        raise E2EDictError(f"{what}: the shards hold token id {shards.max_token_id}, beyond model {backbone.name!r}'s {backbone.d_vocab}")
+    if backbone.tokenizer is not None and m.get("tokenizer_sha256"):
+        if tokenizer_fingerprint(backbone.tokenizer) != m["tokenizer_sha256"]:
+            raise E2EDictError(
+                f"{what}: the shards were made with tokenizer {m.get('tokenizer')!r}, which differs from model {backbone.name!r}'s"
+            )
+    return ShardView(shards, n_ctx)
+
+
+def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_tokens: int | None = None):
+    """A source's packed sequences: a random-access set (``__len__``, ``take``) or, for a
+    streaming source, a `SequenceStream`. ``limit_tokens`` reads no more than needed (evaluation)."""
+    from e2edict.sources import limit_tokens as _limit
+    from e2edict.sources import sequence_factory, source_fields, source_kind
+
+    fields = source_fields(spec)
+    path = fields["path"]
+    kind = source_kind(path, what)
+    if kind in ("embedded", "npy") and isinstance(spec, str) is False and (fields["streaming"] or fields["column"]):
+        raise E2EDictError(f"{what}: streaming and column apply to text and dataset sources, not {path!r}")
+    if kind == "embedded":
+        split = "val" if path == "tiny-val" else "train"
+        stream = embedded_stream(split, backbone.tokenizer, _tokenizer_key(backbone))
+    elif kind == "npy":
+        try:
+            stream = np.load(Path(path).expanduser(), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise E2EDictError(f"{what}: {path!r} is not a readable .npy array ({e})") from None
+        if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+            raise E2EDictError(f"{what}: {path!r} must hold a 1-D integer token array, got {stream.dtype} {stream.shape}")
+        stream = stream.astype(np.int64)
+    elif kind == "shards":
+        return _open_shards(path, backbone, n_ctx, packing, what)
     else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise E2EDictError(f"{what}: {spec!r} is neither an embedded data set (tiny, tiny-val) nor a file")
-        if path.suffix == ".npy":
-            try:
-                stream = np.load(path, allow_pickle=False)
-            except (ValueError, OSError) as e:
-                raise E2EDictError(f"{what}: {spec!r} is not a readable .npy array ({e})") from None
-            if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-                raise E2EDictError(f"{what}: {spec!r} must hold a 1-D integer token array, got {stream.dtype} {stream.shape}")
-            stream = stream.astype(np.int64)
-        elif path.name.endswith((".txt", ".txt.xz")):
-            import lzma
+        factory = sequence_factory(spec, n_ctx, packing, backbone.bos_token_id, backbone.tokenizer, what)
+        if fields["streaming"]:
+            return SequenceStream(factory, backbone, what)
+        seqs = list(_limit(factory(), limit_tokens, n_ctx))
+        if not seqs:
+            raise E2EDictError(f"{what}: {path!r} gave no complete sequence of {n_ctx} tokens")
+        return TensorSequences(_check_vocab(torch.from_numpy(np.stack(seqs)), backbone, what))
+    if packing == "rows":
+        raise E2EDictError(f"{what}: packing 'rows' needs token rows; {path!r} is one token stream")
+    if len(stream) and (stream.min() < 0 or stream.max() >= backbone.d_vocab):
+        raise E2EDictError(f"{what}: token ids must lie in [0, {backbone.d_vocab}) for model {backbone.name!r}")
+    return TensorSequences(to_sequences(stream, n_ctx, backbone.bos_token_id))
 
-            opener = lzma.open if path.name.endswith(".xz") else open
-            try:
-                with opener(path, "rt", encoding="utf-8") as fh:
-                    text = fh.read()
-            except (OSError, UnicodeDecodeError, lzma.LZMAError) as e:
-                raise E2EDictError(f"{what}: cannot read {spec!r} as UTF-8 text ({e})") from None
-            if backbone.model.tokenizer is None:
-                raise E2EDictError(f"{what}: model {backbone.name!r} has no tokenizer to read text with")
-            stream = encode_texts(backbone.model.tokenizer, [text])
+
+def head(source, n: int) -> torch.Tensor:
+    """The first ``n`` sequences of a source (fewer if it has fewer)."""
+    if isinstance(source, SequenceStream):
+        return source.head(n)
+    return source.take(np.arange(min(n, len(source))))
+
+
+def build_data(cfg, backbone, eval_tokens: int | None = None):
+    """``(train source, eval sequences)`` for a config.
+
+    With ``data.eval: holdout`` the first ``data.holdout_tokens`` of the training source (in
+    its own order, before any shuffling) are the eval data and training starts after them, so
+    the two never share a sequence."""
+    d = cfg.data
+    n_ctx = d.n_ctx
+    need = eval_tokens or max(cfg.eval.tokens, cfg.eval.alive_tokens, cfg.eval.during_training_tokens)
+    train = open_sequences(d.train, backbone, n_ctx, d.packing, "data.train")
+    if d.eval == "holdout":
+        h = -(-d.holdout_tokens // n_ctx)
+        if isinstance(train, SequenceStream):
+            eval_seqs = train.head(h)
+            if len(eval_seqs) < h:
+                raise E2EDictError(f"data.train has {len(eval_seqs)} sequences, not more than data.holdout_tokens needs ({h})")
+            train = SequenceStream(train.factory, backbone, "data.train", skip=h)
         else:
-            raise E2EDictError(f"{what}: {spec!r} has an unsupported type (use .npy, .txt or .txt.xz)")
-    vocab = backbone.model.cfg.d_vocab
-    if len(stream) and (stream.min() < 0 or stream.max() >= vocab):
-        raise E2EDictError(f"{what}: token ids must lie in [0, {vocab}) for model {backbone.name!r}")
-    return stream
+            if len(train) <= h:
+                raise E2EDictError(f"data.train has {len(train)} sequences, not more than data.holdout_tokens needs ({h})")
+            eval_seqs = train.take(np.arange(h))
+            train = SubsetSequences(train, h, len(train))
+        return train, eval_seqs
+    return train, eval_sequences(d.eval, cfg, backbone, need)
+
+
+def eval_sequences(spec, cfg, backbone, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` worth of sequences of an eval source (all of it if it is smaller).
+
+    ``spec`` ``holdout`` is the run's held-out head of ``data.train`` (never more than it)."""
+    d = cfg.data
+    if spec == "holdout":
+        h = -(-d.holdout_tokens // d.n_ctx)
+        return head(open_sequences(d.train, backbone, d.n_ctx, d.packing, "data.train", limit_tokens=h * d.n_ctx), h)
+    n = -(-tokens // d.n_ctx)
+    return head(open_sequences(spec, backbone, d.n_ctx, d.packing, "data.eval", limit_tokens=n * d.n_ctx), n)
 
 
 class BatchStream:
@@ -138,7 +272,9 @@ class BatchStream:
 
     The position (``epoch``, ``index``) is the whole state: restoring it resumes the exact order."""
 
-    def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, sequences, batch_size: int, seed: int, shuffle: bool = True):
+        if isinstance(sequences, torch.Tensor):
+            sequences = TensorSequences(sequences)
         if len(sequences) < batch_size:
             raise E2EDictError(f"data has {len(sequences)} sequences, fewer than one batch of {batch_size}")
         self.sequences, self.batch_size, self.seed, self.shuffle = sequences, batch_size, seed, shuffle
@@ -164,4 +300,60 @@ class BatchStream:
             self._order = self._make_order()
         idx = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return self.sequences[torch.from_numpy(idx)]
+        return self.sequences.take(idx)
+
+
+class StreamBatches:
+    """Batches from a `SequenceStream`, shuffled through a seeded buffer, restarted every epoch.
+
+    The state is the same (``epoch``, ``index``); restoring it reads the stream again up to
+    ``index`` (shards made by ``e2edict tokenize`` resume without that)."""
+
+    def __init__(self, stream: SequenceStream, batch_size: int, seed: int, buffer: int = 10_000):
+        self.stream, self.batch_size, self.seed, self.buffer = stream, batch_size, seed, buffer
+        self.epoch, self.index = 0, 0
+        self._it = self._start()
+
+    def _shuffled(self) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pool: list[np.ndarray] = []
+        for seq in self.stream.iterate():
+            if len(pool) < self.buffer:
+                pool.append(seq)
+                continue
+            j = int(rng.integers(len(pool)))
+            yield pool[j]
+            pool[j] = seq
+        for j in rng.permutation(len(pool)):
+            yield pool[j]
+
+    def _start(self) -> Iterator[np.ndarray]:
+        it = self._shuffled()
+        for _ in itertools.islice(it, self.index):
+            pass
+        return it
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._it = self._start()
+
+    def next(self) -> torch.Tensor:
+        rows = list(itertools.islice(self._it, self.batch_size))
+        if len(rows) < self.batch_size:
+            if self.index == 0:
+                raise E2EDictError(f"data.train gave {len(rows)} sequences, fewer than one batch of {self.batch_size}")
+            self.epoch, self.index = self.epoch + 1, 0
+            self._it = self._start()
+            return self.next()
+        self.index += self.batch_size
+        return torch.from_numpy(np.stack(rows))
+
+
+def make_batches(train, batch_size: int, seed: int, shuffle_buffer: int = 10_000):
+    """The training batch source for a random-access set or a stream."""
+    if isinstance(train, SequenceStream):
+        return StreamBatches(train, batch_size, seed, shuffle_buffer)
+    return BatchStream(train, batch_size, seed)

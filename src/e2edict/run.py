@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-from e2edict.backbones import TLBackbone, load_hooked_transformer
-from e2edict.backbones.base import Backbone
+from e2edict.backbones import Backbone
 from e2edict.config import Config
-from e2edict.data import load_stream, to_sequences
+from e2edict.data import SequenceStream, build_data, eval_sequences
 from e2edict.errors import E2EDictError
 from e2edict.saes import SAE, registry
 
@@ -21,10 +20,29 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_backbone(cfg: Config) -> Backbone:
-    model = load_hooked_transformer(
-        cfg.model.name, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype], process_weights=cfg.model.process_weights
-    )
-    return TLBackbone(model, cfg.model.name)
+    m = cfg.model
+    return open_backbone(m.name, m.backend, m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code)
+
+
+def open_backbone(
+    name: str,
+    backend: str = "transformer_lens",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    process_weights: bool = False,
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """A frozen model behind the `Backbone` interface, from either backend."""
+    if backend == "huggingface":
+        from e2edict.backbones import HFBackbone, load_hf_causal_lm
+
+        model, tokenizer = load_hf_causal_lm(name, device, dtype, trust_remote_code)
+        return HFBackbone(model, tokenizer, name)
+    if backend != "transformer_lens":
+        raise E2EDictError(f"unknown model backend {backend!r}; known: transformer_lens, huggingface")
+    from e2edict.backbones import TLBackbone, load_hooked_transformer
+
+    return TLBackbone(load_hooked_transformer(name, device=device, dtype=dtype, process_weights=process_weights), name)
 
 
 @dataclass
@@ -33,7 +51,7 @@ class RunSetup:
     backbone: Backbone
     d_in: dict[str, int]
     downstream: list[str]  # the hooks of the downstream loss (empty when its coefficient is 0)
-    train_seqs: torch.Tensor
+    train_data: object  # a random-access sequence set, or a `SequenceStream` (see `e2edict.data`)
     eval_seqs: torch.Tensor
     init_from: dict[str, SAE] | None = None  # warm start (saes.init_from), already checked
 
@@ -81,19 +99,17 @@ def setup_run(cfg: Config) -> RunSetup:
         too_big = [h for h in positions if cfg.saes.k > max(1, round(cfg.saes.dict_ratio * shapes[h][0]))]
         if too_big:
             raise E2EDictError(f"saes.k={cfg.saes.k} exceeds the dictionary size at {too_big[0]!r}")
-    bos = backbone.bos_token_id
-    train_seqs = to_sequences(load_stream(cfg.data.train, backbone, "data.train"), cfg.data.n_ctx, bos)
-    eval_seqs = to_sequences(load_stream(cfg.data.eval, backbone, "data.eval"), cfg.data.n_ctx, bos)
+    train_data, eval_seqs = build_data(cfg, backbone)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    if len(train_seqs) < per_step:
+    if not isinstance(train_data, SequenceStream) and len(train_data) < per_step:
         raise E2EDictError(
-            f"data.train has {len(train_seqs)} sequences of {cfg.data.n_ctx} tokens, fewer than one step's "
+            f"data.train has {len(train_data)} sequences of {cfg.data.n_ctx} tokens, fewer than one step's "
             f"{per_step} (train.batch_size x train.grad_accum)"
         )
     if cfg.train.tokens < per_step * cfg.data.n_ctx:
         raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
     init = _load_init(cfg, backbone) if cfg.saes.init_from else None
-    return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_seqs, eval_seqs, init)
+    return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_data, eval_seqs, init)
 
 
 def _load_init(cfg: Config, backbone: Backbone) -> dict[str, SAE]:
@@ -152,7 +168,9 @@ class LoadedRun:
     eval_seqs: torch.Tensor
 
 
-def load_run_dir(run_dir: str | Path, data: str | None = None) -> LoadedRun:
+def load_run_dir(run_dir: str | Path, data: str | None = None, tokens: int | None = None) -> LoadedRun:
+    """A run directory's config, model and SAEs, with its eval data (or ``data``, read up to
+    ``tokens`` or the run's eval amounts)."""
     from e2edict import load_saes
     from e2edict.config import load_config
 
@@ -163,5 +181,6 @@ def load_run_dir(run_dir: str | Path, data: str | None = None) -> LoadedRun:
     backbone = build_backbone(cfg)
     saes = load_saes(run_dir, device=cfg.model.device)
     backbone.check_saes(saes)
-    stream = load_stream(data or cfg.data.eval, backbone, "data.eval")
-    return LoadedRun(run_dir, cfg, backbone, saes, to_sequences(stream, cfg.data.n_ctx, backbone.bos_token_id))
+    need = max(tokens or 0, cfg.eval.tokens, cfg.eval.alive_tokens)
+    seqs = eval_sequences(data or cfg.data.eval, cfg, backbone, need)
+    return LoadedRun(run_dir, cfg, backbone, saes, seqs)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
-from e2edict.data import BatchStream
+from e2edict.data import make_batches
 from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_backbone, log10_density
@@ -43,7 +43,7 @@ def sae_metadata(cfg: Config, hook: str, tokens: int) -> dict[str, Any]:
         "hook_name": hook,
         "context_size": cfg.data.n_ctx,
         "prepend_bos": True,
-        "dataset_path": cfg.data.train,
+        "dataset_path": cfg.data.train if isinstance(cfg.data.train, str) else cfg.data.train.path,
         "e2edict_loss_preset": cfg.loss.preset,
         "e2edict_coefficients": {
             "sparsity": cfg.loss.sparsity_coeff(hook),
@@ -175,7 +175,7 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
     autocast, step_saes = _speed_settings(cfg, saes, ctx)
     # one global batch per micro-step, sliced by rank: 2 ranks x b sequences see what 1 rank x 2b does
-    batches = BatchStream(setup.train_seqs, t.batch_size * ctx.world, cfg.seed)
+    batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
     mine = slice(ctx.rank * t.batch_size, (ctx.rank + 1) * t.batch_size)
     first_step = 0
     if resume:

@@ -121,17 +121,17 @@ def _feature_cards(
     stats: FeatureStats,
     densities: torch.Tensor,
     sequences: torch.Tensor,
-    model,
+    backbone: Backbone,
     codes: dict[int, torch.Tensor],
     window: int,
     n_logit_tokens: int,
 ) -> list[dict[str, Any]]:
-    tok = model.tokenizer
+    tok = backbone.tokenizer
     n_ctx = sequences.shape[1]
     flat = sequences.flatten()
     with torch.no_grad():
         dirs = sae.dictionary[stats.ids].float()
-        logit_effect = dirs @ model.W_U.float()  # [F, vocab]: each direction through the unembedding
+        logit_effect = dirs @ backbone.unembed().float()  # [F, vocab]: each direction through the unembedding
     cards = []
     for i, latent in enumerate(stats.ids.tolist()):
         contexts = []
@@ -245,10 +245,9 @@ def write_report(
     with eval_mode(saes):
         stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size)
         codes = context_codes(backbone, saes, sequences, stats, batch_size)
-    model = backbone.model
     sae_pages = []
     for si, (h, sae) in enumerate(saes.items()):
-        cards = _feature_cards(sae, stats[h], densities[h], sequences, model, codes[h], window, n_logit_tokens)
+        cards = _feature_cards(sae, stats[h], densities[h], sequences, backbone, codes[h], window, n_logit_tokens)
         pages = max(1, math.ceil(len(cards) / per_page))
         names = [f"sae{si}_features_{p + 1}.html" for p in range(pages)]
         for p in range(pages):

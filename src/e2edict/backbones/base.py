@@ -25,7 +25,9 @@ class Backbone(ABC):
     name: str
     n_layers: int
     n_ctx: int
-    bos_token_id: int
+    d_vocab: int
+    bos_token_id: int  # starts every sequence; separates documents in packed text
+    tokenizer: object | None  # a `transformers` tokenizer, or None for models without one
 
     @abstractmethod
     def hook_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -41,8 +43,12 @@ class Backbone(ABC):
 
         A hook may return a tensor to replace the activation, or raise `StopForward`."""
 
-    @staticmethod
-    def block_of(hook_name: str) -> int:
+    @abstractmethod
+    def unembed(self) -> torch.Tensor:
+        """The unembedding matrix [d_model, d_vocab] (for the logit effect of a direction)."""
+
+    def block_of(self, hook_name: str) -> int:
+        """The block whose input the shared prefix stops at for this hook."""
         m = _BLOCK_RE.match(hook_name)
         if not m:
             raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block")

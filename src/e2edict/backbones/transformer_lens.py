@@ -110,9 +110,13 @@ class TLBackbone(Backbone):
         self.name = name
         self.n_layers = model.cfg.n_layers
         self.n_ctx = model.cfg.n_ctx
-        tok = model.tokenizer
+        tok = self.tokenizer = model.tokenizer
+        self.d_vocab = model.cfg.d_vocab
         self.bos_token_id = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
         self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def unembed(self) -> torch.Tensor:
+        return self.model.W_U
 
     def hook_shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:

@@ -1,0 +1,270 @@
+"""Hugging Face backbone: any ``transformers`` causal LM, hook points named by module path.
+
+Hook names: ``<module path>`` is the module's output (the first element when it returns a
+tuple), ``<module path>:input`` its first input (the ``hidden_states`` argument). So
+``transformer.h.2:input`` is GPT-2's residual stream entering block 2 (TransformerLens's
+``blocks.2.hook_resid_pre``) and ``transformer.h.2`` the stream leaving it (``hook_resid_post``).
+
+Shared prefix: the blocks before the first SAE run once (`embed_to` stops at the block's input).
+`run_from` then runs the model's own forward with the earlier blocks taken out of its block list
+and the block's input replaced by the given residual stream, so masks, rotary embeddings, final
+norm, logit soft-capping and the head are exactly the model's. A model whose forward does not
+allow removing blocks (checked once on load) runs the prefix again instead, with its output
+replaced: the same numbers, without the saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from e2edict.backbones.base import Backbone, HookFn, StopForward
+from e2edict.errors import E2EDictError
+
+log = logging.getLogger(__name__)
+INPUT_SUFFIX = ":input"
+
+
+def load_hf_causal_lm(
+    name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+):
+    """A frozen ``AutoModelForCausalLM`` and its tokenizer (None when the model ships none).
+
+    ``tiny`` is the embedded model; a folder is read from disk; anything else is a hub name,
+    fetched by ``transformers`` (from its cache when ``HF_HUB_OFFLINE=1``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from e2edict.backbones.transformer_lens import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    source = str(path) if path is not None else name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for bad names and files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise E2EDictError(f"cannot load Hugging Face model {name_or_path!r}: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # a model folder without tokenizer files: token data (.npy, shards) still works
+        tokenizer = None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device), tokenizer
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of transformer blocks: the first `ModuleList` as long as the layer count."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return path, mod
+    raise E2EDictError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of {n} layers)")
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor) else x
+
+
+class HFBackbone(Backbone):
+    """A ``transformers`` causal LM behind the `Backbone` interface."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.blocks_path, self.blocks = _block_list(model)
+        self.n_layers = len(self.blocks)
+        self._block_re = re.compile(rf"^{re.escape(self.blocks_path)}\.(\d+)(?:[.:]|$)")
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.n_ctx = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
+        self.d_vocab = model.get_output_embeddings().weight.shape[0]
+        ids = [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+        ids += [getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None)]
+        self.bos_token_id = next((int(i) for i in ids if isinstance(i, int)), 0)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._embed_dim = model.get_input_embeddings().embedding_dim
+        self.shared_prefix = self._check_block_removal()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def unembed(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight.T
+
+    # --- hook names -------------------------------------------------------------------------
+    def _module(self, hook: str) -> tuple[nn.Module, bool]:
+        path, is_input = (hook[: -len(INPUT_SUFFIX)], True) if hook.endswith(INPUT_SUFFIX) else (hook, False)
+        try:
+            return self.model.get_submodule(path), is_input
+        except AttributeError:
+            raise E2EDictError(f"model {self.name!r} has no module {path!r}") from None
+
+    def hook_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every module activation from the first block on that is [batch, pos, d]: block inputs
+        always, other modules' inputs where they are not already another module's output."""
+        if self._shapes is not None:
+            return self._shapes
+        shapes: dict[str, tuple[int, ...]] = {}
+        seen: set[int] = set()
+        started = [False]
+        head = self.model.get_output_embeddings()
+        block_ids = {id(b) for b in self.blocks}
+        handles = []
+
+        def ok(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point() and t.shape[2] > 1
+
+        def pre(name, mod):
+            def fn(module, args, kwargs):
+                if id(module) in block_ids:
+                    started[0] = True
+                if not started[0] or module is head:
+                    return
+                x = args[0] if args else kwargs.get("hidden_states")
+                if ok(x) and (id(module) in block_ids or id(x) not in seen):
+                    shapes[name + INPUT_SUFFIX] = tuple(x.shape[2:])
+                    seen.add(id(x))
+
+            return fn
+
+        def post(name):
+            def fn(module, args, out):
+                out = _first_tensor(out)
+                if started[0] and module is not head and ok(out):
+                    shapes[name] = tuple(out.shape[2:])
+                    seen.add(id(out))
+
+            return fn
+
+        for name, mod in self.model.named_modules():
+            if not name or isinstance(mod, nn.ModuleList):
+                continue
+            handles.append(mod.register_forward_pre_hook(pre(name, mod), with_kwargs=True))
+            handles.append(mod.register_forward_hook(post(name)))
+        try:
+            with torch.no_grad():
+                self.model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        self._shapes = shapes
+        return shapes
+
+    def block_of(self, hook_name: str) -> int:
+        m = self._block_re.match(hook_name)
+        if not m:
+            raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block ({self.blocks_path}.N)")
+        return int(m.group(1))
+
+    def resid_hooks_after(self, hook_name: str) -> list[str]:
+        """Every later block's input and the last block's output (the final residual stream)."""
+        layer = self.block_of(hook_name)
+        block_out = hook_name == f"{self.blocks_path}.{layer}"
+        first = layer + 2 if block_out else layer + 1
+        hooks = [f"{self.blocks_path}.{j}{INPUT_SUFFIX}" for j in range(first, self.n_layers)]
+        final = f"{self.blocks_path}.{self.n_layers - 1}"
+        if final != hook_name:
+            hooks.append(final)
+        return hooks
+
+    # --- forward passes ---------------------------------------------------------------------
+    def _register(self, hooks: dict[str, HookFn]) -> list:
+        handles = []
+        for name, fn in hooks.items():
+            module, is_input = self._module(name)
+            if is_input:
+
+                def pre(module, args, kwargs, fn=fn):
+                    if args:
+                        new = fn(args[0])
+                        return None if new is None else ((new, *args[1:]), kwargs)
+                    new = fn(kwargs["hidden_states"])
+                    return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+
+                def post(module, args, out, fn=fn):
+                    if isinstance(out, (tuple, list)):
+                        new = fn(out[0])
+                        return None if new is None else type(out)((new, *out[1:]))
+                    return fn(out)
+
+                handles.append(module.register_forward_hook(post))
+        return handles
+
+    def embed_to(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        got: list[torch.Tensor] = []
+
+        def stop(module, args, kwargs):
+            got.append(args[0] if args else kwargs["hidden_states"])
+            raise StopForward
+
+        handle = self.blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=tokens, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        return got[0]
+
+    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True):
+        return self._run_from(resid, layer, hooks, logits, self.shared_prefix)
+
+    def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, remove: bool):
+        def inject(module, args, kwargs):
+            if args:
+                return (resid, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": resid}
+
+        # Injection first, so a hook at this block's input sees the given residual stream.
+        handles = [self.blocks[layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)]
+        if not logits:
+
+            def stop(module, args):
+                raise StopForward
+
+            handles.append(self.model.get_output_embeddings().register_forward_pre_hook(stop))
+        handles += self._register(hooks)
+        parent_path, _, attr = self.blocks_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        # The input embeddings' values never reach a block (the residual stream is injected); only
+        # their shape makes the model build its masks and positions.
+        embeds = torch.zeros((*resid.shape[:2], self._embed_dim), dtype=resid.dtype, device=resid.device)
+        try:
+            if remove and layer > 0:
+                setattr(parent, attr, nn.ModuleList(list(self.blocks)[layer:]))
+            out = self.model(inputs_embeds=embeds, use_cache=False)
+        except StopForward:
+            return None
+        finally:
+            setattr(parent, attr, self.blocks)
+            for h in handles:
+                h.remove()
+        return out.logits
+
+    def _check_block_removal(self) -> bool:
+        """Whether running with the earlier blocks removed gives the full model's logits."""
+        if self.n_layers < 2:
+            return False
+        layer = self.n_layers // 2
+        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        with torch.no_grad():
+            ref = self.model(input_ids=tokens, use_cache=False).logits
+            try:
+                got = self._run_from(self.embed_to(tokens, layer), layer, {}, True, remove=True)
+            except Exception as e:  # the model's forward indexes its blocks in a way removal breaks
+                log.info("shared prefix off for %s: %s", self.name, e)
+                return False
+        same = got is not None and got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+        if not same:
+            log.info("shared prefix off for %s: removing blocks changes the logits", self.name)
+        return bool(same)
+

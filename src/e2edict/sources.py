@@ -1,0 +1,312 @@
+"""Data sources: a config's ``data.train`` / ``data.eval`` -> records -> packed sequences.
+
+A source is one of
+- ``tiny`` / ``tiny-val``: the embedded corpus (see `e2edict.data.embedded_stream`);
+- a ``.npy`` file: one 1-D token stream;
+- a folder made by ``e2edict tokenize`` (``manifest.json``): pretokenized shards, random access;
+- text files: ``.txt`` / ``.txt.xz`` (one document per file), ``.jsonl`` (one record per line),
+  ``.parquet``; a glob (``data/*.jsonl``) reads every match in sorted order;
+- a Hugging Face dataset: a folder written by ``Dataset.save_to_disk``, a folder of data files,
+  or a hub name (``apollo-research/Skylion007-openwebtext-tokenizer-gpt2``), streaming or not.
+
+Records are documents (``str``, from a text column) or token rows (from an ``input_ids``
+column). Packing turns them into ``[n_ctx]`` sequences:
+- ``bos``: one stream in which every document is preceded by the BOS token (token rows are
+  concatenated as they are), cut into windows of ``n_ctx - 1`` tokens, each prefixed by BOS;
+- ``rows``: every token row is one sequence, cut to its first ``n_ctx`` tokens (rows shorter
+  than ``n_ctx`` are dropped and counted), as the reference code reads pretokenized datasets.
+``auto`` picks ``rows`` for token-row sources and ``bos`` for everything else.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2edict.errors import E2EDictError
+
+log = logging.getLogger(__name__)
+EMBEDDED_DATA = ("tiny", "tiny-train", "tiny-val")
+TEXT_SUFFIXES = (".txt", ".txt.xz", ".jsonl", ".parquet")
+MANIFEST = "manifest.json"
+_BATCH = 256  # documents tokenized per call
+
+
+def source_fields(spec: Any) -> dict[str, Any]:
+    """A data spec (a string or a `DataSource`) as plain fields."""
+    if isinstance(spec, str):
+        return {"path": spec, "split": "train", "name": None, "column": None, "streaming": False, "max_tokens": None}
+    return spec.model_dump()
+
+
+def source_kind(path: str, what: str = "data") -> str:
+    """``embedded``, ``npy``, ``shards``, ``files``, ``hf_disk`` (save_to_disk), or ``hf`` (load_dataset)."""
+    if path in EMBEDDED_DATA:
+        return "embedded"
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".npy":
+            return "npy"
+        if p.name.endswith(TEXT_SUFFIXES):
+            return "files"
+        raise E2EDictError(f"{path!r} has an unsupported type (use .npy, .txt, .txt.xz, .jsonl, .parquet or a folder)")
+    if p.is_dir():
+        if (p / MANIFEST).is_file():
+            return "shards"
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return "hf_disk"
+        return "hf"
+    if any(c in path for c in "*?["):
+        return "files"
+    if path.startswith(("/", ".", "~")) or path.endswith((".npy", ".xz", *TEXT_SUFFIXES)) or path.count("/") > 1:
+        raise E2EDictError(f"{what}: {path!r} is neither an embedded data set (tiny, tiny-val) nor an existing file or folder")
+    return "hf"  # a hub name; `datasets` says whether it exists
+
+
+def _glob_files(path: str, what: str) -> list[Path]:
+    p = Path(path).expanduser()
+    files = [p] if p.is_file() else sorted(Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file())
+    if not files:
+        raise E2EDictError(f"{what}: no file matches {path!r}")
+    bad = [f.name for f in files if not f.name.endswith(TEXT_SUFFIXES)]
+    if bad:
+        raise E2EDictError(f"{what}: {bad[0]!r} has an unsupported type (text data: .txt, .txt.xz, .jsonl, .parquet)")
+    return files
+
+
+def _pick(row: dict, column: str | None, where: str, what: str):
+    if column is None:
+        column = "input_ids" if "input_ids" in row else "text" if "text" in row else None
+        if column is None:
+            raise E2EDictError(f"{what}: {where} has no 'text' or 'input_ids' column (it has {', '.join(map(str, row))}); set its column")
+    if column not in row:
+        raise E2EDictError(f"{what}: {where} has no column {column!r} (it has {', '.join(map(str, row))})")
+    return _record(row[column], where, what)
+
+
+def _record(value, where: str, what: str):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)) and all(isinstance(v, (int, np.integer)) for v in value):
+        return np.asarray(value, dtype=np.int64)
+    if hasattr(value, "tolist"):  # a torch tensor or pyarrow value
+        return _record(value.tolist(), where, what)
+    raise E2EDictError(f"{what}: {where} holds {type(value).__name__}, not text or a list of token ids")
+
+
+def _file_records(files: list[Path], column: str | None, what: str) -> Iterator[str | np.ndarray]:
+    import lzma
+
+    for f in files:
+        name = f.name
+        try:
+            if name.endswith((".txt", ".txt.xz")):
+                opener = lzma.open if name.endswith(".xz") else open
+                with opener(f, "rt", encoding="utf-8") as fh:
+                    yield fh.read()
+            elif name.endswith(".jsonl"):
+                with open(f, encoding="utf-8") as fh:
+                    for i, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            row = json.loads(line)
+                        except ValueError as e:
+                            raise E2EDictError(f"{what}: {name} line {i} is not JSON ({e})") from None
+                        if not isinstance(row, dict):
+                            raise E2EDictError(f"{what}: {name} line {i} is not a JSON object")
+                        yield _pick(row, column, f"{name} line {i}", what)
+            else:
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(f)
+                cols = pf.schema_arrow.names
+                col = column or ("input_ids" if "input_ids" in cols else "text" if "text" in cols else None)
+                if col is None or col not in cols:
+                    raise E2EDictError(f"{what}: {name} has no column {col or 'text/input_ids'!r} (it has {', '.join(cols)})")
+                for batch in pf.iter_batches(columns=[col], batch_size=_BATCH):
+                    for v in batch.column(0).to_pylist():
+                        yield _record(v, name, what)
+        except (OSError, UnicodeDecodeError, lzma.LZMAError) as e:
+            raise E2EDictError(f"{what}: cannot read {str(f)!r} ({e})") from None
+        except E2EDictError:
+            raise
+        except Exception as e:  # pyarrow's errors for damaged files
+            raise E2EDictError(f"{what}: cannot read {str(f)!r} ({type(e).__name__}: {e})") from None
+
+
+def _open_hf(fields: dict[str, Any], kind: str, what: str):
+    import datasets
+
+    path = fields["path"]
+    try:
+        if kind == "hf_disk":
+            ds = datasets.load_from_disk(str(Path(path).expanduser()))
+            if isinstance(ds, datasets.DatasetDict):
+                if fields["split"] not in ds:
+                    raise E2EDictError(f"{what}: dataset {path!r} has no split {fields['split']!r} (it has {', '.join(ds)})")
+                ds = ds[fields["split"]]
+            if fields["streaming"]:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(path, fields["name"], split=fields["split"], streaming=fields["streaming"])
+    except E2EDictError:
+        raise
+    except Exception as e:  # `datasets` raises many types for unknown names, offline hubs, bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise E2EDictError(f"{what}: cannot open dataset {path!r}: {first}") from None
+    return ds
+
+
+def _hf_records(ds, fields: dict[str, Any], what: str) -> Iterator[str | np.ndarray]:
+    where = f"dataset {fields['path']!r}"
+    names = ds.column_names
+    if names is not None:
+        column = fields["column"] or ("input_ids" if "input_ids" in names else "text" if "text" in names else None)
+        if column is None or column not in names:
+            raise E2EDictError(f"{what}: {where} has no column {column or 'text/input_ids'!r} (it has {', '.join(names)})")
+        for batch in ds.iter(batch_size=_BATCH):
+            for v in batch[column]:
+                yield _record(v, where, what)
+    else:  # some streaming datasets know their columns only once read
+        for row in ds:
+            yield _pick(row, fields["column"], where, what)
+
+
+def record_factory(spec: Any, what: str) -> tuple[Callable[[], Iterator[str | np.ndarray]], str]:
+    """A function that starts the source's records from the beginning, and the source's kind."""
+    fields = source_fields(spec)
+    kind = source_kind(fields["path"], what)
+    if kind == "files":
+        files = _glob_files(fields["path"], what)
+        return lambda: _file_records(files, fields["column"], what), kind
+    if kind in ("hf", "hf_disk"):
+        ds = _open_hf(fields, kind, what)
+        return lambda: _hf_records(ds, fields, what), kind
+    raise E2EDictError(f"{what}: {fields['path']!r} is a {kind} source, not a record source")
+
+
+def separator_id(tokenizer, config=None) -> int | None:
+    """The token that starts a sequence and separates documents: BOS, else EOS."""
+    for holder in (tokenizer, config):
+        for attr in ("bos_token_id", "eos_token_id"):
+            v = getattr(holder, attr, None) if holder is not None else None
+            if isinstance(v, int):
+                return v
+    return None
+
+
+def tokenize_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
+        return [e.ids for e in tokenizer.encode_batch(texts)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def pack(
+    records: Iterable[str | np.ndarray],
+    n_ctx: int,
+    packing: str,
+    bos: int | None,
+    tokenizer=None,
+    what: str = "data",
+) -> Iterator[np.ndarray]:
+    """Packed ``[n_ctx]`` int64 sequences from records (see the module docstring)."""
+    if n_ctx < 2:
+        raise E2EDictError(f"data.n_ctx must be at least 2, got {n_ctx}")
+    it = iter(records)
+    if packing == "rows":
+        dropped = 0
+        for r in it:
+            if isinstance(r, str):
+                raise E2EDictError(f"{what}: packing 'rows' needs token rows (an input_ids column), but the source holds text")
+            if len(r) < n_ctx:
+                dropped += 1
+                continue
+            yield r[:n_ctx]
+        if dropped:
+            log.warning("%s: %d rows shorter than n_ctx=%d were left out", what, dropped, n_ctx)
+        return
+    if bos is None:
+        raise E2EDictError(f"{what}: the tokenizer has neither a BOS nor an EOS token to start sequences with")
+    body = n_ctx - 1
+    carry = np.zeros(0, dtype=np.int64)
+    while True:
+        chunk: list[str | np.ndarray] = []
+        for r in it:
+            chunk.append(r)
+            if len(chunk) == _BATCH:
+                break
+        if not chunk:
+            return
+        texts = [r for r in chunk if isinstance(r, str)]
+        if texts and tokenizer is None:
+            raise E2EDictError(f"{what}: the model has no tokenizer to read text with (use token data)")
+        ids = iter(tokenize_batch(tokenizer, texts)) if texts else iter(())
+        parts = [carry]
+        for r in chunk:
+            if isinstance(r, str):
+                parts.append(np.array([bos], dtype=np.int64))
+                parts.append(np.asarray(next(ids), dtype=np.int64))
+            else:
+                parts.append(r)
+        stream = np.concatenate(parts)
+        n = len(stream) // body
+        for i in range(n):
+            seq = np.empty(n_ctx, dtype=np.int64)
+            seq[0] = bos
+            seq[1:] = stream[i * body : (i + 1) * body]
+            yield seq
+        carry = stream[n * body :]
+
+
+def resolve_packing(packing: str, first_record: str | np.ndarray | None) -> str:
+    if packing != "auto":
+        return packing
+    return "rows" if isinstance(first_record, np.ndarray) else "bos"
+
+
+def limit_tokens(seqs: Iterator[np.ndarray], max_tokens: int | None, n_ctx: int) -> Iterator[np.ndarray]:
+    if max_tokens is None:
+        yield from seqs
+        return
+    n = -(-max_tokens // n_ctx)
+    for i, s in enumerate(seqs):
+        if i >= n:
+            return
+        yield s
+
+
+def sequence_factory(
+    spec: Any, n_ctx: int, packing: str, bos: int | None, tokenizer, what: str
+) -> Callable[[], Iterator[np.ndarray]]:
+    """A function that streams the source's packed sequences from the start, in source order."""
+    import itertools
+
+    records, _ = record_factory(spec, what)
+    fields = source_fields(spec)
+
+    def start() -> Iterator[np.ndarray]:
+        it = records()
+        first = next(it, None)
+        if first is None:
+            raise E2EDictError(f"{what}: {fields['path']!r} holds no records")
+        mode = resolve_packing(packing, first)
+        seqs = pack(itertools.chain([first], it), n_ctx, mode, bos, tokenizer, what)
+        return limit_tokens(seqs, fields["max_tokens"], n_ctx)
+
+    return start
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary: shards made with one tokenizer refuse another."""
+    import hashlib
+
+    vocab = tokenizer.get_vocab()
+    text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
