@@ -151,6 +151,26 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from e2edict.shards import tokenize_to_shards
+
+    source = {
+        "path": args.source,
+        "split": args.split,
+        "name": args.name,
+        "column": args.column,
+        "streaming": args.streaming,
+        "max_tokens": args.max_tokens,
+    }
+    m = tokenize_to_shards(
+        source, args.model, args.ctx, Path(args.out), args.packing, args.shard_rows, args.overwrite, args.trust_remote_code
+    )
+    print(
+        f"wrote {m['sequences']} sequences of {m['n_ctx']} tokens ({m['tokens']} tokens, {len(m['shards'])} shards) to {args.out}"
+    )
+    return 0
+
+
 def format_table(runs: dict[str, dict[str, Any]]) -> str:
     """One column per run (and SAE): L0, alive, CE-loss increase, KL, explained variance."""
     cols: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
@@ -251,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--contexts", type=int, default=8, help="top contexts per feature")
     r.set_defaults(fn=_cmd_report)
 
+    tk = sub.add_parser("tokenize", help="pack a text or token source into shards for random-access training data")
+    tk.add_argument("source", help="a file, glob, folder, dataset name, tiny or tiny-val")
+    tk.add_argument("--model", required=True, help="whose tokenizer: tiny, a model folder, or a hub name")
+    tk.add_argument("--ctx", type=int, required=True, help="tokens per sequence (data.n_ctx)")
+    tk.add_argument("--out", required=True, help="the shard folder to write")
+    tk.add_argument("--split", default="train", help="Hugging Face datasets: the split")
+    tk.add_argument("--name", default=None, help="Hugging Face datasets: the configuration name")
+    tk.add_argument("--column", default=None, help="text or token column (default: input_ids if present, else text)")
+    tk.add_argument("--streaming", action="store_true", help="stream a Hugging Face dataset instead of downloading it whole")
+    tk.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    tk.add_argument("--packing", choices=["auto", "bos", "rows"], default="auto")
+    tk.add_argument("--shard-rows", type=int, default=65_536, help="sequences per shard file")
+    tk.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    tk.add_argument("--trust-remote-code", action="store_true", help="run the tokenizer repository's own code")
+    tk.set_defaults(fn=_cmd_tokenize)
     h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")
     h.add_argument("model", nargs="?", default="tiny", help="tiny, a model folder, or a hub name")
     h.add_argument("--backend", choices=["transformer_lens", "huggingface"], default="transformer_lens")
@@ -271,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "fn", None) is None:
         ap.print_help()
         return 0
-    for opt in ("tokens", "alive_tokens", "features", "per_page", "contexts"):
+    for opt in ("tokens", "alive_tokens", "features", "per_page", "contexts", "ctx", "max_tokens", "shard_rows"):
         if getattr(args, opt, None) is not None and getattr(args, opt) <= 0:
             print(f"e2edict: error: --{opt.replace('_', '-')} must be positive", file=sys.stderr)
             return EXIT_BAD_INPUT

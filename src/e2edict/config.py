@@ -51,7 +51,9 @@ class DataConfig(_Strict):
     eval: str | DataSource = Field("tiny-val", description="a source, or 'holdout': the head of data.train, kept out of training")
     holdout_tokens: int | None = Field(None, gt=0, description="eval: holdout; null: max(eval.tokens, eval.alive_tokens)")
     n_ctx: int = Field(128, ge=2)
-    packing: Literal["auto", "bos", "rows"] = Field("auto", description="bos: BOS + n_ctx-1 tokens of the stream; rows: one row each")
+    packing: Literal["auto", "bos", "rows"] = Field(
+        "auto", description="bos: BOS + n_ctx-1 tokens of the stream; rows: one row each"
+    )
     shuffle_buffer: int = Field(10_000, ge=1, description="streaming sources: sequences in the seeded shuffle buffer")
 
     @field_validator("train", "eval", mode="before")

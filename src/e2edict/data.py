@@ -154,7 +154,9 @@ class SequenceStream:
             pass
         for seq in it:
             if seq.min() < 0 or seq.max() >= self.backbone.d_vocab:
-                raise E2EDictError(f"{self.what}: token ids must lie in [0, {self.backbone.d_vocab}) for model {self.backbone.name!r}")
+                raise E2EDictError(
+                    f"{self.what}: token ids must lie in [0, {self.backbone.d_vocab}) for model {self.backbone.name!r}"
+                )
             yield seq
 
     def head(self, n: int) -> torch.Tensor:
@@ -174,11 +176,13 @@ def _open_shards(path: str, backbone, n_ctx: int, packing: str, what: str) -> Sh
     if packing not in ("auto", m.get("packing")):
         raise E2EDictError(f"{what}: the shards are packed {m.get('packing')!r}, but data.packing is {packing!r}")
     if shards.max_token_id >= backbone.d_vocab:
-        raise E2EDictError(f"{what}: the shards hold token id {shards.max_token_id}, beyond model {backbone.name!r}'s {backbone.d_vocab}")
+        raise E2EDictError(
+            f"{what}: the shards hold token id {shards.max_token_id}, beyond the {backbone.d_vocab} of model {backbone.name!r}"
+        )
     if backbone.tokenizer is not None and m.get("tokenizer_sha256"):
         if tokenizer_fingerprint(backbone.tokenizer) != m["tokenizer_sha256"]:
             raise E2EDictError(
-                f"{what}: the shards were made with tokenizer {m.get('tokenizer')!r}, which differs from model {backbone.name!r}'s"
+                f"{what}: the shards were made with tokenizer {m.get('tokenizer')!r}, not the one of model {backbone.name!r}"
             )
     return ShardView(shards, n_ctx)
 

@@ -84,7 +84,9 @@ def _pick(row: dict, column: str | None, where: str, what: str):
     if column is None:
         column = "input_ids" if "input_ids" in row else "text" if "text" in row else None
         if column is None:
-            raise E2EDictError(f"{what}: {where} has no 'text' or 'input_ids' column (it has {', '.join(map(str, row))}); set its column")
+            raise E2EDictError(
+                f"{what}: {where} has no 'text' or 'input_ids' column (it has {', '.join(map(str, row))}); set its column"
+            )
     if column not in row:
         raise E2EDictError(f"{what}: {where} has no column {column!r} (it has {', '.join(map(str, row))})")
     return _record(row[column], where, what)

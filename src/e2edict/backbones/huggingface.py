@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -267,4 +266,3 @@ class HFBackbone(Backbone):
         if not same:
             log.info("shared prefix off for %s: removing blocks changes the logits", self.name)
         return bool(same)
-

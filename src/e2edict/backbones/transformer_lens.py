@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -83,7 +85,13 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
 def load_hooked_transformer(
     name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, process_weights: bool = False
 ):
-    """Load a `HookedTransformer` with frozen weights."""
+    """Load a `HookedTransformer` with frozen weights (TransformerLens's messages go to stderr,
+    so stdout stays machine-readable, e.g. for ``e2edict hooks``)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _load_hooked_transformer(name_or_path, device, dtype, process_weights)
+
+
+def _load_hooked_transformer(name_or_path: str, device: str, dtype: torch.dtype, process_weights: bool):
     path = resolve_model_path(name_or_path)
     if path is not None:
         model = _gpt2_folder_to_hooked(path, device, dtype)
