@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_cli import ROOT, run_cli
 
-from e2edict.backbones import HFBackbone, TLBackbone, load_hf_causal_lm, load_hooked_transformer
+from e2edict.backbones import HFBackbone, TLBackbone, load_hf_causal_lm
 from e2edict.errors import E2EDictError
 from e2edict.saes.relu import ReLUSAE
 from e2edict.splice import LossWeights, splice_forward

@@ -185,8 +185,8 @@ def tokenize_to_shards(
     from e2edict.sources import (
         record_factory,
         resolve_packing,
-        sequence_factory,
         separator_id,
+        sequence_factory,
         source_kind,
         tokenizer_fingerprint,
     )
