@@ -42,6 +42,8 @@ def source_fields(spec: Any) -> dict[str, Any]:
     """A data spec (a string or a `DataSource`) as plain fields."""
     if isinstance(spec, str):
         return {"path": spec, "split": "train", "name": None, "column": None, "streaming": False, "max_tokens": None}
+    if isinstance(spec, dict):
+        return dict(spec)
     return spec.model_dump()
 
 
