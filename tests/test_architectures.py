@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():
     torch.manual_seed(0)
-    sae = TopKSAE(16, 256, k=5, sparse_decode=True)
+    sae = TopKSAE(16, 256, k=5, sparse_decode=True).double()  # float64: the comparison is exact
     with torch.no_grad():
         sae.b_enc.add_(10.0)  # every pre-activation positive, so ReLU removes none of the top k
-    x = torch.randn(3, 7, 16, requires_grad=True)
+    x = torch.randn(3, 7, 16, requires_grad=True, dtype=torch.float64)
     x_hat, c = sae(x)
     assert ((c != 0).sum(-1) == 5).all()
     pre = x @ sae.W_enc + sae.b_enc
@@ -27,12 +27,36 @@ def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():
     vals, idx = pre.topk(5, dim=-1)
     c_ref = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
     x_ref = c_ref @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)) + sae.b_dec
-    torch.testing.assert_close(x_hat, x_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hat, x_ref, atol=1e-10, rtol=1e-10)
     params = [x, sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec]
     g_sparse = torch.autograd.grad(x_hat.square().sum() + c.sum(), params)  # sparse decode and sparse encoder backward
     g_dense = torch.autograd.grad(x_ref.square().sum() + c_ref.sum(), params)
     for a, b in zip(g_sparse, g_dense, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_gather_decode_gradients_and_both_dense_decode_routes():
+    """The fused gather-decode backward (gradcheck, float64, repeated ids) and the dense decode's
+    two equal forms: codes scaled by inverse norms (few tokens) and the normalised dictionary."""
+    from e2edict.saes import ReLUSAE
+    from e2edict.saes.base import _GatherDecode
+
+    torch.manual_seed(3)
+    W = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 40, (5, 3))
+    idx[0] = torch.tensor([2, 2, 9])
+    vals = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: _GatherDecode.apply(v, idx, w), (vals, W))
+    sae = ReLUSAE(16, 64).double()
+    for n_tok in (4, 40):  # fewer tokens than d_in: scaled codes; more: normalised dictionary
+        c = torch.relu(torch.randn(n_tok, 64, dtype=torch.float64)).requires_grad_(True)
+        got = sae.decode(c)
+        ref = c @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)) + sae.b_dec
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+        ga = torch.autograd.grad(got.square().sum(), [c, sae.W_dec])
+        gb = torch.autograd.grad(ref.square().sum(), [c, sae.W_dec])
+        for a, b in zip(ga, gb, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_batchtopk_keeps_k_times_batch_and_learns_a_threshold():

@@ -28,6 +28,15 @@ from e2edict.saes import SAE, save_sae
 from e2edict.splice import LossWeights, splice_forward
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam, fused: one pass over each tensor per step, without the full-size temporaries of the
+    multi-tensor version (which stays where a device has no fused kernel)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(params, lr=lr)
+
+
 def sae_folder(run_dir: Path, hook: str) -> Path:
     """``RUN_DIR/saes/<hook>``, refusing any name that would leave the run directory."""
     base = (run_dir / "saes").resolve()
@@ -165,7 +174,7 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
     saes = setup.build_saes()
     weights = LossWeights.from_config(cfg.loss, cfg.saes.positions, setup.downstream)
     params = [p for s in saes.values() for p in s.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.train.lr)
+    opt = make_optimizer(params, cfg.train.lr)
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx * ctx.world
     total_steps = t.tokens // tokens_per_step

@@ -65,21 +65,31 @@ class SAE(nn.Module, ABC):
         bound = 1 / math.sqrt(self.d_sae)
         self.b_dec = nn.Parameter(torch.empty(self.d_in).uniform_(-bound, bound))
 
+    def decoder_row_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
+
+    def gather_decode(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``sum_i vals_i D[idx_i]`` for [..., k] values and latent ids, reading only those rows.
+
+        The normalisation is folded into the weights (``vals_i / ||W_dec[idx_i]||``), so the
+        normalised dictionary is never built and its gradient reaches only the rows used and the
+        norms."""
+        shape, k = vals.shape[:-1], idx.shape[-1]
+        out = _GatherDecode.apply(vals.reshape(-1, k), idx.reshape(-1, k), self.W_dec)
+        return out.view(*shape, self.d_in)
+
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``sum_i vals_i D[idx_i] + b_dec`` without touching the inactive directions."""
-        shape = vals.shape[:-1]
-        out = torch.nn.functional.embedding_bag(
-            idx.reshape(-1, idx.shape[-1]),
-            self.normalized_decoder(),
-            per_sample_weights=vals.reshape(-1, vals.shape[-1]),
-            mode="sum",
-        )
-        return out.view(*shape, self.d_in) + self.b_dec
+        return self.gather_decode(vals, idx) + self.b_dec
 
     def normalized_decoder(self) -> torch.Tensor:
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
+        """``c D + b_dec``. With fewer tokens than ``d_in`` the codes are scaled by the inverse
+        row norms instead of building ``D`` (``(c / n) W = c (W / n)``): the cheaper of the two."""
+        if c.numel() // self.d_sae < self.d_in:
+            return (c / self.decoder_row_norms()) @ self.W_dec + self.b_dec
         return c @ self.normalized_decoder() + self.b_dec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +131,39 @@ class SAE(nn.Module, ABC):
     def dictionary(self) -> torch.Tensor:
         """The decoder directions as rows, [d_sae, d_in]."""
         return self.saelens_tensors()["W_dec"]
+
+
+class _GatherDecode(torch.autograd.Function):
+    """``out_t = sum_j v_tj W[i_tj] / ||W[i_tj]||`` for [N, k] values ``v`` and ids ``i``.
+
+    The backward writes the dictionary's gradient into one dense buffer: the rows used get
+    ``v_tj / n * g_t`` and, through the norms, ``-(sum v_tj (g_t . W_r) / n^3) W_r``; nothing of
+    the dictionary's size is allocated besides the gradient itself."""
+
+    @staticmethod
+    def forward(ctx, vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        norms = W.norm(dim=1)
+        weights = vals / norms[idx]
+        ctx.save_for_backward(vals, idx, W, norms)
+        return torch.nn.functional.embedding_bag(idx, W, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        vals, idx, W, norms = ctx.saved_tensors
+        n_sel = norms[idx]  # [N, k]
+        dots = torch.einsum("nkd,nd->nk", W[idx], g)  # g_t . W[i_tj]
+        grad_vals = dots / n_sel if ctx.needs_input_grad[0] else None
+        grad_W = None
+        if ctx.needs_input_grad[2]:
+            grad_W = torch.zeros_like(W)
+            flat = idx.reshape(-1)
+            w = (vals / n_sel).reshape(-1, 1)
+            grad_W.index_add_(0, flat, (g.unsqueeze(1) * w.view(*idx.shape, 1)).reshape(-1, W.shape[1]))
+            # d||W_r|| / dW_r = W_r / n_r; dL/dn_r = -sum v_tj (g_t . W_r) / n_r^2
+            dn = torch.zeros_like(norms).index_add_(0, flat, (-(vals * dots) / n_sel.square()).reshape(-1))
+            rows = torch.unique(flat)
+            grad_W.index_add_(0, rows, W[rows] * (dn[rows] / norms[rows]).unsqueeze(1))
+        return grad_vals, None, grad_W
 
 
 @contextmanager

@@ -110,12 +110,7 @@ class TopKSAE(ReLUSAE):
         pre = self.pre_activations(x).masked_fill(~dead, float("-inf"))
         vals, idx = pre.topk(min(self.auxk_k, n_dead), dim=-1)
         err = (x - x_hat).detach().reshape(-1, self.d_in)
-        err_hat = F.embedding_bag(
-            idx.reshape(-1, idx.shape[-1]),
-            self.normalized_decoder(),
-            per_sample_weights=torch.relu(vals).reshape(-1, vals.shape[-1]),
-            mode="sum",
-        )
+        err_hat = self.gather_decode(torch.relu(vals), idx).reshape(-1, self.d_in)
         return self.auxk_coeff * (err_hat - err).pow(2).mean() / err.pow(2).mean().clamp_min(1e-12)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
