@@ -120,7 +120,7 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
     model = small_backbone.model
     handles = [
         model.blocks[2].register_forward_hook(lambda *a: seen.append("block2")),
-        model.unembed.register_forward_hook(lambda *a: seen.append("unembed")),
+        model.unembed.hook_out.register_forward_hook(lambda *a: seen.append("unembed")),
     ]
     try:
         tokens = torch.randint(0, 4096, (2, 16))

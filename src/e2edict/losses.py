@@ -28,11 +28,16 @@ def mse_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x_hat, x, reduction="mean")
 
 
-KL_CHUNK_TOKENS = 1024
+KL_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 logits per chunk
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Rows of [tokens, vocab] per chunk: a fixed memory budget, whatever the vocabulary."""
+    return max(1, KL_CHUNK_ELEMENTS // max(1, vocab))
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """Mean forward KL over tokens, computed ``KL_CHUNK_TOKENS`` rows of [tokens, vocab] at a time.
+    """Mean forward KL over tokens, computed a chunk of rows of [tokens, vocab] at a time.
 
     Nothing of size tokens x vocab is kept for backward: the gradient with respect to the spliced
     logits, ``(softmax(spliced) - softmax(clean)) / n_tokens``, is recomputed chunk by chunk from
@@ -43,9 +48,10 @@ class _ChunkedKL(torch.autograd.Function):
         c2, s2 = clean.reshape(-1, clean.shape[-1]), spliced.reshape(-1, spliced.shape[-1])
         dtype = torch.promote_types(spliced.dtype, torch.float32)  # at least fp32, also under bf16
         total = torch.zeros((), dtype=torch.float64, device=spliced.device)
-        for i in range(0, len(c2), KL_CHUNK_TOKENS):
-            lc = F.log_softmax(c2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
-            ls = F.log_softmax(s2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
+        n = _chunk_rows(c2.shape[-1])
+        for i in range(0, len(c2), n):
+            lc = F.log_softmax(c2[i : i + n].to(dtype), -1)
+            ls = F.log_softmax(s2[i : i + n].to(dtype), -1)
             total += (lc.exp() * (lc - ls)).sum().double()
         ctx.save_for_backward(clean, spliced)
         return (total / len(c2)).to(dtype)
@@ -57,10 +63,11 @@ class _ChunkedKL(torch.autograd.Function):
         out = torch.empty_like(s2)
         scale = grad / len(c2)
         dtype = torch.promote_types(spliced.dtype, torch.float32)
-        for i in range(0, len(c2), KL_CHUNK_TOKENS):
-            pc = F.softmax(c2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
-            ps = F.softmax(s2[i : i + KL_CHUNK_TOKENS].to(dtype), -1)
-            out[i : i + KL_CHUNK_TOKENS] = ((ps - pc) * scale).to(out.dtype)
+        n = _chunk_rows(c2.shape[-1])
+        for i in range(0, len(c2), n):
+            pc = F.softmax(c2[i : i + n].to(dtype), -1)
+            ps = F.softmax(s2[i : i + n].to(dtype), -1)
+            out[i : i + n] = ((ps - pc) * scale).to(out.dtype)
         return None, out.view_as(spliced)
 
 
@@ -78,7 +85,7 @@ def downstream_loss(spliced: dict[str, torch.Tensor], clean: dict[str, torch.Ten
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy (nats) of predicting ``tokens[:, 1:]``; shape [B, T-1].
     Computed a few sequences at a time, so no second [B, T, vocab] tensor is made."""
-    rows = max(1, KL_CHUNK_TOKENS // max(1, logits.shape[1]))
+    rows = max(1, _chunk_rows(logits.shape[-1]) // max(1, logits.shape[1]))
     out = []
     for i in range(0, len(logits), rows):
         lg, tk = logits[i : i + rows, :-1], tokens[i : i + rows, 1:]

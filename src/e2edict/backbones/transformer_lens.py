@@ -151,7 +151,19 @@ class TLBackbone(Backbone):
         fwd = [(name, partial(wrap, fn)) for name, fn in hooks.items()]
         try:
             with self.model.hooks(fwd_hooks=fwd):
-                out = self.model(resid, start_at_layer=layer, return_type="logits" if logits else None)
+                out = self.model(resid, start_at_layer=layer, stop_at_layer=self.n_layers)
+                return self._head(out) if logits else None
         except StopForward:
             return None
-        return out
+
+    def _head(self, residual: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding as TransformerLens computes them (its hook points fire), but
+        with ``x @ W_U`` read in place: TransformerLens's `Unembed` copies ``W_U.T`` on every call."""
+        m = self.model
+        if m.cfg.normalization_type is not None:
+            residual = m.ln_final(residual)
+        x = m.unembed.hook_in(residual)
+        out = torch.addmm(m.unembed.b_U, x.reshape(-1, x.shape[-1]), m.unembed.W_U).view(*x.shape[:-1], -1)
+        out = m.unembed.hook_out(out)
+        cap = getattr(m.cfg, "output_logits_soft_cap", 0.0) or 0.0
+        return cap * torch.tanh(out / cap) if cap > 0 else out

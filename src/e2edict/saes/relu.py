@@ -51,6 +51,11 @@ class ReLUSAE(SAE):
                 return self.decode_sparse(vals, idx).view_as(x), c
         return self.decode(c), c
 
+    def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
+        if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing
+            return c.sum(-1).mean() / self.d_in
+        return super().sparsity_loss(x, c, p)
+
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.normalized_decoder(), "b_dec": self.b_dec}
 
