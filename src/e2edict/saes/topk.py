@@ -40,13 +40,12 @@ class _SparseTopKEncode(torch.autograd.Function):
         x, W, idx, vals = ctx.saved_tensors
         g = grad_vals * (vals > 0)
         grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W.T, per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[1]:
-            rows = torch.zeros(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
-            for j in range(idx.shape[1]):
-                rows.index_add_(0, idx[:, j], g[:, j, None] * x)
-            grad_W = rows.T
+        if ctx.needs_input_grad[0]:  # gathers the k columns per token; no transposed copy of W
+            grad_x = (W.T[idx] * g.unsqueeze(-1)).sum(1)
+        if ctx.needs_input_grad[1]:  # built in W's own layout, so autograd keeps it without a copy
+            grad_W = torch.zeros_like(W)
+            src = (g.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, W.shape[0])
+            grad_W.index_add_(1, idx.flatten(), src.T)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, idx.flatten(), g.flatten())
         return grad_x, grad_W, grad_b, None
