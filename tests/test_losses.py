@@ -74,7 +74,7 @@ def test_chunked_kl_value_and_gradient_match_the_plain_formula(monkeypatch):
 
     from e2edict import losses
 
-    monkeypatch.setattr(losses, "KL_CHUNK_ELEMENTS", 7 * 30)  # 7 rows of the vocabulary of 30 per chunk: several, and a ragged last one
+    monkeypatch.setattr(losses, "KL_CHUNK_ELEMENTS", 7 * 30)  # 7 rows of 30 per chunk: a ragged last one
     torch.manual_seed(0)
     clean = torch.randn(2, 25, 30, dtype=torch.float64)
     spliced = torch.randn(2, 25, 30, dtype=torch.float64, requires_grad=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from e2edict.errors import E2EDictError
 from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
