@@ -7,8 +7,9 @@ for e2edict's step ("ours") and for a naive step that does what the reference im
 does: two full forward passes (clean, then spliced), a dense SAE, full log-softmax of both
 logits, then backward. Both start from the same SAE weights and tokens; their losses are shown
 side by side (equal to 1e-5 in fp32). Every case and mode runs in its own subprocess so that peak
-memory is its own: the peak resident set during the timed steps above the level before them, with
-large allocations served by their own mappings so that the resident set follows the live tensors.
+memory is its own: the peak resident set during one step after the timed ones, above the level
+before it, with large allocations served by their own mappings so that the resident set follows the
+live tensors.
 
     python benchmarks/bench_step.py                 # every case
     python benchmarks/bench_step.py --cases gpt2-topk --reps 2
@@ -165,15 +166,18 @@ def worker(spec: dict) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     times = []
-    # the step's memory: the high-water mark above the model, SAE and optimizer state
-    base = reset_peak_rss()
+    if spec["measure"] == "memory":  # one step: the high-water mark above the model, SAE and optimizer state
+        base = reset_peak_rss()
+        step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"peak_mem_mb": (peak_rss() - base) / 1024}
     for _ in range(spec["reps"]):
         t = time.perf_counter()
         step()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    peak = peak_rss()
     best = min(times)
     return {
         "case": spec["case"],
@@ -183,7 +187,6 @@ def worker(spec: dict) -> dict:
         "step_s": best,
         "tokens_per_s": batch * n_ctx / best,
         "flops": flops,
-        "peak_mem_mb": (peak - base) / 1024,
     }
 
 
@@ -212,10 +215,11 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-# Every allocation of 64 KiB or more is its own mapping, returned to the system when freed, so the
-# resident set follows the live tensors and its peak is the step's tensor high-water mark (not the
-# allocator's cached free memory).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# The memory run: every allocation of 64 KiB or more is its own mapping, returned to the system
+# when freed, so the resident set follows the live tensors and its peak is the step's tensor
+# high-water mark, not the allocator's cached free memory. Timing runs in a separate process
+# with the default allocator, because per-allocation mappings slow small tensors down.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def matmul_peak(threads: int) -> float:
@@ -247,12 +251,16 @@ def main() -> None:
     results = []
     for case in args.cases:
         for mode in ("naive", "ours"):
-            spec = json.dumps({"case": case, "mode": mode, "reps": args.reps, "threads": args.threads})
-            env = {**os.environ, **MALLOC_ENV}
-            r = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                raise SystemExit(f"{case}/{mode} failed:\n{r.stderr[-2000:]}")
-            results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            out = {}
+            for measure, env in (("time", {}), ("memory", MEMORY_ENV)):
+                spec = json.dumps({"case": case, "mode": mode, "reps": args.reps, "threads": args.threads, "measure": measure})
+                r = subprocess.run(
+                    [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env={**os.environ, **env}
+                )
+                if r.returncode != 0:
+                    raise SystemExit(f"{case}/{mode} ({measure}) failed:\n{r.stderr[-2000:]}")
+                out.update(json.loads(r.stdout.strip().splitlines()[-1]))
+            results.append(out)
     head = (
         f"{'case':<16} {'mode':<6} {'tok/s':>8} {'speed-up':>8} {'peak MB':>8} {'mem ratio':>9} "
         f"{'GFLOP':>7} {'of peak':>7} {'L0':>6} {'loss':>12}"
