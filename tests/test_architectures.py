@@ -273,6 +273,31 @@ def test_auxk_trains_dead_latents_on_the_residual_error():
     assert TopKSAE(8, 32, k=2).aux_loss(x, x_hat, c) is None  # off by default
 
 
+@pytest.mark.parametrize("b_dec_in", [False, True])
+def test_relu_sparse_path_matches_dense_exactly_in_float64(b_dec_in):
+    """The sparse path (top active pre-activations, sparse encoder backward, gather decode) against
+    the dense formula, values and every gradient, including through b_dec on the input side."""
+    from e2edict.saes import ReLUSAE
+
+    torch.manual_seed(1)
+    sae = ReLUSAE(16, 512, apply_b_dec_to_input=b_dec_in).double()
+    with torch.no_grad():
+        sae.b_enc.sub_(1.5)
+    x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    sae.sparse_decode = True
+    a, c = sae(x)
+    params = [x, sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]
+    g = torch.autograd.grad(a.square().sum() + 0.3 * c.sum(), params)
+    xin = x - sae.b_dec if b_dec_in else x
+    c_ref = torch.relu(xin @ sae.W_enc + sae.b_enc)
+    a_ref = c_ref @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)) + sae.b_dec
+    g_ref = torch.autograd.grad(a_ref.square().sum() + 0.3 * c_ref.sum(), params)
+    torch.testing.assert_close(a, a_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(c, c_ref, atol=1e-12, rtol=0)
+    for u, v in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(u, v, atol=1e-9, rtol=1e-9)
+
+
 def test_relu_sparse_decode_matches_dense_with_gradients():
     from e2edict.saes import ReLUSAE
 

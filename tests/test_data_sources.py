@@ -308,3 +308,38 @@ def test_cli_trains_with_holdout_and_resumes_exactly(docs, tmp_path, kind):
     assert json.loads((out / "eval.json").read_text())["tokens"] == 512
     before, after = _rewind_and_resume(out, "blocks.2.hook_resid_pre")
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+
+
+def test_prefetcher_hands_out_the_same_batches_and_states(bb, docs, tmp_path):
+    from e2edict.data import Prefetcher, TensorSequences
+
+    seqs = TensorSequences(expected(bb, docs))
+    direct = BatchStream(seqs, 4, seed=5)
+    ahead = Prefetcher(BatchStream(seqs, 4, seed=5), depth=3)
+    try:
+        for _ in range(len(seqs) // 4 + 7):  # across an epoch boundary
+            assert torch.equal(direct.next(), ahead.next())
+            assert ahead.state() == direct.state()  # the position handed out, not the one prepared ahead
+    finally:
+        ahead.close()
+
+    class Failing:
+        def __init__(self):
+            self.n = 0
+
+        def state(self):
+            return {"epoch": 0, "index": self.n}
+
+        def next(self):
+            self.n += 1
+            if self.n == 3:
+                raise E2EDictError("data.train: broken record")
+            return torch.zeros(1)
+
+    p = Prefetcher(Failing())
+    try:
+        p.next(), p.next()
+        with pytest.raises(E2EDictError, match="broken record"):
+            p.next()
+    finally:
+        p.close()

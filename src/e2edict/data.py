@@ -361,3 +361,58 @@ def make_batches(train, batch_size: int, seed: int, shuffle_buffer: int = 10_000
     if isinstance(train, SequenceStream):
         return StreamBatches(train, batch_size, seed, shuffle_buffer)
     return BatchStream(train, batch_size, seed)
+
+
+class Prefetcher:
+    """Builds the next batches in a background thread so the step never waits for data
+    (tokenizing a streamed source, gathering from memory-mapped shards, pinning for the GPU).
+
+    ``state()`` is the position after the batches *handed out*, not those prepared ahead, so a
+    checkpoint resumes exactly where training was."""
+
+    _DONE = object()
+
+    def __init__(self, batches, depth: int = 4, pin_memory: bool = False):
+        import queue
+        import threading
+
+        self.batches, self.pin = batches, pin_memory
+        self._state = batches.state()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="e2edict-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                b = self.batches.next()
+                if self.pin:
+                    b = b.pin_memory()
+                self._put((b, self.batches.state()))
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> torch.Tensor:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
-from e2edict.data import make_batches
+from e2edict.data import Prefetcher, make_batches
 from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_backbone, log10_density
@@ -201,6 +201,8 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
         if ctx.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", first_step)
         ctx.barrier()
+    on_gpu = str(cfg.model.device).startswith("cuda")
+    batches = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
     wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
 
     stop_signal: list[int] = []
@@ -219,7 +221,7 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
         for step in range(first_step, total_steps):
             acc: dict[str, torch.Tensor] = {}  # detached, read back once per step (one device sync)
             for micro in range(t.grad_accum):
-                x = batches.next()[mine].to(cfg.model.device)
+                x = batches.next()[mine].to(cfg.model.device, non_blocking=on_gpu)
                 with ExitStack() as no_sync:
                     if ctx.enabled and micro < t.grad_accum - 1:  # DDP averages once, after the last micro-batch
                         for m in step_saes.values():
@@ -287,6 +289,7 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
                 ctx.barrier()  # the checkpoint is on disk before any rank leaves
                 raise Interrupted(f"stopped by a signal at step {step + 1}; resume with: e2edict train --resume {run_dir}")
     finally:
+        batches.close()
         bar.close()
         _restore_signal_handlers(old_handlers)
     if not ctx.is_main:

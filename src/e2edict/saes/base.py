@@ -166,6 +166,39 @@ class _GatherDecode(torch.autograd.Function):
         return grad_vals, None, grad_W
 
 
+class _SparseTopKEncode(torch.autograd.Function):
+    """``ReLU(topk(x W + b))`` whose backward touches only the k selected latents per token.
+
+    Autograd's backward of the dense pre-activation ``x W + b`` costs a full ``[d_in, tokens] @
+    [tokens, d_sae]`` product although only k entries per token carry gradient; here the weight
+    gradient is k ``index_add`` updates and the input gradient a gather (``embedding_bag``).
+    Nothing of size tokens x d_sae is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, pre: torch.Tensor | None = None):
+        # ``pre``: the pre-activations when the caller has them already (a ReLU SAE choosing its path)
+        vals, idx = (x @ W + b if pre is None else pre).topk(k, dim=-1, sorted=False)
+        vals = torch.relu(vals)
+        ctx.save_for_backward(x, W, idx, vals)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
+        x, W, idx, vals = ctx.saved_tensors
+        g = grad_vals * (vals > 0)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:  # gathers the k columns per token; no transposed copy of W
+            grad_x = (W.T[idx] * g.unsqueeze(-1)).sum(1)
+        if ctx.needs_input_grad[1]:  # built in W's own layout, so autograd keeps it without a copy
+            grad_W = torch.zeros_like(W)
+            src = (g.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, W.shape[0])
+            grad_W.index_add_(1, idx.flatten(), src.T)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, idx.flatten(), g.flatten())
+        return grad_x, grad_W, grad_b, None, None
+
+
 @contextmanager
 def eval_mode(saes: dict[str, SAE]):
     """Inference behaviour inside (e.g. BatchTopK's threshold instead of batch selection)."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, check_tensor, decoder_norms
+from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, _SparseTopKEncode, check_tensor, decoder_norms
 
 
 class ReLUSAE(SAE):
@@ -42,14 +42,37 @@ class ReLUSAE(SAE):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.encode(x)
-        if self.sparse_decode is not False:
-            flat = c.reshape(-1, self.d_sae)
-            l0_max = int((flat != 0).sum(-1).max()) if flat.numel() else 0
-            if self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION:
-                vals, idx = flat.topk(max(1, l0_max), dim=-1, sorted=False)  # every active latent, then zeros
-                return self.decode_sparse(vals, idx).view_as(x), c
-        return self.decode(c), c
+        if type(self).encode is not ReLUSAE.encode:  # a subclass with other codes: dense or gather decode
+            c = self.encode(x)
+            if self.sparse_decode is not False:
+                flat = c.reshape(-1, self.d_sae)
+                l0_max = int((flat != 0).sum(-1).max()) if flat.numel() else 0
+                if self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION:
+                    vals, idx = flat.topk(max(1, l0_max), dim=-1, sorted=False)  # every active latent, then zeros
+                    return self.decode_sparse(vals, idx).view_as(x), c
+            return self.decode(c), c
+        if self.sparse_decode is False:
+            c = self.encode(x)
+            return self.decode(c), c
+        xin = x - self.b_dec if self.apply_b_dec_to_input else x
+        pre = xin @ self.W_enc + self.b_enc
+        flat = pre.reshape(-1, self.d_sae)
+        l0_max = int((flat > 0).sum(-1).max()) if flat.numel() else 0
+        if not (self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION):
+            c = torch.relu(pre)
+            return self.decode(c), c
+        # Sparse codes: the top l0_max pre-activations of each token hold all its active latents
+        # (ReLU zeroes the rest), so the backward touches only those (as for TopK) and decoding
+        # gathers only their directions.
+        k = max(1, l0_max)
+        if torch.is_grad_enabled():
+            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc, self.b_enc, k, flat.detach())
+        else:
+            vals, idx = flat.topk(k, dim=-1, sorted=False)
+            vals = torch.relu(vals)
+        c = torch.zeros_like(flat).scatter(-1, idx, vals).view(*x.shape[:-1], self.d_sae)
+        lead = x.shape[:-1]
+        return self.decode_sparse(vals.view(*lead, k), idx.view(*lead, k)).view_as(x), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing

@@ -14,40 +14,8 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, _SparseTopKEncode, check_tensor
 from e2edict.saes.relu import ReLUSAE
-
-
-class _SparseTopKEncode(torch.autograd.Function):
-    """``ReLU(topk(x W + b))`` whose backward touches only the k selected latents per token.
-
-    Autograd's backward of the dense pre-activation ``x W + b`` costs a full ``[d_in, tokens] @
-    [tokens, d_sae]`` product although only k entries per token carry gradient; here the weight
-    gradient is k ``index_add`` updates and the input gradient a gather (``embedding_bag``).
-    Nothing of size tokens x d_sae is kept for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int):
-        vals, idx = (x @ W + b).topk(k, dim=-1, sorted=False)
-        vals = torch.relu(vals)
-        ctx.save_for_backward(x, W, idx, vals)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
-
-    @staticmethod
-    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
-        x, W, idx, vals = ctx.saved_tensors
-        g = grad_vals * (vals > 0)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:  # gathers the k columns per token; no transposed copy of W
-            grad_x = (W.T[idx] * g.unsqueeze(-1)).sum(1)
-        if ctx.needs_input_grad[1]:  # built in W's own layout, so autograd keeps it without a copy
-            grad_W = torch.zeros_like(W)
-            src = (g.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, W.shape[0])
-            grad_W.index_add_(1, idx.flatten(), src.T)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, idx.flatten(), g.flatten())
-        return grad_x, grad_W, grad_b, None
 
 
 class TopKSAE(ReLUSAE):
