@@ -110,6 +110,7 @@ class HFBackbone(Backbone):
             return self._shapes
         shapes: dict[str, tuple[int, ...]] = {}
         seen: set[int] = set()
+        alive: list[torch.Tensor] = []  # seen tensors stay referenced, so no new tensor reuses an id
         started = [False]
         head = self.model.get_output_embeddings()
         block_ids = {id(b) for b in self.blocks}
@@ -128,6 +129,7 @@ class HFBackbone(Backbone):
                 if ok(x) and (id(module) in block_ids or id(x) not in seen):
                     shapes[name + INPUT_SUFFIX] = tuple(x.shape[2:])
                     seen.add(id(x))
+                    alive.append(x)
 
             return fn
 
@@ -137,6 +139,7 @@ class HFBackbone(Backbone):
                 if started[0] and module is not head and ok(out):
                     shapes[name] = tuple(out.shape[2:])
                     seen.add(id(out))
+                    alive.append(out)
 
             return fn
 
