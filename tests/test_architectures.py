@@ -273,11 +273,15 @@ def test_auxk_trains_dead_latents_on_the_residual_error():
     assert TopKSAE(8, 32, k=2).aux_loss(x, x_hat, c) is None  # off by default
 
 
-@pytest.mark.parametrize("b_dec_in", [False, True])
-def test_relu_sparse_path_matches_dense_exactly_in_float64(b_dec_in):
+@pytest.mark.parametrize("b_dec_in,chunked", [(False, False), (True, False), (True, True)])
+def test_relu_sparse_path_matches_dense_exactly_in_float64(b_dec_in, chunked, monkeypatch):
     """The sparse path (top active pre-activations, sparse encoder backward, gather decode) against
-    the dense formula, values and every gradient, including through b_dec on the input side."""
-    from e2edict.saes import ReLUSAE
+    the dense formula, values and every gradient, including through b_dec on the input side, and
+    with the sparse backwards working one token at a time."""
+    from e2edict.saes import ReLUSAE, base
+
+    if chunked:
+        monkeypatch.setattr(base, "GATHER_CHUNK_ELEMENTS", 1)
 
     torch.manual_seed(1)
     sae = ReLUSAE(16, 512, apply_b_dec_to_input=b_dec_in).double()

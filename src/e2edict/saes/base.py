@@ -133,6 +133,16 @@ class SAE(nn.Module, ABC):
         return self.saelens_tensors()["W_dec"]
 
 
+GATHER_CHUNK_ELEMENTS = 1 << 22  # elements of a [tokens, k, d] temporary in the sparse backwards
+
+
+def _token_chunks(idx: torch.Tensor, d: int = 1024) -> list[slice]:
+    """Row slices of [N, k] ids such that a [rows, k, d] temporary holds at most the budget."""
+    n, k = idx.shape
+    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, k * d))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 class _GatherDecode(torch.autograd.Function):
     """``out_t = sum_j v_tj W[i_tj] / ||W[i_tj]||`` for [N, k] values ``v`` and ids ``i``.
 
@@ -151,14 +161,18 @@ class _GatherDecode(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         vals, idx, W, norms = ctx.saved_tensors
         n_sel = norms[idx]  # [N, k]
-        dots = torch.einsum("nkd,nd->nk", W[idx], g)  # g_t . W[i_tj]
+        d = W.shape[1]
+        need_W = ctx.needs_input_grad[2]
+        grad_W = torch.zeros_like(W) if need_W else None
+        dots = torch.empty_like(vals)  # g_t . W[i_tj]
+        w = vals / n_sel
+        for rows in _token_chunks(idx, d):  # [rows, k, d] temporaries stay within a fixed budget
+            dots[rows] = torch.einsum("nkd,nd->nk", W[idx[rows]], g[rows])
+            if need_W:
+                grad_W.index_add_(0, idx[rows].reshape(-1), (g[rows].unsqueeze(1) * w[rows].unsqueeze(-1)).reshape(-1, d))
         grad_vals = dots / n_sel if ctx.needs_input_grad[0] else None
-        grad_W = None
-        if ctx.needs_input_grad[2]:
-            grad_W = torch.zeros_like(W)
+        if need_W:
             flat = idx.reshape(-1)
-            w = (vals / n_sel).reshape(-1, 1)
-            grad_W.index_add_(0, flat, (g.unsqueeze(1) * w.view(*idx.shape, 1)).reshape(-1, W.shape[1]))
             # d||W_r|| / dW_r = W_r / n_r; dL/dn_r = -sum v_tj (g_t . W_r) / n_r^2
             dn = torch.zeros_like(norms).index_add_(0, flat, (-(vals * dots) / n_sel.square()).reshape(-1))
             rows = torch.unique(flat)
@@ -188,12 +202,16 @@ class _SparseTopKEncode(torch.autograd.Function):
         x, W, idx, vals = ctx.saved_tensors
         g = grad_vals * (vals > 0)
         grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:  # gathers the k columns per token; no transposed copy of W
-            grad_x = (W.T[idx] * g.unsqueeze(-1)).sum(1)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
         if ctx.needs_input_grad[1]:  # built in W's own layout, so autograd keeps it without a copy
             grad_W = torch.zeros_like(W)
-            src = (g.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, W.shape[0])
-            grad_W.index_add_(1, idx.flatten(), src.T)
+        for rows in _token_chunks(idx, W.shape[0]):  # [rows, k, d_in] temporaries stay within a fixed budget
+            if grad_x is not None:  # gathers the k columns per token; no transposed copy of W
+                grad_x[rows] = (W.T[idx[rows]] * g[rows].unsqueeze(-1)).sum(1)
+            if grad_W is not None:
+                src = (g[rows].unsqueeze(-1) * x[rows].unsqueeze(1)).reshape(-1, W.shape[0])
+                grad_W.index_add_(1, idx[rows].flatten(), src.T)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, idx.flatten(), g.flatten())
         return grad_x, grad_W, grad_b, None, None

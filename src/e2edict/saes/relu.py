@@ -55,8 +55,8 @@ class ReLUSAE(SAE):
             c = self.encode(x)
             return self.decode(c), c
         xin = x - self.b_dec if self.apply_b_dec_to_input else x
-        pre = xin @ self.W_enc + self.b_enc
-        flat = pre.reshape(-1, self.d_sae)
+        flat = torch.addmm(self.b_enc, xin.reshape(-1, self.d_in), self.W_enc)  # one [tokens, d_sae] tensor
+        pre = flat.view(*x.shape[:-1], self.d_sae)
         l0_max = int((flat > 0).sum(-1).max()) if flat.numel() else 0
         if not (self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION):
             c = torch.relu(pre)
