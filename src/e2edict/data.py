@@ -187,6 +187,17 @@ def _open_shards(path: str, backbone, n_ctx: int, packing: str, what: str) -> Sh
     return ShardView(shards, n_ctx)
 
 
+def load_token_array(path: str, what: str) -> np.ndarray:
+    """A ``.npy`` file holding one 1-D integer token stream (read without pickle), as int64."""
+    try:
+        stream = np.load(Path(path).expanduser(), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise E2EDictError(f"{what}: {path!r} is not a readable .npy array ({e})") from None
+    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+        raise E2EDictError(f"{what}: {path!r} must hold a 1-D integer token array, got {stream.dtype} {stream.shape}")
+    return stream.astype(np.int64)
+
+
 def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_tokens: int | None = None):
     """A source's packed sequences: a random-access set (``__len__``, ``take``) or, for a
     streaming source, a `SequenceStream`. ``limit_tokens`` reads no more than needed (evaluation)."""
@@ -202,13 +213,7 @@ def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_to
         split = "val" if path == "tiny-val" else "train"
         stream = embedded_stream(split, backbone.tokenizer, _tokenizer_key(backbone))
     elif kind == "npy":
-        try:
-            stream = np.load(Path(path).expanduser(), allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise E2EDictError(f"{what}: {path!r} is not a readable .npy array ({e})") from None
-        if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-            raise E2EDictError(f"{what}: {path!r} must hold a 1-D integer token array, got {stream.dtype} {stream.shape}")
-        stream = stream.astype(np.int64)
+        stream = load_token_array(path, what)
     elif kind == "shards":
         return _open_shards(path, backbone, n_ctx, packing, what)
     else:

@@ -10,7 +10,6 @@ complete, so a folder with a manifest is never half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,20 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from e2edict.checkpoint import _sha256
 from e2edict.errors import E2EDictError
 from e2edict.sources import MANIFEST
 
 FORMAT = "e2edict-token-shards"
 VERSION = 1
 _SHARD_RE = re.compile(r"^shard-\d{5,}\.npy$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_shards(
@@ -181,7 +173,7 @@ def tokenize_to_shards(
     from transformers import AutoTokenizer
 
     from e2edict.backbones.transformer_lens import resolve_model_path
-    from e2edict.data import embedded_stream, to_sequences
+    from e2edict.data import embedded_stream, load_token_array, to_sequences
     from e2edict.sources import (
         record_factory,
         resolve_packing,
@@ -209,13 +201,8 @@ def tokenize_to_shards(
             split = "val" if source["path"] == "tiny-val" else "train"
             stream = embedded_stream(split, tok, "tiny" if model == "tiny" else f"{tok.name_or_path}:{len(tok)}")
         else:
-            try:
-                stream = np.load(Path(source["path"]).expanduser(), allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise E2EDictError(f"{source['path']!r} is not a readable .npy array ({e})") from None
-            if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-                raise E2EDictError(f"{source['path']!r} must hold a 1-D integer token array")
-        seqs = iter(to_sequences(np.asarray(stream, dtype=np.int64), n_ctx, bos).numpy())
+            stream = load_token_array(source["path"], what)
+        seqs = iter(to_sequences(stream, n_ctx, bos).numpy())
         mode = "bos"
     else:
         records, _ = record_factory(source, what)
