@@ -97,10 +97,11 @@ def _tokenizer_key(backbone) -> str:
     return f"{getattr(tok, 'name_or_path', backbone.name)}:{len(tok)}"
 
 
-def _check_vocab(seqs: torch.Tensor, backbone, what: str) -> torch.Tensor:
-    if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= backbone.d_vocab):
+def _check_vocab(tokens, backbone, what: str):
+    """Token ids (a tensor or an array) inside the model's vocabulary, or a one-line error."""
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= backbone.d_vocab):
         raise E2EDictError(f"{what}: token ids must lie in [0, {backbone.d_vocab}) for model {backbone.name!r}")
-    return seqs
+    return tokens
 
 
 class TensorSequences:
@@ -153,11 +154,7 @@ class SequenceStream:
         for _ in itertools.islice(it, self.skip):
             pass
         for seq in it:
-            if seq.min() < 0 or seq.max() >= self.backbone.d_vocab:
-                raise E2EDictError(
-                    f"{self.what}: token ids must lie in [0, {self.backbone.d_vocab}) for model {self.backbone.name!r}"
-                )
-            yield seq
+            yield _check_vocab(seq, self.backbone, self.what)
 
     def head(self, n: int) -> torch.Tensor:
         rows = list(itertools.islice(self.iterate(), n))
@@ -207,7 +204,7 @@ def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_to
     fields = source_fields(spec)
     path = fields["path"]
     kind = source_kind(path, what)
-    if kind in ("embedded", "npy") and isinstance(spec, str) is False and (fields["streaming"] or fields["column"]):
+    if kind in ("embedded", "npy") and not isinstance(spec, str) and (fields["streaming"] or fields["column"]):
         raise E2EDictError(f"{what}: streaming and column apply to text and dataset sources, not {path!r}")
     if kind == "embedded":
         split = "val" if path == "tiny-val" else "train"
@@ -226,9 +223,7 @@ def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_to
         return TensorSequences(_check_vocab(torch.from_numpy(np.stack(seqs)), backbone, what))
     if packing == "rows":
         raise E2EDictError(f"{what}: packing 'rows' needs token rows; {path!r} is one token stream")
-    if len(stream) and (stream.min() < 0 or stream.max() >= backbone.d_vocab):
-        raise E2EDictError(f"{what}: token ids must lie in [0, {backbone.d_vocab}) for model {backbone.name!r}")
-    return TensorSequences(to_sequences(stream, n_ctx, backbone.bos_token_id))
+    return TensorSequences(to_sequences(_check_vocab(stream, backbone, what), n_ctx, backbone.bos_token_id))
 
 
 def head(source, n: int) -> torch.Tensor:
@@ -374,8 +369,6 @@ class Prefetcher:
 
     ``state()`` is the position after the batches *handed out*, not those prepared ahead, so a
     checkpoint resumes exactly where training was."""
-
-    _DONE = object()
 
     def __init__(self, batches, depth: int = 4, pin_memory: bool = False):
         import queue

@@ -82,16 +82,20 @@ def _glob_files(path: str, what: str) -> list[Path]:
     return files
 
 
-def _pick(row: dict, column: str | None, where: str, what: str):
+def _choose_column(names, column: str | None, where: str, what: str) -> str:
+    """The configured column, else ``input_ids`` if the source has it, else ``text``."""
+    names = [str(n) for n in names]
     if column is None:
-        column = "input_ids" if "input_ids" in row else "text" if "text" in row else None
+        column = "input_ids" if "input_ids" in names else "text" if "text" in names else None
         if column is None:
-            raise E2EDictError(
-                f"{what}: {where} has no 'text' or 'input_ids' column (it has {', '.join(map(str, row))}); set its column"
-            )
-    if column not in row:
-        raise E2EDictError(f"{what}: {where} has no column {column!r} (it has {', '.join(map(str, row))})")
-    return _record(row[column], where, what)
+            raise E2EDictError(f"{what}: {where} has no 'text' or 'input_ids' column (it has {', '.join(names)}); set its column")
+    if column not in names:
+        raise E2EDictError(f"{what}: {where} has no column {column!r} (it has {', '.join(names)})")
+    return column
+
+
+def _pick(row: dict, column: str | None, where: str, what: str):
+    return _record(row[_choose_column(row, column, where, what)], where, what)
 
 
 def _record(value, where: str, what: str):
@@ -130,10 +134,7 @@ def _file_records(files: list[Path], column: str | None, what: str) -> Iterator[
                 import pyarrow.parquet as pq
 
                 pf = pq.ParquetFile(f)
-                cols = pf.schema_arrow.names
-                col = column or ("input_ids" if "input_ids" in cols else "text" if "text" in cols else None)
-                if col is None or col not in cols:
-                    raise E2EDictError(f"{what}: {name} has no column {col or 'text/input_ids'!r} (it has {', '.join(cols)})")
+                col = _choose_column(pf.schema_arrow.names, column, name, what)
                 for batch in pf.iter_batches(columns=[col], batch_size=_BATCH):
                     for v in batch.column(0).to_pylist():
                         yield _record(v, name, what)
@@ -172,9 +173,7 @@ def _hf_records(ds, fields: dict[str, Any], what: str) -> Iterator[str | np.ndar
     where = f"dataset {fields['path']!r}"
     names = ds.column_names
     if names is not None:
-        column = fields["column"] or ("input_ids" if "input_ids" in names else "text" if "text" in names else None)
-        if column is None or column not in names:
-            raise E2EDictError(f"{what}: {where} has no column {column or 'text/input_ids'!r} (it has {', '.join(names)})")
+        column = _choose_column(names, fields["column"], where, what)
         for batch in ds.iter(batch_size=_BATCH):
             for v in batch[column]:
                 yield _record(v, where, what)

@@ -119,7 +119,7 @@ class HFBackbone(Backbone):
         def ok(t) -> bool:
             return isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point() and t.shape[2] > 1
 
-        def pre(name, mod):
+        def pre(name):
             def fn(module, args, kwargs):
                 if id(module) in block_ids:
                     started[0] = True
@@ -146,7 +146,7 @@ class HFBackbone(Backbone):
         for name, mod in self.model.named_modules():
             if not name or isinstance(mod, nn.ModuleList):
                 continue
-            handles.append(mod.register_forward_pre_hook(pre(name, mod), with_kwargs=True))
+            handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
             handles.append(mod.register_forward_hook(post(name)))
         try:
             with torch.no_grad():
