@@ -28,7 +28,7 @@ def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():
     c_ref = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
     x_ref = c_ref @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)) + sae.b_dec
     torch.testing.assert_close(x_hat, x_ref, atol=1e-10, rtol=1e-10)
-    params = [x, sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec]
+    params = [x, sae.W_dec, sae.W_enc_T, sae.b_enc, sae.b_dec]
     g_sparse = torch.autograd.grad(x_hat.square().sum() + c.sum(), params)  # sparse decode and sparse encoder backward
     g_dense = torch.autograd.grad(x_ref.square().sum() + c_ref.sum(), params)
     for a, b in zip(g_sparse, g_dense, strict=True):
@@ -97,6 +97,79 @@ def test_jumprelu_threshold_gets_the_ste_gradient():
     assert g.abs().sum() > 0
     (g2,) = torch.autograd.grad(c.sum(), [sae.log_threshold])
     torch.testing.assert_close(g2, (-(theta / eps) * in_window).sum(0) * theta, atol=1e-5, rtol=1e-5)
+
+
+def test_jumprelu_sparse_decode_keeps_the_threshold_gradient_of_zero_codes():
+    """A sparse decode must cover the latents inside θ's straight-through window, not only the
+    active ones: their codes are 0 but the reconstruction's gradient reaches θ through them."""
+    torch.manual_seed(0)
+    eps = 0.5
+    sae = JumpReLUSAE(16, 512, bandwidth=eps, init_threshold=0.5).double()
+    with torch.no_grad():
+        sae.b_enc.sub_(1.2)
+    x = torch.randn(4, 9, 16, dtype=torch.float64)
+    z = torch.relu(x @ sae.W_enc + sae.b_enc).detach()
+    theta = sae.threshold.detach()
+    silent = ((z - theta).abs() < eps / 2) & (z <= theta)
+    assert silent.any()  # zero codes whose θ-gradient the test is about
+    params = [sae.W_enc_T, sae.W_dec, sae.b_enc, sae.b_dec, sae.log_threshold]
+    grads = {}
+    for mode in (True, False):
+        sae.sparse_decode = mode
+        a, c = sae(x)
+        assert ((c != 0).sum(-1) < 512 // 16).all()  # sparse enough that the automatic choice is sparse too
+        grads[mode] = torch.autograd.grad((a - x).square().sum() + sae.sparsity_loss(x, c, 1.0), params)
+    for u, v in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(u, v, atol=1e-10, rtol=1e-10)
+    assert grads[True][-1].abs().sum() > 0
+
+
+def test_gather_decode_skipping_zero_values_is_exact_for_relu_codes():
+    """``zero_is_inactive`` drops the (token, latent) pairs whose value is 0: the dictionary's
+    gradient is unchanged, and the value gradient there is 0, which is what ReLU passes back."""
+    from e2edict.saes.base import _GatherDecode
+
+    torch.manual_seed(4)
+    W = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 50, (7, 5))
+    pre = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, 6, dtype=torch.float64)
+    out = {}
+    for skip in (False, True):
+        vals = torch.relu(pre)
+        y = _GatherDecode.apply(vals, idx, W, skip)
+        out[skip] = (y, *torch.autograd.grad((y * g).sum(), [pre, W]))
+    assert (torch.relu(pre) == 0).any()
+    for u, v in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "gated"])
+def test_fused_adam_steps_equal_the_plain_adam_steps(arch):
+    """torch's fused CPU Adam treats a parameter, its gradient and its state as flat memory (a
+    strided parameter is slow, and wrong once its state is restored contiguous). Every parameter
+    and gradient is contiguous, and the trainer's optimizer takes the same steps as plain Adam."""
+    from e2edict.trainer import make_optimizer
+
+    kw = {"topk": {"k": 4}, "jumprelu": {"init_threshold": 0.1}}.get(arch, {})
+    torch.manual_seed(0)
+    saes = [registry[arch](16, 512, **kw) for _ in range(2)]
+    saes[1].load_state_dict(saes[0].state_dict())
+    if arch == "relu":
+        for s in saes:
+            with torch.no_grad():
+                s.b_enc.sub_(1.5)
+    opts = [make_optimizer(list(saes[0].parameters()), 1e-2), torch.optim.Adam(saes[1].parameters(), lr=1e-2, foreach=False)]
+    x = torch.randn(6, 16)
+    for _ in range(3):
+        for s, o in zip(saes, opts, strict=True):
+            a, c = s(x)
+            ((a - x).square().mean() + s.sparsity_loss(x, c, 1.0)).backward()
+            assert all(p.is_contiguous() and p.grad.is_contiguous() for p in s.parameters() if p.grad is not None)
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (n, p), q in zip(saes[0].named_parameters(), saes[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_gated_saved_form_reproduces_training_output(tmp_path):
@@ -268,8 +341,8 @@ def test_auxk_trains_dead_latents_on_the_residual_error():
     err = (x - x_hat).detach()
     expected = 0.5 * ((code @ sae.normalized_decoder() - err) ** 2).mean() / (err**2).mean()
     torch.testing.assert_close(aux, expected)
-    grads = torch.autograd.grad(aux, [sae.W_enc])[0]
-    assert grads[:, fired].abs().sum() == 0 and grads[:, dead].abs().sum() > 0  # only dead latents learn from it
+    grads = torch.autograd.grad(aux, [sae.W_enc_T])[0]  # one row per latent
+    assert grads[fired].abs().sum() == 0 and grads[dead].abs().sum() > 0  # only dead latents learn from it
     assert TopKSAE(8, 32, k=2).aux_loss(x, x_hat, c) is None  # off by default
 
 
@@ -290,7 +363,7 @@ def test_relu_sparse_path_matches_dense_exactly_in_float64(b_dec_in, chunked, mo
     x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
     sae.sparse_decode = True
     a, c = sae(x)
-    params = [x, sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]
+    params = [x, sae.W_enc_T, sae.W_dec, sae.b_enc, sae.b_dec]
     g = torch.autograd.grad(a.square().sum() + 0.3 * c.sum(), params)
     xin = x - sae.b_dec if b_dec_in else x
     c_ref = torch.relu(xin @ sae.W_enc + sae.b_enc)
@@ -313,10 +386,10 @@ def test_relu_sparse_decode_matches_dense_with_gradients():
     sae.sparse_decode = True
     a_sparse, c = sae(x)
     assert 0 < (c != 0).sum(-1).max() < 512 // 16
-    g_sparse = torch.autograd.grad(a_sparse.square().sum(), [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    g_sparse = torch.autograd.grad(a_sparse.square().sum(), [sae.W_enc_T, sae.W_dec, sae.b_enc, sae.b_dec])
     sae.sparse_decode = False
     a_dense, _ = sae(x)
-    g_dense = torch.autograd.grad(a_dense.square().sum(), [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    g_dense = torch.autograd.grad(a_dense.square().sum(), [sae.W_enc_T, sae.W_dec, sae.b_enc, sae.b_dec])
     torch.testing.assert_close(a_sparse, a_dense, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_sparse, g_dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

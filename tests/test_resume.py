@@ -169,3 +169,35 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monk
     assert torch.isfinite(
         next(iter(load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "saes.safetensors")).values()))
     ).all()
+
+
+def test_restore_refuses_optimizer_state_of_another_shape(tmp_path):
+    """A checkpoint from an SAE with the encoder in the other layout (or any other shape) must not
+    load into the optimizer: torch would accept it, and fused Adam would then update garbage."""
+    import torch
+
+    from e2edict.checkpoint import read_checkpoint, restore, save_checkpoint
+    from e2edict.errors import E2EDictError
+    from e2edict.saes import registry
+    from e2edict.trainer import make_optimizer
+
+    def setup():
+        torch.manual_seed(0)
+        saes = {"h": registry["relu"](8, 32, "h")}
+        opt = make_optimizer(list(saes["h"].parameters()), 1e-3)
+        return saes, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    saes, opt, sched = setup()
+    saes["h"](torch.randn(5, 8))[0].square().sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, 1, saes, opt, sched, {})
+    doc, sae_t, opt_t = read_checkpoint(path)
+    saes2, opt2, sched2 = setup()
+    restore((doc, sae_t, opt_t), saes2, opt2, sched2)  # the round trip: same weights and Adam moments
+    for p, q in zip(saes["h"].parameters(), saes2["h"].parameters(), strict=True):
+        assert p.equal(q) and opt.state[p]["exp_avg"].equal(opt2.state[q]["exp_avg"])
+    names = [n for n, _ in saes["h"].named_parameters()]
+    i = names.index("W_enc_T")
+    opt_t[f"{i}::exp_avg"] = opt_t[f"{i}::exp_avg"].T.contiguous()
+    with pytest.raises(E2EDictError, match=f"optimizer state {i}::exp_avg is misshapen"):
+        restore((doc, sae_t, opt_t), *setup())

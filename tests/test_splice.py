@@ -134,7 +134,7 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
         for hd in handles:
             hd.remove()
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
-    assert saes[h].W_enc.grad is not None
+    assert saes[h].W_enc_T.grad is not None
 
 
 def test_prefix_runs_without_graph(small_backbone):

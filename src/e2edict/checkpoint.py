@@ -140,6 +140,11 @@ def restore(
                 torch.cuda.set_rng_state(v, int(name[4:]))
             continue
         state.setdefault(int(idx), {})[name] = v
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, entries in state.items():
+        for name, v in entries.items():
+            if v.dim() > 0 and (i >= len(params) or v.shape != params[i].shape):
+                raise E2EDictError(f"checkpoint does not match the config: optimizer state {i}::{name} is misshapen")
     opt.load_state_dict({"state": state, "param_groups": doc["optimizer_param_groups"]})
     # The schedule's function comes from the config; only its counters are restored.
     sched.load_state_dict({**doc["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})

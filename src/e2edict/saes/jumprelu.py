@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
 from e2edict.saes.relu import ReLUSAE
 
 
@@ -95,6 +95,23 @@ class JumpReLUSAE(ReLUSAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(self._pre(x), self.threshold, self.bandwidth)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self._pre(x)
+        theta = self.threshold
+        c = _JumpReLU.apply(z, theta, self.bandwidth)
+        if self.sparse_decode is False:
+            return self.decode(c), c
+        # The support a sparse decode must cover: the active latents and those inside the
+        # straight-through window around θ, whose (zero) codes still pass gradient to θ.
+        score = (z - theta).detach().reshape(-1, self.d_sae)
+        support = score > -self.bandwidth / 2
+        k = int(support.sum(-1).max()) if score.numel() else 0
+        if not (self.sparse_decode or k < self.d_sae * SPARSE_DECODE_FRACTION):
+            return self.decode(c), c
+        idx = score.topk(max(1, k), dim=-1, sorted=False).indices
+        vals = c.reshape(-1, self.d_sae).gather(-1, idx)
+        return self.decode_sparse(vals, idx).view_as(x), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         l0 = _Step.apply(self._pre(x), self.threshold, self.bandwidth).sum(-1)

@@ -27,10 +27,20 @@ class ReLUSAE(SAE):
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.sparse_decode: bool | None = None  # None: gather-decode when codes are sparse enough
         # Kaiming-uniform encoder and biases, as torch's nn.Linear initialises them.
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
-        nn.init.kaiming_uniform_(self.W_enc.T, a=math.sqrt(5))
+        W_enc = torch.empty(d_in, d_sae)
+        nn.init.kaiming_uniform_(W_enc.T, a=math.sqrt(5))
+        # Stored one row per latent (nn.Linear's layout); `W_enc` is the [d_in, d_sae] view. The
+        # sparse backwards then read and write whole contiguous rows per active latent (a column
+        # scatter into [d_in, d_sae] was ~20x slower), and the parameter stays contiguous, which
+        # torch's fused Adam needs to be fast (and, for the gradient's layout, correct).
+        self.W_enc_T = nn.Parameter(W_enc.T.contiguous())
         self.b_enc = nn.Parameter(torch.empty(d_sae).uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in)))
         self._init_decoder(orthogonal_init)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder as [d_in, d_sae] (SAELens's layout): a view of ``W_enc_T``."""
+        return self.W_enc_T.T
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> ReLUSAE:
@@ -42,22 +52,15 @@ class ReLUSAE(SAE):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if type(self).encode is not ReLUSAE.encode:  # a subclass with other codes: dense or gather decode
-            c = self.encode(x)
-            if self.sparse_decode is not False:
-                flat = c.reshape(-1, self.d_sae)
-                l0_max = int((flat != 0).sum(-1).max()) if flat.numel() else 0
-                if self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION:
-                    vals, idx = flat.topk(max(1, l0_max), dim=-1, sorted=False)  # every active latent, then zeros
-                    return self.decode_sparse(vals, idx).view_as(x), c
-            return self.decode(c), c
+        if type(self).encode is not ReLUSAE.encode:  # a subclass with other codes and no forward of its own
+            return super().forward(x)
         if self.sparse_decode is False:
             c = self.encode(x)
             return self.decode(c), c
         xin = x - self.b_dec if self.apply_b_dec_to_input else x
         flat = torch.addmm(self.b_enc, xin.reshape(-1, self.d_in), self.W_enc)  # one [tokens, d_sae] tensor
         pre = flat.view(*x.shape[:-1], self.d_sae)
-        l0_max = int((flat > 0).sum(-1).max()) if flat.numel() else 0
+        l0_max = int((flat > 0).sum(-1, dtype=torch.int32).max()) if flat.numel() else 0
         if not (self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION):
             c = torch.relu(pre)
             return self.decode(c), c
@@ -66,13 +69,13 @@ class ReLUSAE(SAE):
         # gathers only their directions.
         k = max(1, l0_max)
         if torch.is_grad_enabled():
-            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc, self.b_enc, k, flat.detach())
+            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, k, flat.detach())
         else:
             vals, idx = flat.topk(k, dim=-1, sorted=False)
             vals = torch.relu(vals)
-        c = torch.zeros_like(flat).scatter(-1, idx, vals).view(*x.shape[:-1], self.d_sae)
+        c = torch.zeros_like(flat).scatter_(-1, idx, vals).view(*x.shape[:-1], self.d_sae)
         lead = x.shape[:-1]
-        return self.decode_sparse(vals.view(*lead, k), idx.view(*lead, k)).view_as(x), c
+        return self.decode_sparse(vals.view(*lead, k), idx.view(*lead, k), zero_is_inactive=True).view_as(x), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing

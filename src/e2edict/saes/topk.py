@@ -76,7 +76,7 @@ class TopKSAE(ReLUSAE):
         pre = self.pre_activations(x).masked_fill(~dead, float("-inf"))
         vals, idx = pre.topk(min(self.auxk_k, n_dead), dim=-1)
         err = (x - x_hat).detach().reshape(-1, self.d_in)
-        err_hat = self.gather_decode(torch.relu(vals), idx).reshape(-1, self.d_in)
+        err_hat = self.gather_decode(torch.relu(vals), idx, zero_is_inactive=True).reshape(-1, self.d_in)
         return self.auxk_coeff * (err_hat - err).pow(2).mean() / err.pow(2).mean().clamp_min(1e-12)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ class TopKSAE(ReLUSAE):
     def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.sparse_decode and torch.is_grad_enabled():
             xin = x - self.b_dec if self.apply_b_dec_to_input else x
-            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc, self.b_enc, self.k)
+            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, self.k)
             vals, idx = vals.view(*x.shape[:-1], self.k), idx.view(*x.shape[:-1], self.k)
             c = torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
             return c, vals, idx
@@ -101,7 +101,7 @@ class TopKSAE(ReLUSAE):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, vals, idx = self._topk(x)
-        x_hat = self.decode_sparse(vals, idx) if self.sparse_decode else self.decode(c)
+        x_hat = self.decode_sparse(vals, idx, zero_is_inactive=True) if self.sparse_decode else self.decode(c)
         self._track_dead(c)
         return x_hat, c
 
