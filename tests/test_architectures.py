@@ -39,14 +39,19 @@ def test_gather_decode_gradients_and_both_dense_decode_routes():
     """The fused gather-decode backward (gradcheck, float64, repeated ids) and the dense decode's
     two equal forms: codes scaled by inverse norms (few tokens) and the normalised dictionary."""
     from e2edict.saes import ReLUSAE
-    from e2edict.saes.base import _GatherDecode
+    from e2edict.saes.sparse import GatherDecode, Pairs
 
     torch.manual_seed(3)
     W = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
-    idx = torch.randint(0, 40, (5, 3))
-    idx[0] = torch.tensor([2, 2, 9])
-    vals = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v, w: _GatherDecode.apply(v, idx, w), (vals, W))
+    # ragged pairs: token 0 uses latent 2 twice, token 2 has none, token 3 has one
+    pairs = Pairs(torch.tensor([0, 0, 0, 1, 1, 3, 4, 4]), torch.tensor([2, 2, 9, 5, 39, 0, 7, 2]), 5)
+    vals = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: GatherDecode.apply(v, pairs, w), (vals, W))
+    out = GatherDecode.apply(vals, pairs, W)
+    D = W / W.norm(dim=1, keepdim=True)
+    ref = torch.zeros(5, 6, dtype=torch.float64).index_add(0, pairs.tok, vals.unsqueeze(1) * D[pairs.lat])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    assert out[2].abs().sum() == 0
     sae = ReLUSAE(16, 64).double()
     for n_tok in (4, 40):  # fewer tokens than d_in: scaled codes; more: normalised dictionary
         c = torch.relu(torch.randn(n_tok, 64, dtype=torch.float64)).requires_grad_(True)
@@ -127,17 +132,18 @@ def test_jumprelu_sparse_decode_keeps_the_threshold_gradient_of_zero_codes():
 def test_gather_decode_skipping_zero_values_is_exact_for_relu_codes():
     """``zero_is_inactive`` drops the (token, latent) pairs whose value is 0: the dictionary's
     gradient is unchanged, and the value gradient there is 0, which is what ReLU passes back."""
-    from e2edict.saes.base import _GatherDecode
+    from e2edict.saes import ReLUSAE
 
     torch.manual_seed(4)
-    W = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    sae = ReLUSAE(6, 50).double()
+    W = sae.W_dec
     idx = torch.randint(0, 50, (7, 5))
     pre = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(7, 6, dtype=torch.float64)
     out = {}
     for skip in (False, True):
         vals = torch.relu(pre)
-        y = _GatherDecode.apply(vals, idx, W, skip)
+        y = sae.gather_decode(vals, idx, zero_is_inactive=skip)
         out[skip] = (y, *torch.autograd.grad((y * g).sum(), [pre, W]))
     assert (torch.relu(pre) == 0).any()
     for u, v in zip(out[True], out[False], strict=True):
@@ -351,10 +357,10 @@ def test_relu_sparse_path_matches_dense_exactly_in_float64(b_dec_in, chunked, mo
     """The sparse path (top active pre-activations, sparse encoder backward, gather decode) against
     the dense formula, values and every gradient, including through b_dec on the input side, and
     with the sparse backwards working one token at a time."""
-    from e2edict.saes import ReLUSAE, base
+    from e2edict.saes import ReLUSAE, sparse
 
     if chunked:
-        monkeypatch.setattr(base, "GATHER_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(sparse, "GATHER_CHUNK_ELEMENTS", 1)
 
     torch.manual_seed(1)
     sae = ReLUSAE(16, 512, apply_b_dec_to_input=b_dec_in).double()

@@ -158,3 +158,56 @@ def test_bf16_autocast_step_keeps_fp32_master_weights(small_backbone):
     assert out.loss.dtype == torch.float32 and out.terms["kl"].dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.item(), rel=0.05)  # bf16 forward, fp32 loss
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in saes[h].parameters())
+
+
+@pytest.mark.parametrize("arch,shift", [("topk", 0.0), ("relu", 0.15), ("jumprelu", 0.1)])
+def test_bf16_autocast_through_the_sparse_paths(small_backbone, arch, shift):
+    """Under bf16 autocast the sparse backwards get bf16 gradients against fp32 weights; the SAE's
+    gradients come back fp32 and point where the fp32 step's do (bf16 rounding may swap a latent
+    at TopK's k-th place, so not equal)."""
+    from e2edict.saes import registry
+
+    h = "blocks.1.hook_resid_pre"
+    d = small_backbone.hook_shapes()[h][0]
+    torch.manual_seed(0)
+    kw = {"topk": {"k": 8}, "jumprelu": {"init_threshold": 0.05, "bandwidth": 0.05}}.get(arch, {})
+    sae = registry[arch](d, 16 * d, h, **kw)
+    with torch.no_grad():
+        sae.b_enc.sub_(shift)  # some tens of active latents per token
+    sae.sparse_decode = True
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(2))
+    w = LossWeights(sparsity={h: 1.0}, kl=1.0)
+    grads = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = splice_forward(small_backbone, {h: sae}, tokens, w)
+        assert 5 < (out.codes[h] != 0).sum(-1).float().mean() < 100
+        grads.append(torch.autograd.grad(out.loss, [sae.W_enc_T, sae.W_dec]))
+    for g32, g16 in zip(*grads, strict=True):
+        assert g16.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.95
+
+
+def test_keep_freed_memory_serves_large_tensors_from_the_heap():
+    """After `keep_freed_memory`, a 100 MB tensor is no longer its own mapping (glibc's mallinfo2
+    counts the bytes in mmapped blocks); run in a child process, as the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, torch
+from e2edict.trainer import keep_freed_memory
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped_while_alive():
+    before = libc.mallinfo2().hblkhd
+    t = torch.ones(25_000_000)
+    return libc.mallinfo2().hblkhd - before
+print(mapped_while_alive() > 90e6, keep_freed_memory(), mapped_while_alive() > 90e6)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True", "False"]

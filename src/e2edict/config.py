@@ -162,6 +162,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward, fp32 master weights")
     tf32: bool = Field(True, description="allow TF32 matmuls on CUDA")
     compile: bool = Field(False, description="torch.compile each SAE")
+    reuse_cpu_memory: bool = Field(
+        True, description="CPU on Linux: keep freed memory in the process (no page faults on SAE-sized tensors each step)"
+    )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torchrun: nccl on GPU, gloo on CPU")
     dist_timeout_s: int = Field(600, gt=0, description="torchrun: how long a collective may wait for a rank")
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from e2edict.errors import E2EDictError
+from e2edict.saes.sparse import GatherDecode, Pairs
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -69,19 +70,22 @@ class SAE(nn.Module, ABC):
         return self.W_dec.norm(dim=1)
 
     def gather_decode(self, vals: torch.Tensor, idx: torch.Tensor, zero_is_inactive: bool = False) -> torch.Tensor:
-        """``sum_i vals_i D[idx_i]`` for [..., k] values and latent ids, reading only those rows.
-
-        The normalisation is folded into the weights (``vals_i / ||W_dec[idx_i]||``), so the
-        normalised dictionary is never built and its gradient reaches only the rows used and the
-        norms. ``zero_is_inactive``: the values are ReLU outputs, whose gradient is zero where they
-        are zero, so the backward skips those entries (padding of a ragged active set costs nothing)."""
+        """``sum_i vals_i D[idx_i]`` for [..., k] values and latent ids, reading only those rows
+        (`e2edict.saes.sparse.GatherDecode`). ``zero_is_inactive``: the values are ReLU outputs,
+        whose gradient is zero where they are zero, so those entries are left out altogether."""
         shape, k = vals.shape[:-1], idx.shape[-1]
-        out = _GatherDecode.apply(vals.reshape(-1, k), idx.reshape(-1, k), self.W_dec, zero_is_inactive)
-        return out.view(*shape, self.d_in)
+        flat_vals = vals.reshape(-1, k)
+        pairs, pos = Pairs.of_rows(idx.reshape(-1, k), flat_vals.detach() != 0 if zero_is_inactive else None)
+        return self.decode_pairs(flat_vals.reshape(-1)[pos], pairs, with_bias=False).view(*shape, self.d_in)
 
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor, zero_is_inactive: bool = False) -> torch.Tensor:
         """``sum_i vals_i D[idx_i] + b_dec`` without touching the inactive directions."""
         return self.gather_decode(vals, idx, zero_is_inactive) + self.b_dec
+
+    def decode_pairs(self, vals: torch.Tensor, pairs: Pairs, with_bias: bool = True) -> torch.Tensor:
+        """[tokens, d_in] reconstructions from a sparse code held as (token, latent) pairs."""
+        out = GatherDecode.apply(vals, pairs, self.W_dec)
+        return out + self.b_dec if with_bias else out
 
     def normalized_decoder(self) -> torch.Tensor:
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
@@ -132,105 +136,6 @@ class SAE(nn.Module, ABC):
     def dictionary(self) -> torch.Tensor:
         """The decoder directions as rows, [d_sae, d_in]."""
         return self.saelens_tensors()["W_dec"]
-
-
-GATHER_CHUNK_ELEMENTS = 1 << 22  # elements of a [pairs, d] temporary in the sparse backwards
-
-
-def _chunks(n: int, d: int) -> list[slice]:
-    """Slices of n rows such that a [rows, d] temporary holds at most the budget."""
-    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, d))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, latent, position in the flattened [N, k]) of the entries kept, in token order."""
-    n, k = idx.shape
-    if keep is None:
-        flat = torch.arange(n * k, device=idx.device)
-    else:
-        flat = keep.reshape(-1).nonzero().squeeze(1)
-    return torch.div(flat, k, rounding_mode="floor"), idx.reshape(-1)[flat], flat
-
-
-class _GatherDecode(torch.autograd.Function):
-    """``out_t = sum_j v_tj W[i_tj] / ||W[i_tj]||`` for [N, k] values ``v`` and ids ``i``.
-
-    The backward works on (token, latent) pairs and writes the dictionary's gradient into one
-    dense buffer: the rows used get ``v_tj / n * g_t`` and, through the norms,
-    ``-(sum v_tj (g_t . W_r) / n^3) W_r``; nothing of the dictionary's size is allocated besides the
-    gradient itself. With ``zero_is_inactive`` the pairs are those with a non-zero value only."""
-
-    @staticmethod
-    def forward(ctx, vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, zero_is_inactive: bool = False):
-        norms = W.norm(dim=1)
-        weights = vals / norms[idx]
-        ctx.save_for_backward(vals, idx, W, norms)
-        ctx.zero_is_inactive = zero_is_inactive
-        return torch.nn.functional.embedding_bag(idx, W, per_sample_weights=weights, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        vals, idx, W, norms = ctx.saved_tensors
-        tok, lat, pos = _pairs(idx, vals != 0 if ctx.zero_is_inactive else None)
-        n_sel = norms[lat]
-        v = vals.reshape(-1)[pos]
-        d = W.shape[1]
-        need_W = ctx.needs_input_grad[2]
-        grad_W = torch.zeros_like(W) if need_W else None
-        dots = torch.empty_like(v)  # g_t . W[i_tj]
-        for c in _chunks(len(pos), d):  # [pairs, d] temporaries stay within a fixed budget
-            g_rows = g[tok[c]]
-            dots[c] = (W[lat[c]] * g_rows).sum(-1)
-            if need_W:
-                grad_W.index_add_(0, lat[c], g_rows.mul_((v[c] / n_sel[c]).unsqueeze(1)))
-        grad_vals = None
-        if ctx.needs_input_grad[0]:
-            grad_vals = torch.zeros_like(vals).view(-1).index_copy_(0, pos, dots / n_sel).view_as(vals)
-        if need_W:
-            # d||W_r|| / dW_r = W_r / n_r; dL/dn_r = -sum v_tj (g_t . W_r) / n_r^2
-            dn = torch.zeros_like(norms).index_add_(0, lat, -(v * dots) / n_sel.square())
-            rows = torch.unique(lat)
-            grad_W.index_add_(0, rows, W[rows] * (dn[rows] / norms[rows]).unsqueeze(1))
-        return grad_vals, None, grad_W, None
-
-
-class _SparseTopKEncode(torch.autograd.Function):
-    """``ReLU(topk(x W_T^T + b))`` whose backward touches only the active latents of each token.
-
-    ``W_T`` is the encoder as [d_sae, d_in] rows, one per latent. Autograd's backward of the dense
-    pre-activation costs a full ``[tokens, d_sae] x [tokens, d_in]`` product although only the
-    selected entries with a positive value carry gradient; here the weight gradient is one row
-    ``index_add`` per (token, latent) pair and the input gradient a gather (``embedding_bag``) of
-    the same rows. Nothing of size tokens x d_sae is kept for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, W_T: torch.Tensor, b: torch.Tensor, k: int, pre: torch.Tensor | None = None):
-        # ``pre``: the pre-activations when the caller has them already (a ReLU SAE choosing its path)
-        vals, idx = (torch.addmm(b, x, W_T.T) if pre is None else pre).topk(k, dim=-1, sorted=False)
-        vals = torch.relu(vals)
-        ctx.save_for_backward(x, W_T, idx, vals)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
-
-    @staticmethod
-    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
-        x, W_T, idx, vals = ctx.saved_tensors
-        tok, lat, pos = _pairs(idx, vals > 0)  # ReLU passes no gradient where the value is 0
-        gv = grad_vals.reshape(-1)[pos]
-        d = W_T.shape[1]
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            counts = torch.bincount(tok, minlength=idx.shape[0])
-            offsets = torch.cumsum(counts, 0) - counts
-            grad_x = torch.nn.functional.embedding_bag(lat, W_T, offsets, mode="sum", per_sample_weights=gv)
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.zeros_like(W_T)
-            for c in _chunks(len(pos), d):  # [pairs, d_in] temporaries stay within a fixed budget
-                grad_W.index_add_(0, lat[c], x[tok[c]].mul_(gv[c].unsqueeze(1)))
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_T.shape[0], dtype=W_T.dtype, device=W_T.device).index_add_(0, lat, gv)
-        return grad_x, grad_W, grad_b, None, None
 
 
 @contextmanager

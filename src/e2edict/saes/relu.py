@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, _SparseTopKEncode, check_tensor, decoder_norms
+from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, check_tensor, decoder_norms
+from e2edict.saes.sparse import Pairs, SparseEncode
 
 
 class ReLUSAE(SAE):
@@ -57,25 +58,22 @@ class ReLUSAE(SAE):
         if self.sparse_decode is False:
             c = self.encode(x)
             return self.decode(c), c
-        xin = x - self.b_dec if self.apply_b_dec_to_input else x
-        flat = torch.addmm(self.b_enc, xin.reshape(-1, self.d_in), self.W_enc)  # one [tokens, d_sae] tensor
-        pre = flat.view(*x.shape[:-1], self.d_sae)
-        l0_max = int((flat > 0).sum(-1, dtype=torch.int32).max()) if flat.numel() else 0
-        if not (self.sparse_decode or l0_max < self.d_sae * SPARSE_DECODE_FRACTION):
-            c = torch.relu(pre)
+        xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)
+        flat = torch.addmm(self.b_enc, xin, self.W_enc)  # one [tokens, d_sae] tensor
+        active = flat > 0
+        n_active = int(torch.count_nonzero(active))
+        if not (self.sparse_decode or n_active < active.numel() * SPARSE_DECODE_FRACTION):
+            c = torch.relu(flat).view(*x.shape[:-1], self.d_sae)
             return self.decode(c), c
-        # Sparse codes: the top l0_max pre-activations of each token hold all its active latents
-        # (ReLU zeroes the rest), so the backward touches only those (as for TopK) and decoding
-        # gathers only their directions.
-        k = max(1, l0_max)
+        # Sparse codes: only the active (token, latent) pairs take part from here on: the decode
+        # gathers their directions and the backward touches only them (ReLU zeroes the rest).
+        pairs = Pairs.of_mask(active)
         if torch.is_grad_enabled():
-            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, k, flat.detach())
+            vals = SparseEncode.apply(xin, self.W_enc_T, self.b_enc, flat.detach(), pairs)
         else:
-            vals, idx = flat.topk(k, dim=-1, sorted=False)
-            vals = torch.relu(vals)
-        c = torch.zeros_like(flat).scatter_(-1, idx, vals).view(*x.shape[:-1], self.d_sae)
-        lead = x.shape[:-1]
-        return self.decode_sparse(vals.view(*lead, k), idx.view(*lead, k), zero_is_inactive=True).view_as(x), c
+            vals = flat[pairs.tok, pairs.lat]
+        c = torch.zeros_like(flat).index_put_((pairs.tok, pairs.lat), vals).view(*x.shape[:-1], self.d_sae)
+        return self.decode_pairs(vals, pairs).view_as(x), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing

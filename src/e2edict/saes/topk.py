@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, _SparseTopKEncode, check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
 from e2edict.saes.relu import ReLUSAE
+from e2edict.saes.sparse import SparseTopKEncode
 
 
 class TopKSAE(ReLUSAE):
@@ -87,7 +88,7 @@ class TopKSAE(ReLUSAE):
     def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.sparse_decode and torch.is_grad_enabled():
             xin = x - self.b_dec if self.apply_b_dec_to_input else x
-            vals, idx = _SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, self.k)
+            vals, idx = SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, self.k)
             vals, idx = vals.view(*x.shape[:-1], self.k), idx.view(*x.shape[:-1], self.k)
             c = torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
             return c, vals, idx

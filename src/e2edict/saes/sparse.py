@@ -1,0 +1,149 @@
+"""Sparse SAE kernels: decode and encoder backwards that touch only the active (token, latent) pairs.
+
+Codes are held as `Pairs` (the ragged layout of a sparse [tokens, d_sae] matrix: for each pair its
+token and latent, in token order) with one value per pair. A TopK SAE has k pairs per token; a
+ReLU SAE at low L0 has exactly its active latents, so the work follows the mean L0, not the
+largest. The dense encoder product that finds the active latents stays dense; everything after it
+(the gather decode, the decoder's gradient, the encoder's gradient) reads and writes whole rows
+per pair: the decoder ``W_dec [d_sae, d_in]`` and the encoder ``W_enc_T [d_sae, d_in]`` both keep
+one latent per row, so a pair's update is one contiguous row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+GATHER_CHUNK_ELEMENTS = 1 << 22  # elements of a [pairs, d] temporary in the sparse backwards
+
+
+def _chunks(n: int, d: int) -> list[slice]:
+    """Slices of n rows such that a [rows, d] temporary holds at most the budget."""
+    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, d))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The (token, latent) pairs of a sparse code over ``n_tokens`` tokens, in token order."""
+
+    tok: torch.Tensor  # [P] token of each pair
+    lat: torch.Tensor  # [P] latent of each pair
+    n_tokens: int
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """Where each token's pairs start (``embedding_bag``'s bags; a token may have none)."""
+        counts = torch.bincount(self.tok, minlength=self.n_tokens)
+        return torch.cumsum(counts, 0) - counts
+
+    @classmethod
+    def of_mask(cls, active: torch.Tensor) -> Pairs:
+        """The True entries of a [tokens, d_sae] mask."""
+        tok, lat = active.nonzero(as_tuple=True)
+        return cls(tok, lat, active.shape[0])
+
+    @classmethod
+    def of_rows(cls, idx: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[Pairs, torch.Tensor]:
+        """The entries of [tokens, k] latent ids (those where ``keep``, if given) and their
+        positions in the flattened [tokens * k]."""
+        n, k = idx.shape
+        pos = torch.arange(n * k, device=idx.device) if keep is None else keep.reshape(-1).nonzero().squeeze(1)
+        return cls(torch.div(pos, k, rounding_mode="floor"), idx.reshape(-1)[pos], n), pos
+
+
+class GatherDecode(torch.autograd.Function):
+    """``out_t = sum_(t, i) v_ti W[i] / ||W[i]||`` over the pairs of each token: [tokens, d_in].
+
+    The normalisation is folded into the per-pair weights, so the normalised dictionary is never
+    built. The backward writes the dictionary's gradient into one dense buffer: the rows used get
+    ``v / n * g_t`` and, through the norms, ``-(sum v (g_t . W_i) / n^3) W_i``; nothing else of the
+    dictionary's size is allocated."""
+
+    @staticmethod
+    def forward(ctx, vals: torch.Tensor, pairs: Pairs, W: torch.Tensor) -> torch.Tensor:
+        norms = W.norm(dim=1)
+        ctx.save_for_backward(vals, W, norms)
+        ctx.pairs = pairs
+        weights = vals.to(W.dtype) / norms[pairs.lat]
+        return F.embedding_bag(pairs.lat, W, pairs.offsets, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        vals, W, norms = ctx.saved_tensors
+        tok, lat = ctx.pairs.tok, ctx.pairs.lat
+        n_sel = norms[lat]
+        v = vals.to(W.dtype)
+        g = g.to(W.dtype)
+        need_W = ctx.needs_input_grad[2]
+        grad_W = torch.zeros_like(W) if need_W else None
+        dots = torch.empty_like(v)  # g_t . W[i] per pair
+        for c in _chunks(len(lat), W.shape[1]):  # [pairs, d] temporaries stay within a fixed budget
+            g_rows = g[tok[c]]
+            dots[c] = (W[lat[c]] * g_rows).sum(-1)
+            if need_W:
+                grad_W.index_add_(0, lat[c], g_rows.mul_((v[c] / n_sel[c]).unsqueeze(1)))
+        grad_vals = (dots / n_sel).to(vals.dtype) if ctx.needs_input_grad[0] else None
+        if need_W:
+            # d||W_r|| / dW_r = W_r / n_r; dL/dn_r = -sum v (g_t . W_r) / n_r^2
+            dn = torch.zeros_like(norms).index_add_(0, lat, -(v * dots) / n_sel.square())
+            rows = torch.unique(lat)
+            grad_W.index_add_(0, rows, W[rows] * (dn[rows] / norms[rows]).unsqueeze(1))
+        return grad_vals, None, grad_W
+
+
+def _encoder_grads(ctx, x: torch.Tensor, W_T: torch.Tensor, pairs: Pairs, gv: torch.Tensor):
+    """Gradients of ``pre[t, i] = x_t . W_T[i] + b_i`` at the pairs, given each pair's gradient."""
+    gv = gv.to(W_T.dtype)
+    grad_x = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = F.embedding_bag(pairs.lat, W_T, pairs.offsets, mode="sum", per_sample_weights=gv).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_W = torch.zeros_like(W_T)
+        for c in _chunks(len(pairs.lat), W_T.shape[1]):  # [pairs, d_in] temporaries stay within a fixed budget
+            grad_W.index_add_(0, pairs.lat[c], x[pairs.tok[c]].to(W_T.dtype).mul_(gv[c].unsqueeze(1)))
+    if ctx.needs_input_grad[2]:
+        grad_b = torch.zeros(W_T.shape[0], dtype=W_T.dtype, device=W_T.device).index_add_(0, pairs.lat, gv)
+    return grad_x, grad_W, grad_b
+
+
+class SparseTopKEncode(torch.autograd.Function):
+    """``ReLU(topk(x W_T^T + b))``: [tokens, k] values and latent ids, whose backward touches only
+    the selected entries with a positive value.
+
+    Autograd's backward of the dense pre-activation costs two full [tokens, d_sae, d_in] products
+    although only those entries carry gradient; here the weight gradient is one row ``index_add``
+    per pair and the input gradient a gather (``embedding_bag``) of the same rows. Nothing of size
+    tokens x d_sae is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W_T: torch.Tensor, b: torch.Tensor, k: int):
+        vals, idx = torch.addmm(b, x, W_T.T).topk(k, dim=-1, sorted=False)
+        vals = torch.relu(vals)
+        ctx.save_for_backward(x, W_T, idx, vals)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
+        x, W_T, idx, vals = ctx.saved_tensors
+        pairs, pos = Pairs.of_rows(idx, vals > 0)  # ReLU passes no gradient where the value is 0
+        return (*_encoder_grads(ctx, x, W_T, pairs, grad_vals.reshape(-1)[pos]), None)
+
+
+class SparseEncode(torch.autograd.Function):
+    """The pre-activations ``x_t . W_T[i] + b_i`` at given pairs (computed by the caller's dense
+    product, passed in as ``pre``), with the backward of `SparseTopKEncode` on exactly those pairs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W_T: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, pairs: Pairs):
+        ctx.save_for_backward(x, W_T)
+        ctx.pairs = pairs
+        return pre[pairs.tok, pairs.lat]
+
+    @staticmethod
+    def backward(ctx, grad_vals: torch.Tensor):
+        x, W_T = ctx.saved_tensors
+        return (*_encoder_grads(ctx, x, W_T, ctx.pairs, grad_vals), None, None)
