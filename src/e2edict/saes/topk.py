@@ -90,12 +90,12 @@ class TopKSAE(ReLUSAE):
             xin = x - self.b_dec if self.apply_b_dec_to_input else x
             vals, idx = SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, self.k)
             vals, idx = vals.view(*x.shape[:-1], self.k), idx.view(*x.shape[:-1], self.k)
-            c = torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+            c = torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter_(-1, idx, vals)
             return c, vals, idx
         pre = self.pre_activations(x)
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         vals = torch.relu(vals)
-        return torch.zeros_like(pre).scatter(-1, idx, vals), vals, idx
+        return torch.zeros_like(pre).scatter_(-1, idx, vals), vals, idx
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._topk(x)[0]
@@ -173,7 +173,7 @@ class BatchTopKSAE(TopKSAE):
         flat = z.reshape(-1, self.d_sae)
         n_keep = min(self.k * flat.shape[0], flat.numel())
         vals, idx = flat.flatten().topk(n_keep, sorted=False)
-        c = torch.zeros_like(flat).flatten().scatter(0, idx, vals).view_as(z)
+        c = torch.zeros_like(flat).flatten().scatter_(0, idx, vals).view_as(z)
         with torch.no_grad():
             kept = vals[vals > 0]
             if len(kept):
