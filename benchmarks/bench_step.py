@@ -6,10 +6,10 @@ For each case it reports tokens/s, peak memory of the step, FLOPs counted with
 for e2edict's step ("ours") and for a naive step that does what the reference implementation
 does: two full forward passes (clean, then spliced), a dense SAE, full log-softmax of both
 logits, then backward. Both start from the same SAE weights and tokens; their losses are shown
-side by side (equal to 1e-5 in fp32). Every case and mode runs in its own subprocess so that peak
-memory is its own: the peak resident set during one step after the timed ones, above the level
-before it, with large allocations served by their own mappings so that the resident set follows the
-live tensors.
+side by side (equal to 1e-5 in fp32). Each case runs both modes in one process for the timing
+(their steps interleaved, each mode's best step reported) and again in one process for memory:
+the peak resident set during one step of each mode, above the level before it, with large
+allocations served by their own mappings so that the resident set follows the live tensors.
 
     python benchmarks/bench_step.py                 # every case
     python benchmarks/bench_step.py --cases gpt2-topk --reps 2
@@ -100,96 +100,105 @@ def naive_step(model, sae, hook, tokens, lam, preset, ds_hooks):
 
 
 def worker(spec: dict) -> dict:
+    """Both modes of one case in this process: the same model, tokens and starting SAE weights.
+
+    ``measure == "time"``: steps alternate between the modes (naive, ours, ours, naive, ...), so a
+    slow moment of the shared machine falls on both; each mode's best step counts. ``"memory"``:
+    one step per mode, each with the peak-RSS mark reset before it."""
     from e2edict.backbones import TLBackbone
     from e2edict.losses import PRESETS
     from e2edict.saes import registry
     from e2edict.splice import LossWeights, splice_forward
+    from e2edict.trainer import keep_freed_memory, make_optimizer
 
     torch.set_num_threads(spec["threads"])
+    if spec["measure"] == "time":  # the trainer's CPU setting (train.reuse_cpu_memory), for both modes
+        keep_freed_memory()
     model_name, hook, arch, preset, ratio, k, batch, n_ctx, target_l0 = CASES[spec["case"]]
     model = build_model(model_name, n_ctx)
     bb = TLBackbone(model, model_name)
     d_in = bb.hook_shapes()[hook][0]
-    torch.manual_seed(0)
-    kw = {"k": k} if k else {}
-    sae = registry[arch](d_in, ratio * d_in, hook, **kw)
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
-    if target_l0:  # a ReLU SAE at the L0 a trained one has, not the ~50% of a fresh one
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, names_filter=hook)
-            pre = cache[hook] @ sae.W_enc + sae.b_enc
-            sae.b_enc -= torch.quantile(pre.flatten()[:: max(1, pre.numel() // 2_000_000)], 1 - target_l0 / sae.d_sae)
     ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
     table = PRESETS[preset]
     w = LossWeights(
         sparsity={hook: 1.0}, local=table["local"], kl=table["kl"], downstream=table["downstream"], downstream_positions=ds
     )
-    if spec["mode"] == "naive":  # the reference's optimizer: torch's default (multi-tensor) Adam
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    else:
-        from e2edict.trainer import keep_freed_memory, make_optimizer
 
-        opt = make_optimizer(list(sae.parameters()), 1e-4)
-        if spec["measure"] == "time":  # as the trainer does on CPU (train.reuse_cpu_memory); the memory
-            keep_freed_memory()  # process keeps one mapping per large tensor, to see the tensors' peak
-    if spec["mode"] == "naive":
-        sae.sparse_decode = False
+    def make_sae():
+        torch.manual_seed(0)
+        sae = registry[arch](d_in, ratio * d_in, hook, **({"k": k} if k else {}))
+        if target_l0:  # a ReLU SAE at the L0 a trained one has, not the ~50% of a fresh one
+            with torch.no_grad():
+                _, cache = model.run_with_cache(tokens, names_filter=hook)
+                pre = cache[hook] @ sae.W_enc + sae.b_enc
+                sae.b_enc -= torch.quantile(pre.flatten()[:: max(1, pre.numel() // 2_000_000)], 1 - target_l0 / sae.d_sae)
+        return sae
 
-        def step():
-            loss = naive_step(model, sae, hook, tokens, 1.0, preset, ds)
-            loss.backward()
-            return loss
-    else:
+    modes = {}
+    for mode in ("naive", "ours"):
+        sae = make_sae()
+        if mode == "naive":  # the reference: dense SAE, torch's default (multi-tensor) Adam
+            sae.sparse_decode = False
+            opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
-        def step():
-            out = splice_forward(bb, {hook: sae}, tokens, w)
-            out.loss.backward()
-            return out.loss
+            def step(sae=sae):
+                loss = naive_step(model, sae, hook, tokens, 1.0, preset, ds)
+                loss.backward()
+                return loss
+        else:
+            opt = make_optimizer(list(sae.parameters()), 1e-4)
+
+            def step(sae=sae):
+                out = splice_forward(bb, {hook: sae}, tokens, w)
+                out.loss.backward()
+                return out.loss
+
+        modes[mode] = (sae, opt, step)
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad():
-        l0 = (sae.encode(model.run_with_cache(tokens, names_filter=hook)[1][hook]) != 0).sum(-1).float().mean().item()
-    # Adam's state (zero gradients leave the weights unchanged), so that it is not counted as the step's
-    for p in sae.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    # the loss at the starting weights, for the side-by-side check
-    sae_state = {n: t.clone() for n, t in sae.state_dict().items()}
-    loss0 = step().item()
-    opt.zero_grad(set_to_none=True)
-    sae.load_state_dict(sae_state)
+    results = {}
+    for mode, (sae, opt, step) in modes.items():
+        with torch.no_grad():
+            codes = sae.encode(model.run_with_cache(tokens, names_filter=hook)[1][hook])
+            l0 = (codes != 0).sum(-1).float().mean().item()
+        # Adam's state (zero gradients leave the weights unchanged), so that it is not counted as the step's
+        for p in sae.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss0 = step().item()  # the loss at the starting weights, for the side-by-side check
+        opt.zero_grad(set_to_none=True)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        opt.step()  # the warm-up step
+        opt.zero_grad(set_to_none=True)
+        results[mode] = {"case": spec["case"], "mode": mode, "loss": loss0, "l0": l0, "flops": counter.get_total_flops()}
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times = []
-    if spec["measure"] == "memory":  # one step: the high-water mark above the model, SAE and optimizer state
-        base = reset_peak_rss()
+    def one_step(mode: str) -> None:
+        _, opt, step = modes[mode]
         step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {"peak_mem_mb": (peak_rss() - base) / 1024}
-    for _ in range(spec["reps"]):
-        t = time.perf_counter()
-        step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    best = min(times)
-    return {
-        "case": spec["case"],
-        "mode": spec["mode"],
-        "loss": loss0,
-        "l0": l0,
-        "step_s": best,
-        "tokens_per_s": batch * n_ctx / best,
-        "flops": flops,
-    }
+
+    if spec["measure"] == "memory":  # one step each: the high-water mark above the model, SAEs and optimizer state
+        for mode in modes:
+            base = reset_peak_rss()
+            one_step(mode)
+            results[mode] = {"peak_mem_mb": (peak_rss() - base) / 1024}
+        return results
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for rep in range(spec["reps"]):
+        for mode in ("naive", "ours") if rep % 2 == 0 else ("ours", "naive"):
+            t = time.perf_counter()
+            one_step(mode)
+            times[mode].append(time.perf_counter() - t)
+    for mode, r in results.items():
+        r["step_s"] = min(times[mode])
+        r["tokens_per_s"] = batch * n_ctx / r["step_s"]
+    return results
 
 
 def _status_kb(field: str) -> int:
@@ -256,17 +265,17 @@ def main() -> None:
     )
     results = []
     for case in args.cases:
-        for mode in ("naive", "ours"):
-            out = {}
-            for measure, env in (("time", {}), ("memory", MEMORY_ENV)):
-                spec = json.dumps({"case": case, "mode": mode, "reps": args.reps, "threads": args.threads, "measure": measure})
-                r = subprocess.run(
-                    [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env={**os.environ, **env}
-                )
-                if r.returncode != 0:
-                    raise SystemExit(f"{case}/{mode} ({measure}) failed:\n{r.stderr[-2000:]}")
-                out.update(json.loads(r.stdout.strip().splitlines()[-1]))
-            results.append(out)
+        out: dict[str, dict] = {"naive": {}, "ours": {}}
+        for measure, env in (("time", {}), ("memory", MEMORY_ENV)):
+            spec = json.dumps({"case": case, "reps": args.reps, "threads": args.threads, "measure": measure})
+            r = subprocess.run(
+                [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env={**os.environ, **env}
+            )
+            if r.returncode != 0:
+                raise SystemExit(f"{case} ({measure}) failed:\n{r.stderr[-2000:]}")
+            for mode, values in json.loads(r.stdout.strip().splitlines()[-1]).items():
+                out[mode].update(values)
+        results += [out["naive"], out["ours"]]
     peak = max(peak, matmul_peak(args.threads))  # again after the cases: the better of the two
     print(f"fp32 matmul peak used for 'of peak': {peak / 1e9:.1f} GFLOP/s (best before and after the cases)")
     head = (
