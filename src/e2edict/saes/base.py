@@ -30,9 +30,10 @@ SAELENS_VERSION = "6.0.0"
 
 registry: dict[str, type[SAE]] = {}
 
-# Decode by gathering the active directions when at most this fraction of latents is active in
-# any token (the crossover measured by benchmarks/sparse_decode.py).
-SPARSE_DECODE_FRACTION = 1 / 16
+# Take the sparse path (active pairs only) when fewer than this fraction of the latents is active:
+# TopK's k / d_sae, a ReLU SAE's active fraction, a JumpReLU SAE's largest support per token. A
+# whole SAE step on the 2-core CPU breaks even near 2% (benchmarks/sparse_decode.py).
+SPARSE_DECODE_FRACTION = 1 / 64
 
 
 class SAE(nn.Module, ABC):
