@@ -35,7 +35,7 @@ def keep_freed_memory() -> bool:
 
     By default every allocation above 32 MB (an SAE's gradient: 141 MB for GPT-2 small at
     dictionary ratio 60) is a fresh mapping that the kernel zero-fills page by page on first touch
-    and unmaps when it is freed, every step; on CPU that is ~15% of a local step. This is the
+    and unmaps when it is freed, every step; on CPU that was ~18% of a local step. This is the
     effect PyTorch's CPU tuning guide gets by swapping in jemalloc or tcmalloc, applied in process
     (process-wide: the resident set stays at its peak). Returns False, changing nothing, where
     the C library is not glibc (macOS, musl)."""

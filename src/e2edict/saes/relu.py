@@ -32,8 +32,8 @@ class ReLUSAE(SAE):
         nn.init.kaiming_uniform_(W_enc.T, a=math.sqrt(5))
         # Stored one row per latent (nn.Linear's layout); `W_enc` is the [d_in, d_sae] view. The
         # sparse backwards then read and write whole contiguous rows per active latent (a column
-        # scatter into [d_in, d_sae] was ~20x slower), and the parameter stays contiguous, which
-        # torch's fused Adam needs to be fast (and, for the gradient's layout, correct).
+        # scatter into [d_in, d_sae] was ~20x slower), and the parameter stays contiguous, as torch's
+        # fused Adam needs (a strided one costs it a copy per step and mismatches restored state).
         self.W_enc_T = nn.Parameter(W_enc.T.contiguous())
         self.b_enc = nn.Parameter(torch.empty(d_sae).uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in)))
         self._init_decoder(orthogonal_init)
