@@ -40,11 +40,11 @@ CASES = {
 }
 
 
-def build_model(name: str, n_ctx: int):
+def build_model(name: str, n_ctx: int, device: str = "cpu"):
     if name == "tiny":
         import e2edict
 
-        return e2edict.load_model("tiny")
+        return e2edict.load_model("tiny", device=device)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(0)
@@ -59,6 +59,7 @@ def build_model(name: str, n_ctx: int):
         act_fn="gelu_new",
         normalization_type="LN",
         seed=0,
+        device=device,
     )
     model = HookedTransformer(cfg)
     model.eval()
@@ -112,13 +113,24 @@ def worker(spec: dict) -> dict:
     from e2edict.trainer import keep_freed_memory, make_optimizer
 
     torch.set_num_threads(spec["threads"])
-    if spec["measure"] == "time":  # the trainer's CPU setting (train.reuse_cpu_memory), for both modes
+    device, bf16 = spec["device"], spec["precision"] == "bf16"
+    on_gpu = device.startswith("cuda")
+    if spec["measure"] == "time" and not on_gpu:  # the trainer's CPU setting (train.reuse_cpu_memory), both modes
         keep_freed_memory()
     model_name, hook, arch, preset, ratio, k, batch, n_ctx, target_l0 = CASES[spec["case"]]
-    model = build_model(model_name, n_ctx)
+    model = build_model(model_name, n_ctx, device)
     bb = TLBackbone(model, model_name)
     d_in = bb.hook_shapes()[hook][0]
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def tf32(on: bool) -> None:  # the trainer's train.tf32 for ours; the reference's fp32 for naive
+        if on_gpu:
+            torch.backends.cuda.matmul.allow_tf32 = on
+
     ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
     table = PRESETS[preset]
     w = LossWeights(
@@ -127,7 +139,7 @@ def worker(spec: dict) -> dict:
 
     def make_sae():
         torch.manual_seed(0)
-        sae = registry[arch](d_in, ratio * d_in, hook, **({"k": k} if k else {}))
+        sae = registry[arch](d_in, ratio * d_in, hook, **({"k": k} if k else {})).to(device)
         if target_l0:  # a ReLU SAE at the L0 a trained one has, not the ~50% of a fresh one
             with torch.no_grad():
                 _, cache = model.run_with_cache(tokens, names_filter=hook)
@@ -143,6 +155,7 @@ def worker(spec: dict) -> dict:
             opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
             def step(sae=sae):
+                tf32(False)
                 loss = naive_step(model, sae, hook, tokens, 1.0, preset, ds)
                 loss.backward()
                 return loss
@@ -150,7 +163,9 @@ def worker(spec: dict) -> dict:
             opt = make_optimizer(list(sae.parameters()), 1e-4)
 
             def step(sae=sae):
-                out = splice_forward(bb, {hook: sae}, tokens, w)
+                tf32(True)
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    out = splice_forward(bb, {hook: sae}, tokens, w)
                 out.loss.backward()
                 return out.loss
 
@@ -182,16 +197,25 @@ def worker(spec: dict) -> dict:
         step()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
 
     if spec["measure"] == "memory":  # one step each: the high-water mark above the model, SAEs and optimizer state
         for mode in modes:
-            base = reset_peak_rss()
-            one_step(mode)
-            results[mode] = {"peak_mem_mb": (peak_rss() - base) / 1024}
+            if on_gpu:
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                one_step(mode)
+                results[mode] = {"peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+            else:
+                base = reset_peak_rss()
+                one_step(mode)
+                results[mode] = {"peak_mem_mb": (peak_rss() - base) / 1024}
         return results
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for rep in range(spec["reps"]):
         for mode in ("naive", "ours") if rep % 2 == 0 else ("ours", "naive"):
+            sync()
             t = time.perf_counter()
             one_step(mode)
             times[mode].append(time.perf_counter() - t)
@@ -233,18 +257,27 @@ def peak_rss() -> int:
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def matmul_peak(threads: int, rounds: int = 5) -> float:
-    """The best of a few rounds of 2048^2 fp32 matmuls (a shared machine's slow moments excluded)."""
+def matmul_peak(threads: int, device: str = "cpu", dtype: torch.dtype = torch.float32, rounds: int = 5) -> float:
+    """The best of a few rounds of square matmuls (a shared machine's slow moments excluded):
+    2048^2 on CPU, 8192^2 on a GPU (fp32 without TF32, or bf16)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    on_gpu = device.startswith("cuda")
+    n = 8192 if on_gpu else 2048
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(rounds):
+        if on_gpu:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(3):
             a @ b
+        if on_gpu:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    return 3 * 2 * 2048**3 / best
+    return 3 * 2 * n**3 / best
 
 
 def main() -> None:
@@ -253,31 +286,58 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N on a GPU machine")
+    ap.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="ours: bf16 = the trainer's autocast; naive stays fp32"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    peak = matmul_peak(args.threads)
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    ours_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    def peaks() -> dict[str, float]:  # naive runs fp32; ours at its precision
+        fp32 = matmul_peak(args.threads, args.device)
+        return {
+            "naive": fp32,
+            "ours": fp32 if ours_dtype == torch.float32 else matmul_peak(args.threads, args.device, ours_dtype),
+        }
+
+    peak = peaks()
+    where = torch.cuda.get_device_name(args.device) if on_gpu else f"{os.cpu_count()} CPUs, {args.threads} threads"
     print(
-        f"machine: {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}, "
-        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"machine: {where}, torch {torch.__version__}, ours in {args.precision}; matmul peak fp32 "
+        f"{peak['naive'] / 1e9:.1f}, ours' precision {peak['ours'] / 1e9:.1f} GFLOP/s"
     )
     results = []
     for case in args.cases:
         out: dict[str, dict] = {"naive": {}, "ours": {}}
         for measure, env in (("time", {}), ("memory", MEMORY_ENV)):
-            spec = json.dumps({"case": case, "reps": args.reps, "threads": args.threads, "measure": measure})
+            spec = {"case": case, "reps": args.reps, "threads": args.threads, "measure": measure}
+            spec.update(device=args.device, precision=args.precision)
             r = subprocess.run(
-                [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env={**os.environ, **env}
+                [sys.executable, __file__, "--worker", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
             )
             if r.returncode != 0:
                 raise SystemExit(f"{case} ({measure}) failed:\n{r.stderr[-2000:]}")
             for mode, values in json.loads(r.stdout.strip().splitlines()[-1]).items():
                 out[mode].update(values)
         results += [out["naive"], out["ours"]]
-    peak = max(peak, matmul_peak(args.threads))  # again after the cases: the better of the two
-    print(f"fp32 matmul peak used for 'of peak': {peak / 1e9:.1f} GFLOP/s (best before and after the cases)")
+    again = peaks()  # again after the cases: the better of the two
+    peak = {m: max(peak[m], again[m]) for m in peak}
+    print(
+        print(
+            "matmul peaks used for 'of peak' (best before and after the cases): "
+            f"{peak['naive'] / 1e9:.1f} / {peak['ours'] / 1e9:.1f} GFLOP/s"
+        )
+    )
     head = (
         f"{'case':<16} {'mode':<6} {'tok/s':>8} {'speed-up':>8} {'peak MB':>8} {'mem ratio':>9} "
         f"{'GFLOP':>7} {'of peak':>7} {'L0':>6} {'loss':>12}"
@@ -289,15 +349,16 @@ def main() -> None:
         n = by[(r["case"], "naive")]
         r["speedup_vs_naive"] = r["tokens_per_s"] / n["tokens_per_s"]
         r["memory_vs_naive"] = r["peak_mem_mb"] / n["peak_mem_mb"] if n["peak_mem_mb"] > 0 else float("nan")
-        r["fraction_of_peak"] = r["flops"] / r["step_s"] / peak
+        r["fraction_of_peak"] = r["flops"] / r["step_s"] / peak[r["mode"]]
         print(
             f"{r['case']:<16} {r['mode']:<6} {r['tokens_per_s']:>8.0f} {r['speedup_vs_naive']:>7.2f}x "
             f"{r['peak_mem_mb']:>8.0f} {r['memory_vs_naive']:>9.2f} {r['flops'] / 1e9:>7.1f} "
             f"{r['fraction_of_peak']:>7.1%} {r['l0']:>6.1f} {r['loss']:>12.7f}"
         )
+    tol = 1e-5 if args.precision == "fp32" else 2e-2  # bf16 forward: equal to bf16's precision only
     for case in args.cases:
         a, b = by[(case, "naive")]["loss"], by[(case, "ours")]["loss"]
-        flag = "ok" if abs(a - b) <= 1e-5 * max(1.0, abs(a)) else "MISMATCH"
+        flag = "ok" if abs(a - b) <= tol * max(1.0, abs(a)) else "MISMATCH"
         print(f"loss check {case}: naive {a:.7f} ours {b:.7f} ({flag})")
     pairs = [("gpt2-local-topk", "gpt2-topk"), ("gpt2-local-relu", "gpt2-relu"), ("tiny-local", "tiny-e2e")]
     for loc, e2e in pairs:
@@ -308,7 +369,7 @@ def main() -> None:
             )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"matmul_peak_flops": peak, "results": results}, fh, indent=2)
+            json.dump({"device": where, "precision": args.precision, "matmul_peak_flops": peak, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
