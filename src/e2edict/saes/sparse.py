@@ -12,6 +12,7 @@ one latent per row, so a pair's update is one contiguous row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.nn import functional as F
@@ -33,9 +34,10 @@ class Pairs:
     lat: torch.Tensor  # [P] latent of each pair
     n_tokens: int
 
-    @property
+    @cached_property
     def offsets(self) -> torch.Tensor:
-        """Where each token's pairs start (``embedding_bag``'s bags; a token may have none)."""
+        """Where each token's pairs start (``embedding_bag``'s bags; a token may have none); computed
+        once, read by the decode's forward and the encoder's backward."""
         counts = torch.bincount(self.tok, minlength=self.n_tokens)
         return torch.cumsum(counts, 0) - counts
 
