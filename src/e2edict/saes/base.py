@@ -31,7 +31,7 @@ SAELENS_VERSION = "6.0.0"
 registry: dict[str, type[SAE]] = {}
 
 # Take the sparse path (active pairs only) when fewer than this fraction of the latents is active:
-# TopK's k / d_sae, a ReLU SAE's active fraction, a JumpReLU SAE's largest support per token. A
+# TopK's k / d_sae, a ReLU SAE's active fraction, a JumpReLU SAE's (with θ's window). A
 # whole SAE step on the 2-core CPU breaks even near 2% (benchmarks/sparse_decode.py).
 SPARSE_DECODE_FRACTION = 1 / 64
 
@@ -78,10 +78,6 @@ class SAE(nn.Module, ABC):
         flat_vals = vals.reshape(-1, k)
         pairs, pos = Pairs.of_rows(idx.reshape(-1, k), flat_vals.detach() != 0 if zero_is_inactive else None)
         return self.decode_pairs(flat_vals.reshape(-1)[pos], pairs, with_bias=False).view(*shape, self.d_in)
-
-    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor, zero_is_inactive: bool = False) -> torch.Tensor:
-        """``sum_i vals_i D[idx_i] + b_dec`` without touching the inactive directions."""
-        return self.gather_decode(vals, idx, zero_is_inactive) + self.b_dec
 
     def decode_pairs(self, vals: torch.Tensor, pairs: Pairs, with_bias: bool = True) -> torch.Tensor:
         """[tokens, d_in] reconstructions from a sparse code held as (token, latent) pairs."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
 from e2edict.saes.relu import ReLUSAE
+from e2edict.saes.sparse import Pairs
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -104,14 +105,12 @@ class JumpReLUSAE(ReLUSAE):
             return self.decode(c), c
         # The support a sparse decode must cover: the active latents and those inside the
         # straight-through window around θ, whose (zero) codes still pass gradient to θ.
-        score = (z - theta).detach().reshape(-1, self.d_sae)
-        support = score > -self.bandwidth / 2
-        k = int(support.sum(-1).max()) if score.numel() else 0
-        if not (self.sparse_decode or k < self.d_sae * SPARSE_DECODE_FRACTION):
+        support = ((z - theta).detach() > -self.bandwidth / 2).reshape(-1, self.d_sae)
+        if not (self.sparse_decode or int(torch.count_nonzero(support)) < support.numel() * SPARSE_DECODE_FRACTION):
             return self.decode(c), c
-        idx = score.topk(max(1, k), dim=-1, sorted=False).indices
-        vals = c.reshape(-1, self.d_sae).gather(-1, idx)
-        return self.decode_sparse(vals, idx).view_as(x), c
+        pairs = Pairs.of_mask(support)
+        vals = c.reshape(-1, self.d_sae)[pairs.tok, pairs.lat]
+        return self.decode_pairs(vals, pairs).view_as(x), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         l0 = _Step.apply(self._pre(x), self.threshold, self.bandwidth).sum(-1)

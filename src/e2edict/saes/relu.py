@@ -65,15 +65,21 @@ class ReLUSAE(SAE):
         if not (self.sparse_decode or n_active < active.numel() * SPARSE_DECODE_FRACTION):
             c = torch.relu(flat).view(*x.shape[:-1], self.d_sae)
             return self.decode(c), c
-        # Sparse codes: only the active (token, latent) pairs take part from here on: the decode
-        # gathers their directions and the backward touches only them (ReLU zeroes the rest).
-        pairs = Pairs.of_mask(active)
+        # Sparse codes: only the active (token, latent) pairs take part from here on (ReLU zeroes the rest).
+        return self._decode_active(xin, flat.detach(), Pairs.of_mask(active), x.shape[:-1])
+
+    def _decode_active(
+        self, xin: torch.Tensor, pre: torch.Tensor, pairs: Pairs, lead: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and dense codes from the active pairs of the [tokens, d_sae] pre-activations
+        ``pre`` (computed without a graph): the decode gathers their directions, and the backward
+        (`SparseEncode`, `GatherDecode`) touches only them. Shared by ReLU and TopK."""
         if torch.is_grad_enabled():
-            vals = SparseEncode.apply(xin, self.W_enc_T, self.b_enc, flat.detach(), pairs)
+            vals = SparseEncode.apply(xin, self.W_enc_T, self.b_enc, pre, pairs)
         else:
-            vals = flat[pairs.tok, pairs.lat]
-        c = torch.zeros_like(flat).index_put_((pairs.tok, pairs.lat), vals).view(*x.shape[:-1], self.d_sae)
-        return self.decode_pairs(vals, pairs).view_as(x), c
+            vals = pre[pairs.tok, pairs.lat]
+        c = torch.zeros_like(pre).index_put_((pairs.tok, pairs.lat), vals).view(*lead, self.d_sae)
+        return self.decode_pairs(vals, pairs).view(*lead, self.d_in), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing

@@ -111,33 +111,14 @@ def _encoder_grads(ctx, x: torch.Tensor, W_T: torch.Tensor, pairs: Pairs, gv: to
     return grad_x, grad_W, grad_b
 
 
-class SparseTopKEncode(torch.autograd.Function):
-    """``ReLU(topk(x W_T^T + b))``: [tokens, k] values and latent ids, whose backward touches only
-    the selected entries with a positive value.
+class SparseEncode(torch.autograd.Function):
+    """The pre-activations ``x_t . W_T[i] + b_i`` at the active pairs, taken from the caller's dense
+    product ``pre`` (computed without a graph), whose backward touches only those pairs.
 
     Autograd's backward of the dense pre-activation costs two full [tokens, d_sae, d_in] products
-    although only those entries carry gradient; here the weight gradient is one row ``index_add``
-    per pair and the input gradient a gather (``embedding_bag``) of the same rows. Nothing of size
-    tokens x d_sae is kept for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, W_T: torch.Tensor, b: torch.Tensor, k: int):
-        vals, idx = torch.addmm(b, x, W_T.T).topk(k, dim=-1, sorted=False)
-        vals = torch.relu(vals)
-        ctx.save_for_backward(x, W_T, idx, vals)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
-
-    @staticmethod
-    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
-        x, W_T, idx, vals = ctx.saved_tensors
-        pairs, pos = Pairs.of_rows(idx, vals > 0)  # ReLU passes no gradient where the value is 0
-        return (*_encoder_grads(ctx, x, W_T, pairs, grad_vals.reshape(-1)[pos]), None)
-
-
-class SparseEncode(torch.autograd.Function):
-    """The pre-activations ``x_t . W_T[i] + b_i`` at given pairs (computed by the caller's dense
-    product, passed in as ``pre``), with the backward of `SparseTopKEncode` on exactly those pairs."""
+    although only the active entries carry gradient; here the weight gradient is one row
+    ``index_add`` per pair and the input gradient a gather (``embedding_bag``) of the same rows.
+    Nothing of size tokens x d_sae is kept for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, W_T: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, pairs: Pairs):

@@ -16,7 +16,7 @@ import torch
 from e2edict.errors import E2EDictError
 from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
 from e2edict.saes.relu import ReLUSAE
-from e2edict.saes.sparse import SparseTopKEncode
+from e2edict.saes.sparse import Pairs
 
 
 class TopKSAE(ReLUSAE):
@@ -85,24 +85,21 @@ class TopKSAE(ReLUSAE):
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
 
-    def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.sparse_decode and torch.is_grad_enabled():
-            xin = x - self.b_dec if self.apply_b_dec_to_input else x
-            vals, idx = SparseTopKEncode.apply(xin.reshape(-1, self.d_in), self.W_enc_T, self.b_enc, self.k)
-            vals, idx = vals.view(*x.shape[:-1], self.k), idx.view(*x.shape[:-1], self.k)
-            c = torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter_(-1, idx, vals)
-            return c, vals, idx
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-        vals = torch.relu(vals)
-        return torch.zeros_like(pre).scatter_(-1, idx, vals), vals, idx
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._topk(x)[0]
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, vals, idx = self._topk(x)
-        x_hat = self.decode_sparse(vals, idx, zero_is_inactive=True) if self.sparse_decode else self.decode(c)
+        if self.sparse_decode:  # the k selected latents with a positive value are the active pairs
+            xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)
+            with torch.no_grad():
+                pre = torch.addmm(self.b_enc, xin, self.W_enc)
+            top, idx = pre.topk(self.k, dim=-1, sorted=False)
+            x_hat, c = self._decode_active(xin, pre, Pairs.of_rows(idx, top > 0)[0], x.shape[:-1])
+        else:
+            c = self.encode(x)
+            x_hat = self.decode(c)
         self._track_dead(c)
         return x_hat, c
 
