@@ -148,11 +148,12 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, small_gpt2_dir
 def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monkeypatch):
     import torch
 
+    import e2edict.step as step_mod
     import e2edict.trainer as train_mod
     from e2edict.config import load_config
     from e2edict.errors import E2EDictError
 
-    real = train_mod.splice_forward
+    real = step_mod.splice_forward
     calls = []
 
     def poisoned(*args, **kw):
@@ -162,7 +163,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monk
             out.terms["kl"] = out.terms["kl"] * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "splice_forward", poisoned)
+    monkeypatch.setattr(step_mod, "splice_forward", poisoned)
     cfg = load_config(ROOT / "configs/tiny/e2e.yaml", overrides(small_gpt2_dir))
     with pytest.raises(E2EDictError, match=r"NaN or Inf in the loss term 'kl' at step 6.*step_000000004"):
         train_mod.train(cfg, out=tmp_path / "run", progress=False)

@@ -152,7 +152,7 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from e2edict.shards import tokenize_to_shards
+    from e2edict.tokenize_shards import tokenize_to_shards
 
     source = {
         "path": args.source,

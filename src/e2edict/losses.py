@@ -94,3 +94,60 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         )
         out.append(ce.view(tk.shape))
     return torch.cat(out)
+
+
+def _head_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk of the fused head: small on a CPU (cache-sized), large on a GPU, where a
+    chunk of a few hundred rows would leave the GEMM starved."""
+    budget = KL_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else KL_CHUNK_ELEMENTS
+    return max(1, budget // max(1, vocab))
+
+
+KL_CHUNK_ELEMENTS_CUDA = 1 << 26  # 256 MB of fp32 logits per chunk on a GPU
+
+
+class _HeadKL(torch.autograd.Function):
+    """Mean forward KL over tokens from the final hidden states, the unembedding fused in.
+
+    Each chunk of rows computes the clean and spliced logits (fp32, padding masked), adds its
+    share of the KL, and, when a gradient is wanted, its share of the gradient with respect to the
+    spliced hidden states, ``((p_s - p_c) / n) W^T`` (times the cap's derivative under a soft cap),
+    while the logits are at hand. So the step runs three unembedding GEMMs (clean, spliced,
+    gradient), keeps nothing of size tokens x vocab, and backward only scales a [tokens, d] tensor."""
+
+    @staticmethod
+    def forward(ctx, head, h_clean: torch.Tensor, h_spliced: torch.Tensor) -> torch.Tensor:
+        hc, hs = h_clean.reshape(-1, h_clean.shape[-1]), h_spliced.reshape(-1, h_spliced.shape[-1])
+        n_tok = len(hc)
+        want_grad = ctx.needs_input_grad[2]
+        grad = torch.empty(hs.shape, dtype=head.W.dtype, device=hs.device) if want_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=hs.device)
+        n = _head_chunk_rows(head.W.shape[1], hs.device)
+        for i in range(0, n_tok, n):
+            lc = torch.log_softmax(head.logits(hc[i : i + n]), -1)
+            spliced = head.logits(hs[i : i + n])
+            ls = torch.log_softmax(spliced, -1)
+            pc = lc.exp()
+            total += (pc * (lc - ls)).sum().double()
+            if want_grad:
+                g = ls.exp_().sub_(pc).div_(n_tok)  # (p_s - p_c) / n, in ls's memory
+                cap = head.softcap_grad(spliced)
+                if cap is not None:
+                    g.mul_(cap)
+                grad[i : i + n] = g.to(head.W.dtype) @ head.W.T
+        ctx.save_for_backward(grad if want_grad else None)
+        ctx.shape, ctx.dtype = h_spliced.shape, h_spliced.dtype
+        return (total / n_tok).float()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None
+        return None, None, (grad * g).to(ctx.dtype).view(ctx.shape)
+
+
+def head_kl_loss(head, h_clean: torch.Tensor, h_spliced: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_spliced) in nats per token, from final hidden states and a `Head`: the same
+    value as `kl_loss` of the two runs' logits, without materialising them."""
+    return _HeadKL.apply(head, h_clean.detach(), h_spliced)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import math
 import signal
 import sys
 import threading
 import time
-from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_backbone, log10_density
 from e2edict.run import RunSetup, lr_factor, prepare_run_dir, setup_run
 from e2edict.saes import SAE, save_sae
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights
+from e2edict.step import NonFinite, StepLog, TrainStep
 
 
 def keep_freed_memory() -> bool:
@@ -172,7 +172,61 @@ def _on_main(ctx: DistContext, fn) -> None:
         raise error if error is not None else E2EDictError("rank 0 failed to prepare the run; see its message")
 
 
+@dataclass
+class _Run:
+    """What the loop works with: the run's setup, its step, data, logs and position."""
+
+    cfg: Config
+    ctx: DistContext
+    setup: RunSetup
+    run_dir: Path
+    saes: dict[str, SAE]
+    step: TrainStep
+    batches: Prefetcher
+    metrics: MetricsLog
+    tokens_per_step: int
+    total_steps: int
+    first_step: int = 0
+    wandb_run: Any = None
+    bar: Any = None
+    stop_signal: list[int] = field(default_factory=list)
+    log: StepLog = field(default_factory=StepLog)
+    start: float = 0.0
+
+    def micro_batches(self) -> list[torch.Tensor]:
+        """This rank's slice of each micro-step's global batch (2 ranks x b sequences see what 1 rank x 2b does)."""
+        b, dev = self.cfg.train.batch_size, self.cfg.model.device
+        mine = slice(self.ctx.rank * b, (self.ctx.rank + 1) * b)
+        on_gpu = str(dev).startswith("cuda")
+        return [self.batches.next()[mine].to(dev, non_blocking=on_gpu) for _ in range(self.cfg.train.grad_accum)]
+
+
 def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, resume: bool) -> Path:
+    run = _open_run(cfg, ctx, out, overwrite, resume)
+    old_handlers = _install_signal_handlers(run.stop_signal)
+    run.bar = tqdm(
+        total=run.total_steps * run.tokens_per_step,
+        initial=run.first_step * run.tokens_per_step,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress or not ctx.is_main,
+        desc=cfg.name,
+        dynamic_ncols=True,
+    )
+    try:
+        _loop(run)
+    finally:
+        run.batches.close()
+        run.bar.close()
+        _restore_signal_handlers(old_handlers)
+    if ctx.is_main:
+        _finish(run)
+    return run.run_dir
+
+
+def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool) -> _Run:
+    """Check everything, prepare the run directory, build the SAEs, optimizer and data, and restore
+    the newest checkpoint when resuming."""
     config_text = dump_config(cfg)
     if ctx.enabled and ctx.device != cfg.model.device:
         cfg = cfg.model_copy(deep=True)
@@ -188,158 +242,144 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
             (run_dir / "config.yaml").write_text(config_text)
 
         _on_main(ctx, prepare)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-
-    saes = setup.build_saes()
-    weights = LossWeights.from_config(cfg.loss, cfg.saes.positions, setup.downstream)
-    params = [p for s in saes.values() for p in s.parameters()]
-    opt = make_optimizer(params, cfg.train.lr)
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx * ctx.world
     total_steps = t.tokens // tokens_per_step
     if total_steps == 0:
         raise E2EDictError(f"train.tokens={t.tokens} is less than one step of {tokens_per_step} tokens over {ctx.world} ranks")
+    saes = setup.build_saes()
+    opt = make_optimizer([p for s in saes.values() for p in s.parameters()], t.lr)
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
     autocast, step_saes = _speed_settings(cfg, saes, ctx)
-    # one global batch per micro-step, sliced by rank: 2 ranks x b sequences see what 1 rank x 2b does
+    weights = LossWeights.from_config(cfg.loss, cfg.saes.positions, setup.downstream)
+    step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, autocast, ctx, t.max_grad_norm)
+    # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
-    mine = slice(ctx.rank * t.batch_size, (ctx.rank + 1) * t.batch_size)
-    first_step = 0
-    if resume:
-        found = latest_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr) if ctx.is_main else None)
-        if found is not None:
-            world = found[1][0].get("world_size", 1)
-            if world != ctx.world:
-                raise E2EDictError(f"the checkpoint was written by {world} ranks; resume it with {world}, not {ctx.world}")
-            doc = restore(found[1], saes, opt, sched)
-            batches.load_state(doc["data"])
-            first_step = doc["step"]
-            if ctx.is_main:
-                print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
-        if ctx.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", first_step)
-        ctx.barrier()
+    first_step = _resume(run_dir, ctx, saes, opt, sched, batches) if resume else 0
     on_gpu = str(cfg.model.device).startswith("cuda")
-    batches = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
+    prefetch = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
     wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    return _Run(cfg, ctx, setup, run_dir, saes, step, prefetch, metrics, tokens_per_step, total_steps, first_step, wandb_run)
 
-    stop_signal: list[int] = []
-    old_handlers = _install_signal_handlers(stop_signal)
-    bar = tqdm(
-        total=total_steps * tokens_per_step,
-        initial=first_step * tokens_per_step,
-        unit="tok",
-        unit_scale=True,
-        disable=not progress or not ctx.is_main,
-        desc=cfg.name,
-        dynamic_ncols=True,
-    )
-    start = time.perf_counter()
+
+def _resume(run_dir: Path, ctx: DistContext, saes, opt, sched, batches) -> int:
+    """Restore the newest intact checkpoint (if any); trim metrics.jsonl to it; return its step."""
+    first_step = 0
+    found = latest_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr) if ctx.is_main else None)
+    if found is not None:
+        world = found[1][0].get("world_size", 1)
+        if world != ctx.world:
+            raise E2EDictError(f"the checkpoint was written by {world} ranks; resume it with {world}, not {ctx.world}")
+        doc = restore(found[1], saes, opt, sched)
+        batches.load_state(doc["data"])
+        first_step = doc["step"]
+        if ctx.is_main:
+            print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
+    if ctx.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", first_step)
+    ctx.barrier()
+    return first_step
+
+
+def _loop(run: _Run) -> None:
+    """The steps; values are read back only at log, evaluation and checkpoint steps."""
+    t = run.cfg.train
+    run.start = time.perf_counter()
+    for step in range(run.first_step, run.total_steps):
+        lr = run.step.sched.get_last_lr()[0]
+        run.log.push(step + 1, run.step(run.micro_batches()))
+        tokens = (step + 1) * run.tokens_per_step
+        run.bar.update(run.tokens_per_step)
+        last = step == run.total_steps - 1
+        if step % t.log_every == 0 or last:
+            _log_step(run, step + 1, tokens, lr)
+        if _crossed(tokens, run.tokens_per_step, t.eval_every_tokens) and not last:
+            _read_values(run)
+            if run.ctx.is_main:
+                _write_row(run, _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1))
+        stopping = _should_stop(run, step, last)
+        if stopping or (_crossed(tokens, run.tokens_per_step, t.checkpoint_every_tokens) and not last):
+            _checkpoint(run, step + 1, tokens)
+        if stopping:
+            run.ctx.barrier()  # the checkpoint is on disk before any rank leaves
+            raise Interrupted(f"stopped by a signal at step {step + 1}; resume with: e2edict train --resume {run.run_dir}")
+    _read_values(run)
+
+
+def _should_stop(run: _Run, step: int, last: bool) -> bool:
+    """Whether a signal arrived: checked every step by one process; across ranks (a collective,
+    which waits for the device) only at log steps."""
+    if not run.ctx.enabled:
+        return bool(run.stop_signal)
+    if step % run.cfg.train.log_every and not last:
+        return False
+    return run.ctx.broadcast_flag(bool(run.stop_signal))
+
+
+def _read_values(run: _Run) -> dict[str, float] | None:
+    """Read the pending step values back (one transfer); stop on the first NaN or Inf."""
     try:
-        for step in range(first_step, total_steps):
-            acc: dict[str, torch.Tensor] = {}  # detached, read back once per step (one device sync)
-            for micro in range(t.grad_accum):
-                x = batches.next()[mine].to(cfg.model.device, non_blocking=on_gpu)
-                with ExitStack() as no_sync:
-                    if ctx.enabled and micro < t.grad_accum - 1:  # DDP averages once, after the last micro-batch
-                        for m in step_saes.values():
-                            no_sync.enter_context(m.no_sync())
-                    with autocast():
-                        out = splice_forward(setup.backbone, step_saes, x, weights)
-                    (out.loss / t.grad_accum).backward()
-                terms = {**out.terms, "loss": out.loss}
-                # mean active latents per token; one count over the whole tensor is ~7x cheaper than per token
-                terms.update({f"l0/{h}": torch.count_nonzero(c) / max(1, c.numel() // c.shape[-1]) for h, c in out.codes.items()})
-                for k, v in terms.items():
-                    acc[k] = acc.get(k, 0.0) + v.detach().float() / t.grad_accum
-            values = ctx.mean(torch.stack(list(acc.values())))  # logged values: the mean over ranks
-            sums = dict(zip(acc, values.tolist(), strict=True))
-            for k, v in sums.items():
-                if not math.isfinite(v):
-                    _non_finite(run_dir, f"loss term {k!r}", step + 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
-            if not math.isfinite(grad_norm):
-                bad = [
-                    f"{h}.{n}"
-                    for h, s_ in saes.items()
-                    for n, p in s_.named_parameters()
-                    if p.grad is not None and not torch.isfinite(p.grad).all()
-                ]
-                _non_finite(run_dir, f"gradient of {', '.join(bad) or 'the SAE parameters'}", step + 1)
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if not torch.stack([torch.isfinite(p).all() for p in params]).all().item():
-                _non_finite(run_dir, "SAE weights after the optimizer step", step + 1)
-            tokens = (step + 1) * tokens_per_step
-            bar.update(tokens_per_step)
-            if ctx.is_main and (step % t.log_every == 0 or step == total_steps - 1):
-                rate = (tokens - first_step * tokens_per_step) / (time.perf_counter() - start)
-                row = {
-                    "step": step + 1,
-                    "tokens": tokens,
-                    "split": "train",
-                    **sums,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": rate,
-                }
-                metrics.write(row)
-                if wandb_run is not None:
-                    wandb_run.log(row, step=step + 1)
-                l0 = sum(v for k, v in sums.items() if k.startswith("l0/")) / len(saes)
-                post = {"loss": f"{sums['loss']:.4g}", "L0": f"{l0:.1f}"}
-                if "kl" in sums:
-                    post["KL"] = f"{sums['kl']:.4f}"
-                bar.set_postfix(post, refresh=False)
-            if ctx.is_main and _crossed(tokens, tokens_per_step, t.eval_every_tokens) and step < total_steps - 1:
-                row = _eval_row(setup, saes, tokens, cfg.eval.during_training_tokens, step + 1)
-                metrics.write(row)
-                if wandb_run is not None:
-                    wandb_run.log(row, step=step + 1)
-            stopping = ctx.broadcast_flag(bool(stop_signal))
-            if ctx.is_main and (
-                stopping or (_crossed(tokens, tokens_per_step, t.checkpoint_every_tokens) and step < total_steps - 1)
-            ):
-                state = {"tokens": tokens, "data": batches.state(), "world_size": ctx.world}
-                save_checkpoint(run_dir, step + 1, saes, opt, sched, state, keep=t.keep_checkpoints)
-            if stopping:
-                ctx.barrier()  # the checkpoint is on disk before any rank leaves
-                raise Interrupted(f"stopped by a signal at step {step + 1}; resume with: e2edict train --resume {run_dir}")
-    finally:
-        batches.close()
-        bar.close()
-        _restore_signal_handlers(old_handlers)
-    if not ctx.is_main:
-        return run_dir
-    final_tokens = total_steps * tokens_per_step
-    save_saes(run_dir, cfg, saes, final_tokens)
+        return run.log.read(run.step.names)
+    except NonFinite as e:
+        _non_finite(run.run_dir, e.what, e.step)
+
+
+def _write_row(run: _Run, row: dict[str, Any]) -> None:
+    run.metrics.write(row)
+    if run.wandb_run is not None:
+        run.wandb_run.log(row, step=row["step"])
+
+
+def _log_step(run: _Run, step: int, tokens: int, lr: float) -> None:
+    sums = _read_values(run)
+    if not run.ctx.is_main or sums is None:
+        return
+    grad_norm = sums.pop("grad_norm")
+    rate = (tokens - run.first_step * run.tokens_per_step) / (time.perf_counter() - run.start)
+    row = {"step": step, "tokens": tokens, "split": "train", **sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate}
+    _write_row(run, row)
+    l0 = sum(v for k, v in sums.items() if k.startswith("l0/")) / len(run.saes)
+    post = {"loss": f"{sums['loss']:.4g}", "L0": f"{l0:.1f}"}
+    if "kl" in sums:
+        post["KL"] = f"{sums['kl']:.4f}"
+    run.bar.set_postfix(post, refresh=False)
+
+
+def _checkpoint(run: _Run, step: int, tokens: int) -> None:
+    """Write a checkpoint (rank 0), after checking every step since the last read was finite."""
+    _read_values(run)
+    if run.ctx.is_main:
+        state = {"tokens": tokens, "data": run.batches.state(), "world_size": run.ctx.world}
+        t = run.cfg.train
+        save_checkpoint(run.run_dir, step, run.saes, run.step.opt, run.step.sched, state, keep=t.keep_checkpoints)
+
+
+def _finish(run: _Run) -> None:
+    """Save the SAEs, evaluate them, write eval.json, the densities and the final metrics row."""
+    cfg = run.cfg
+    final_tokens = run.total_steps * run.tokens_per_step
+    save_saes(run.run_dir, cfg, run.saes, final_tokens)
     densities: dict[str, torch.Tensor] = {}
     result = evaluate_backbone(
-        setup.backbone,
-        saes,
-        setup.eval_seqs,
+        run.setup.backbone,
+        run.saes,
+        run.setup.eval_seqs,
         tokens=cfg.eval.tokens,
         alive_tokens=cfg.eval.alive_tokens,
         batch_size=cfg.eval.batch_size,
         densities=densities,
     )
-    write_eval(run_dir, result)
-    write_sparsity(run_dir, densities)
-    metrics.write(
-        {
-            "step": total_steps,
-            "tokens": final_tokens,
-            "split": "final_eval",
-            **{k: result[k] for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")},
-        }
+    write_eval(run.run_dir, result)
+    write_sparsity(run.run_dir, densities)
+    keys = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")
+    run.metrics.write(
+        {"step": run.total_steps, "tokens": final_tokens, "split": "final_eval", **{k: result[k] for k in keys}}
     )
-    if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
-        wandb_run.finish()
-    return run_dir
+    if run.wandb_run is not None:
+        run.wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
+        run.wandb_run.finish()
 
 
 def _speed_settings(cfg: Config, saes: dict[str, SAE], ctx: DistContext):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -88,3 +89,53 @@ class Backbone(ABC):
         if final != hook_name:
             hooks.append(final)
         return hooks
+
+
+VOCAB_ALIGN = 64  # GEMM-friendly vocabulary width (Hopper's fast bf16 kernels want multiples of 8; 64 for tiles)
+PAD_LOGIT = -1.0e9  # a padded column's logit: exp() of it is exactly 0 in fp32, and it stays finite
+
+
+@dataclass(frozen=True)
+class Head:
+    """A model's output head as ``logits = cap·tanh((h W + b) / cap) + mask`` on the final hidden
+    states ``h`` (after the final norm), with the vocabulary padded to a multiple of `VOCAB_ALIGN`.
+
+    ``W`` is [d_model, V_pad] (contiguous, so ``h @ W`` is a plain GEMM), ``bias`` [V_pad] or None,
+    ``mask`` [V_pad]: 0 on the ``n_vocab`` real columns, `PAD_LOGIT` on the padding, so padded
+    columns carry no probability and no gradient. Built once per dtype by the backbone."""
+
+    W: torch.Tensor
+    bias: torch.Tensor | None
+    mask: torch.Tensor
+    n_vocab: int
+    softcap: float = 0.0
+
+    @classmethod
+    def padded(cls, W: torch.Tensor, bias: torch.Tensor | None, softcap: float = 0.0) -> Head:
+        """From an unpadded [d_model, vocab] unembedding and its bias."""
+        d, v = W.shape
+        vp = -(-v // VOCAB_ALIGN) * VOCAB_ALIGN
+        Wp = W.new_zeros(d, vp)
+        Wp[:, :v] = W
+        bp = None
+        if bias is not None:
+            bp = bias.new_zeros(vp)
+            bp[:v] = bias
+        mask = torch.zeros(vp, dtype=torch.float32, device=W.device)
+        mask[v:] = PAD_LOGIT
+        return cls(Wp, bp, mask, v, float(softcap or 0.0))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [rows, V_pad] of hidden states [rows, d_model] (padding masked)."""
+        h = h.to(self.W.dtype)
+        raw = torch.addmm(self.bias, h, self.W) if self.bias is not None else h @ self.W
+        raw = raw.float()  # a fresh tensor either way, so the in-place ops below alias nothing
+        if self.softcap > 0:
+            raw = torch.tanh(raw.div_(self.softcap)).mul_(self.softcap)
+        return raw.add_(self.mask)
+
+    def softcap_grad(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """d logits / d raw from the capped logits (``1 - (y / cap)^2``); None without a cap."""
+        if self.softcap <= 0:
+            return None
+        return 1 - (logits / self.softcap).square()
