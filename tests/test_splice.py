@@ -108,9 +108,12 @@ def test_identity_sae_leaves_logits_unchanged(small_backbone):
     h = "blocks.1.hook_resid_pre"
     saes = {h: identity_sae(32, h)}
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(1))
-    out = splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0))
-    torch.testing.assert_close(out.logits_spliced, small_backbone.model(tokens), atol=1e-5, rtol=1e-5)
-    assert out.terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    w = LossWeights(sparsity={h: 1.0}, kl=1.0)
+    full = splice_forward(small_backbone, saes, tokens, w, full=True)  # logits, as evaluation takes them
+    torch.testing.assert_close(full.logits_spliced, small_backbone.model(tokens), atol=1e-5, rtol=1e-5)
+    assert full.terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    out = splice_forward(small_backbone, saes, tokens, w)  # training: the fused head's KL
+    assert out.logits_spliced is None and out.terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
@@ -120,7 +123,7 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
     model = small_backbone.model
     handles = [
         model.blocks[2].register_forward_hook(lambda *a: seen.append("block2")),
-        model.unembed.hook_out.register_forward_hook(lambda *a: seen.append("unembed")),
+        model.ln_final.register_forward_hook(lambda *a: seen.append("final norm")),
     ]
     try:
         tokens = torch.randint(0, 4096, (2, 16))
@@ -129,7 +132,7 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
         assert seen == []  # local training ran nothing past the SAE's block
         assert out.logits_spliced is None
         splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0)).loss.backward()
-        assert seen == ["block2", "unembed", "block2", "unembed"]  # clean and spliced continuations
+        assert seen == ["block2", "final norm", "block2", "final norm"]  # clean and spliced continuations
     finally:
         for hd in handles:
             hd.remove()
@@ -140,7 +143,9 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
 def test_prefix_runs_without_graph(small_backbone):
     h = "blocks.2.hook_resid_pre"
     saes = make_saes(small_backbone, [h])
-    out = splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), LossWeights(sparsity={h: 1.0}, kl=1.0))
+    out = splice_forward(
+        small_backbone, saes, torch.randint(0, 4096, (2, 8)), LossWeights(sparsity={h: 1.0}, kl=1.0), full=True
+    )
     assert not out.inputs[h].requires_grad  # the SAE input came from the no-graph prefix
     assert out.logits_clean is not None and not out.logits_clean.requires_grad
     assert out.logits_spliced.requires_grad

@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="huggingface: run the model repository's own code (only if you trust it)")
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
+    fused_attention: bool = Field(
+        True, description="transformer_lens: attention through SDPA where nothing hooks its scores or pattern"
+    )
 
 
 class DataSource(_Strict):

@@ -137,7 +137,7 @@ class _HeadKL(torch.autograd.Function):
                 grad[i : i + n] = g.to(head.W.dtype) @ head.W.T
         ctx.save_for_backward(grad if want_grad else None)
         ctx.shape, ctx.dtype = h_spliced.shape, h_spliced.dtype
-        return (total / n_tok).float()
+        return (total / n_tok).to(torch.promote_types(h_spliced.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -21,7 +21,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def build_backbone(cfg: Config) -> Backbone:
     m = cfg.model
-    return open_backbone(m.name, m.backend, m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code)
+    return open_backbone(
+        m.name, m.backend, m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code, m.fused_attention
+    )
 
 
 def open_backbone(
@@ -31,6 +33,7 @@ def open_backbone(
     dtype: torch.dtype = torch.float32,
     process_weights: bool = False,
     trust_remote_code: bool = False,
+    fused_attention: bool = True,
 ) -> Backbone:
     """A frozen model behind the `Backbone` interface, from either backend."""
     if backend == "huggingface":
@@ -42,7 +45,8 @@ def open_backbone(
         raise E2EDictError(f"unknown model backend {backend!r}; known: transformer_lens, huggingface")
     from e2edict.backbones import TLBackbone, load_hooked_transformer
 
-    return TLBackbone(load_hooked_transformer(name, device=device, dtype=dtype, process_weights=process_weights), name)
+    model = load_hooked_transformer(name, device=device, dtype=dtype, process_weights=process_weights)
+    return TLBackbone(model, name, fused_attention=fused_attention)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 The blocks before the first SAE run once, without a graph. From there the clean run (no graph)
 gives clean logits and activations, and the spliced run replaces each SAE position's activation
 by the SAE's reconstruction; gradients reach only the SAEs (the model is frozen). With no KL and
-no downstream term (local training) nothing past the last SAE runs.
+no downstream term (local training) nothing past the last SAE runs. Where the backbone exposes
+its output head, training takes the KL from the two runs' final hidden states with the
+unembedding fused in (`e2edict.losses.head_kl_loss`): no [tokens, vocab] logits are kept.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from e2edict.backbones.base import Backbone, StopForward
-from e2edict.losses import downstream_loss, kl_loss, mse_loss
+from e2edict.losses import downstream_loss, head_kl_loss, kl_loss, mse_loss
 from e2edict.saes.base import SAE
 
 
@@ -94,10 +96,12 @@ def splice_forward(
 
         return fn
 
+    head = backbone.head() if weights.kl > 0 and not full else None
+    want_logits = weights.kl > 0 or full
     if run_output:
         clean_hooks = {h: capture(clean_acts, h) for h in (*positions, *ds_hooks)}
         with torch.no_grad():
-            logits_clean = backbone.run_from(resid, first, clean_hooks, logits=weights.kl > 0 or full)
+            logits_clean = backbone.run_from(resid, first, clean_hooks, logits=want_logits, hidden=head is not None)
 
         def splice(name: str):
             sae = saes[name]
@@ -105,13 +109,13 @@ def splice_forward(
             def fn(act: torch.Tensor):
                 a_hat, c = sae(act)
                 inputs[name], recons[name], codes[name] = act, a_hat, c
-                return a_hat
+                return a_hat.to(act.dtype)  # the model's own dtype downstream (bf16 when it is held in bf16)
 
             return fn
 
         hooks = {h: splice(h) for h in positions}
         hooks.update({h: capture(spliced_acts, h) for h in ds_hooks})
-        logits_spliced = backbone.run_from(resid, first, hooks, logits=weights.kl > 0 or full)
+        logits_spliced = backbone.run_from(resid, first, hooks, logits=want_logits, hidden=head is not None)
     else:
         # Local: each SAE reads the clean activation; the run stops at the last SAE position.
         last = backbone.last_position(positions)
@@ -135,8 +139,12 @@ def splice_forward(
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 terms[f"aux/{h}"] = aux
                 total = total + weights.local * aux
-    if logits_spliced is not None and (weights.kl > 0 or full):
-        terms["kl"] = kl_loss(logits_clean, logits_spliced)
+    if logits_spliced is not None and want_logits:
+        if head is not None:  # final hidden states, not logits
+            terms["kl"] = head_kl_loss(head, logits_clean, logits_spliced)
+            logits_clean = logits_spliced = None
+        else:
+            terms["kl"] = kl_loss(logits_clean, logits_spliced)
         total = total + weights.kl * terms["kl"]
     if ds_hooks and (weights.downstream > 0 or full):
         # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.

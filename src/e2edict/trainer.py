@@ -251,7 +251,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     opt = make_optimizer([p for s in saes.values() for p in s.parameters()], t.lr)
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
-    autocast, step_saes = _speed_settings(cfg, saes, ctx)
+    autocast, step_saes = _speed_settings(cfg, setup, saes, ctx)
     weights = LossWeights.from_config(cfg.loss, cfg.saes.positions, setup.downstream)
     step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, autocast, ctx, t.max_grad_norm)
     # one global batch per micro-step, sliced by rank
@@ -298,7 +298,9 @@ def _loop(run: _Run) -> None:
         if _crossed(tokens, run.tokens_per_step, t.eval_every_tokens) and not last:
             _read_values(run)
             if run.ctx.is_main:
-                _write_row(run, _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1))
+                with run.step.autocast():
+                    row = _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1)
+                _write_row(run, row)
         stopping = _should_stop(run, step, last)
         if stopping or (_crossed(tokens, run.tokens_per_step, t.checkpoint_every_tokens) and not last):
             _checkpoint(run, step + 1, tokens)
@@ -361,6 +363,7 @@ def _finish(run: _Run) -> None:
     cfg = run.cfg
     final_tokens = run.total_steps * run.tokens_per_step
     save_saes(run.run_dir, cfg, run.saes, final_tokens)
+    run.setup.backbone.restore_dtype()  # the final evaluation sees the model as configured
     densities: dict[str, torch.Tensor] = {}
     result = evaluate_backbone(
         run.setup.backbone,
@@ -374,18 +377,20 @@ def _finish(run: _Run) -> None:
     write_eval(run.run_dir, result)
     write_sparsity(run.run_dir, densities)
     keys = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")
-    run.metrics.write(
-        {"step": run.total_steps, "tokens": final_tokens, "split": "final_eval", **{k: result[k] for k in keys}}
-    )
+    run.metrics.write({"step": run.total_steps, "tokens": final_tokens, "split": "final_eval", **{k: result[k] for k in keys}})
     if run.wandb_run is not None:
         run.wandb_run.summary.update({k: v for k, v in result.items() if k != "saes"})
         run.wandb_run.finish()
 
 
-def _speed_settings(cfg: Config, saes: dict[str, SAE], ctx: DistContext):
-    """bf16 autocast (weights, optimizer state and losses stay fp32), TF32 on CUDA, DDP under
-    torchrun, optional compile. Returns the autocast factory and the SAEs the step calls."""
+def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: DistContext):
+    """bf16: the frozen model held in bf16 (cast once; `_finish` restores its original weights for
+    the final evaluation) and autocast for the SAEs, whose weights, optimizer state and losses stay
+    fp32. TF32 on CUDA, DDP under torchrun, optional compile. Returns the autocast factory and the
+    SAEs the step calls."""
     device_type = torch.device(cfg.model.device).type
+    if cfg.train.precision == "bf16":
+        setup.backbone.cast(torch.bfloat16)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32

@@ -39,10 +39,44 @@ class Backbone(ABC):
         """The residual stream entering block ``layer`` (no graph)."""
 
     @abstractmethod
-    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True) -> torch.Tensor | None:
+    def run_from(
+        self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False
+    ) -> torch.Tensor | None:
         """Run blocks ``layer..`` (and the unembedding when ``logits``) with forward hooks.
 
-        A hook may return a tensor to replace the activation, or raise `StopForward`."""
+        With ``hidden`` (only where `head` is not None) it returns the final hidden states, the
+        head's input, instead of the logits. A hook may return a tensor to replace the
+        activation, or raise `StopForward`."""
+
+    def head(self) -> Head | None:
+        """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
+        logits are not exactly ``head.logits(final hidden states)``; then `run_from` gives logits."""
+        return None
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold the frozen model's floating-point weights in ``dtype`` (once, not per operation);
+        `restore_dtype` brings back the exact original weights."""
+        model = self.model  # type: ignore[attr-defined]
+        if getattr(self, "_original", None) is None:
+            self._original = (
+                next(model.parameters()).dtype,
+                {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            )
+        self._to_dtype(dtype)
+        self._head_cache = None
+
+    def restore_dtype(self) -> None:
+        """Undo `cast`: the original dtype and the original weights, bit for bit."""
+        original = getattr(self, "_original", None)
+        if original is None:
+            return
+        dtype, state = original
+        self._to_dtype(dtype)
+        self.model.load_state_dict(state)  # type: ignore[attr-defined]
+        self._original = self._head_cache = None
+
+    def _to_dtype(self, dtype: torch.dtype) -> None:
+        self.model.to(dtype)  # type: ignore[attr-defined]
 
     @abstractmethod
     def unembed(self) -> torch.Tensor:
@@ -126,10 +160,10 @@ class Head:
         return cls(Wp, bp, mask, v, float(softcap or 0.0))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [rows, V_pad] of hidden states [rows, d_model] (padding masked)."""
+        """Logits [rows, V_pad] (at least fp32) of hidden states [rows, d_model], padding masked."""
         h = h.to(self.W.dtype)
         raw = torch.addmm(self.bias, h, self.W) if self.bias is not None else h @ self.W
-        raw = raw.float()  # a fresh tensor either way, so the in-place ops below alias nothing
+        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))  # fresh either way: the in-place ops alias nothing
         if self.softcap > 0:
             raw = torch.tanh(raw.div_(self.softcap)).mul_(self.softcap)
         return raw.add_(self.mask)

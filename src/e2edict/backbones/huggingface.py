@@ -21,7 +21,7 @@ import re
 import torch
 from torch import nn
 
-from e2edict.backbones.base import Backbone, HookFn, StopForward
+from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.errors import E2EDictError
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class HFBackbone(Backbone):
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
         self.shared_prefix = self._check_block_removal()
+        self._head_cache: Head | None = None
+        self._head_ok = self._check_head()
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +96,20 @@ class HFBackbone(Backbone):
 
     def unembed(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.T
+
+    def head(self) -> Head | None:
+        if not self._head_ok:
+            return None
+        w = self.model.get_output_embeddings().weight
+        if self._head_cache is None or (self._head_cache.W.dtype, self._head_cache.W.device) != (w.dtype, w.device):
+            self._head_cache = self._build_head()
+        return self._head_cache
+
+    def _build_head(self) -> Head:
+        lm = self.model.get_output_embeddings()
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        cap = getattr(cfg, "final_logit_softcapping", None) or 0.0
+        return Head.padded(lm.weight.detach().T, getattr(lm, "bias", None), cap)
 
     # --- hook names -------------------------------------------------------------------------
     def _module(self, hook: str) -> tuple[nn.Module, bool]:
@@ -217,8 +233,21 @@ class HFBackbone(Backbone):
             handle.remove()
         return got[0]
 
-    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True):
-        return self._run_from(resid, layer, hooks, logits, self.shared_prefix)
+    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
+        if not hidden:
+            return self._run_from(resid, layer, hooks, logits, self.shared_prefix)
+        got: list[torch.Tensor] = []
+
+        def take(module, args):
+            got.append(args[0])
+            raise StopForward
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(take)
+        try:
+            self._run_from(resid, layer, hooks, True, self.shared_prefix)
+        finally:
+            handle.remove()
+        return got[0] if got else None
 
     def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, remove: bool):
         def inject(module, args, kwargs):
@@ -268,4 +297,28 @@ class HFBackbone(Backbone):
         same = got is not None and got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
         if not same:
             log.info("shared prefix off for %s: removing blocks changes the logits", self.name)
+        return bool(same)
+
+    def _check_head(self) -> bool:
+        """Whether the logits are exactly the head applied to the head's input (no scaling or other
+        step after the output embeddings that `Head` does not know), so the fused KL may be used."""
+        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        got: list[torch.Tensor] = []
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
+        try:
+            with torch.no_grad():
+                ref = self.model(input_ids=tokens, use_cache=False).logits
+                if not got:
+                    return False
+                ours = self._build_head().logits(got[0].reshape(-1, got[0].shape[-1]))[:, : self.d_vocab]
+        except Exception as e:  # an unusual head (a tuple input, a custom module): keep the logits path
+            log.info("fused head off for %s: %s", self.name, e)
+            return False
+        finally:
+            handle.remove()
+        same = ours.shape == ref.reshape(-1, ref.shape[-1]).shape and torch.allclose(
+            ours, ref.reshape(-1, ref.shape[-1]).float(), atol=1e-4, rtol=1e-4
+        )
+        if not same:
+            log.info("fused head off for %s: the logits are not the output embeddings of the final hidden states", self.name)
         return bool(same)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from e2edict.backbones.base import Backbone, HookFn, StopForward
+from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
+from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
 
 EMBEDDED = {"tiny"}
@@ -113,8 +114,9 @@ def _load_hooked_transformer(name_or_path: str, device: str, dtype: torch.dtype,
 class TLBackbone(Backbone):
     """A `HookedTransformer` behind the `Backbone` interface."""
 
-    def __init__(self, model, name: str):
+    def __init__(self, model, name: str, fused_attention: bool = True):
         self.model = model
+        self.fused_attention = use_fused_attention(model) > 0 if fused_attention else False
         self.name = name
         self.n_layers = model.cfg.n_layers
         self.n_ctx = model.cfg.n_ctx
@@ -122,9 +124,22 @@ class TLBackbone(Backbone):
         self.d_vocab = model.cfg.d_vocab
         self.bos_token_id = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._head_cache: Head | None = None
 
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
+
+    def head(self) -> Head:
+        w = self.model.unembed.W_U
+        if self._head_cache is None or (self._head_cache.W.dtype, self._head_cache.W.device) != (w.dtype, w.device):
+            u = self.model.unembed
+            cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+            self._head_cache = Head.padded(u.W_U.detach(), u.b_U.detach(), cap)
+        return self._head_cache
+
+    def _to_dtype(self, dtype: torch.dtype) -> None:
+        with contextlib.redirect_stdout(sys.stderr):  # TransformerLens prints "Changing model dtype"
+            self.model.to(dtype)
 
     def hook_shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
@@ -144,7 +159,7 @@ class TLBackbone(Backbone):
         with torch.no_grad():
             return self.model(tokens, stop_at_layer=layer)
 
-    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True):
+    def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
         def wrap(fn, act, hook):
             return fn(act)
 
@@ -152,17 +167,21 @@ class TLBackbone(Backbone):
         try:
             with self.model.hooks(fwd_hooks=fwd):
                 out = self.model(resid, start_at_layer=layer, stop_at_layer=self.n_layers)
+                if hidden:
+                    return self._final_norm(out)
                 return self._head(out) if logits else None
         except StopForward:
             return None
+
+    def _final_norm(self, residual: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.ln_final(residual) if m.cfg.normalization_type is not None else residual
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding as TransformerLens computes them (its hook points fire), but
         with ``x @ W_U`` read in place: TransformerLens's `Unembed` copies ``W_U.T`` on every call."""
         m = self.model
-        if m.cfg.normalization_type is not None:
-            residual = m.ln_final(residual)
-        x = m.unembed.hook_in(residual)
+        x = m.unembed.hook_in(self._final_norm(residual))
         out = torch.addmm(m.unembed.b_U, x.reshape(-1, x.shape[-1]), m.unembed.W_U).view(*x.shape[:-1], -1)
         out = m.unembed.hook_out(out)
         cap = getattr(m.cfg, "output_logits_soft_cap", 0.0) or 0.0

@@ -36,6 +36,15 @@ registry: dict[str, type[SAE]] = {}
 SPARSE_DECODE_FRACTION = 1 / 64
 
 
+def sparse_path_allowed(x: torch.Tensor) -> bool:
+    """Whether the automatic choice may take the sparse path for input ``x``: on a CPU only.
+
+    The ragged kernels size their work from the data (how many pairs are active), which on a GPU
+    is a read back to the host every step and a new shape for every compiled graph; there the
+    dense GEMMs run on tensor cores at these sizes anyway. ``sparse_decode=True`` still forces it."""
+    return x.device.type == "cpu"
+
+
 class SAE(nn.Module, ABC):
     """An SAE at one hook point: ``forward(a) -> (a_hat, c)``."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
@@ -101,7 +101,7 @@ class JumpReLUSAE(ReLUSAE):
         z = self._pre(x)
         theta = self.threshold
         c = _JumpReLU.apply(z, theta, self.bandwidth)
-        if self.sparse_decode is False:
+        if self.sparse_decode is False or (self.sparse_decode is None and not sparse_path_allowed(x)):
             return self.decode(c), c
         # The support a sparse decode must cover: the active latents and those inside the
         # straight-through window around θ, whose (zero) codes still pass gradient to θ.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, check_tensor, decoder_norms
+from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, check_tensor, decoder_norms, sparse_path_allowed
 from e2edict.saes.sparse import Pairs, SparseEncode
 
 
@@ -55,7 +55,7 @@ class ReLUSAE(SAE):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if type(self).encode is not ReLUSAE.encode:  # a subclass with other codes and no forward of its own
             return super().forward(x)
-        if self.sparse_decode is False:
+        if self.sparse_decode is False or (self.sparse_decode is None and not sparse_path_allowed(x)):
             c = self.encode(x)
             return self.decode(c), c
         xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)

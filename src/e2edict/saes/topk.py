@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
@@ -41,6 +41,7 @@ class TopKSAE(ReLUSAE):
             raise E2EDictError(f"k must lie in [1, d_sae={d_sae}], got {k}")
         self.k = k
         self.sparse_decode = (k / d_sae < SPARSE_DECODE_FRACTION) if sparse_decode is None else sparse_decode
+        self._sparse_auto = sparse_decode is None  # chosen here, so a GPU input still takes the dense path
         # AuxK (Gao et al. 2024): dead latents learn to explain the residual error
         self.auxk_coeff, self.auxk_k, self.dead_tokens = auxk_coeff, auxk_k or max(1, d_in // 2), dead_tokens
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
@@ -91,7 +92,8 @@ class TopKSAE(ReLUSAE):
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.sparse_decode:  # the k selected latents with a positive value are the active pairs
+        if self.sparse_decode and (not self._sparse_auto or sparse_path_allowed(x)):
+            # the k selected latents with a positive value are the active pairs
             xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)
             with torch.no_grad():
                 pre = torch.addmm(self.b_enc, xin, self.W_enc)
@@ -171,15 +173,14 @@ class BatchTopKSAE(TopKSAE):
         n_keep = min(self.k * flat.shape[0], flat.numel())
         vals, idx = flat.flatten().topk(n_keep, sorted=False)
         c = torch.zeros_like(flat).flatten().scatter_(0, idx, vals).view_as(z)
-        with torch.no_grad():
-            kept = vals[vals > 0]
-            if len(kept):
-                smallest = kept.min()
-                if self.threshold_updates == 0:
-                    self.threshold.copy_(smallest)
-                else:
-                    self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
-                self.threshold_updates += 1
+        with torch.no_grad():  # on the device, without reading anything back
+            smallest = torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).min().float()
+            seen = torch.isfinite(smallest)  # some kept value was positive
+            ema = torch.where(
+                self.threshold_updates == 0, smallest, self.threshold * self.momentum + (1 - self.momentum) * smallest
+            )
+            self.threshold.copy_(torch.where(seen, ema, self.threshold))
+            self.threshold_updates.add_(seen.long())
         return c
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
