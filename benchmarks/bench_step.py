@@ -333,10 +333,8 @@ def main() -> None:
     again = peaks()  # again after the cases: the better of the two
     peak = {m: max(peak[m], again[m]) for m in peak}
     print(
-        print(
-            "matmul peaks used for 'of peak' (best before and after the cases): "
-            f"{peak['naive'] / 1e9:.1f} / {peak['ours'] / 1e9:.1f} GFLOP/s"
-        )
+        "matmul peaks used for 'of peak' (best before and after the cases): "
+        f"{peak['naive'] / 1e9:.1f} / {peak['ours'] / 1e9:.1f} GFLOP/s"
     )
     head = (
         f"{'case':<16} {'mode':<6} {'tok/s':>8} {'speed-up':>8} {'peak MB':>8} {'mem ratio':>9} "

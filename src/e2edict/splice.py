@@ -126,19 +126,7 @@ def splice_forward(
             a_hat, c = saes[h](clean_acts[h])
             inputs[h], recons[h], codes[h] = clean_acts[h], a_hat, c
 
-    terms: dict[str, torch.Tensor] = {}
-    total = torch.zeros((), device=tokens.device)
-    for h in positions:
-        core = unwrap(saes[h])
-        terms[f"sparsity/{h}"] = core.sparsity_loss(inputs[h], codes[h], weights.p)
-        total = total + weights.sparsity[h] * terms[f"sparsity/{h}"]
-        if weights.local > 0 or full:
-            terms[f"local/{h}"] = mse_loss(recons[h], inputs[h])
-            total = total + weights.local * terms[f"local/{h}"]
-            aux = core.aux_loss(inputs[h], recons[h], codes[h]) if weights.local > 0 else None
-            if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
-                terms[f"aux/{h}"] = aux
-                total = total + weights.local * aux
+    terms, total = _sae_terms(saes, inputs, recons, codes, weights, full)
     if logits_spliced is not None and want_logits:
         if head is not None:  # final hidden states, not logits
             terms["kl"] = head_kl_loss(head, logits_clean, logits_spliced)
@@ -151,3 +139,21 @@ def splice_forward(
         terms["downstream"] = downstream_loss(spliced_acts, {h: clean_acts[h] for h in ds_hooks}, 1.0)
         total = total + weights.downstream * terms["downstream"]
     return SpliceOutput(total, terms, inputs, recons, codes, logits_clean, logits_spliced, clean_acts, spliced_acts)
+
+
+def _sae_terms(saes, inputs, recons, codes, weights: LossWeights, full: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each SAE's sparsity term, and its local MSE (and auxiliary loss) where wanted, with their weighted sum."""
+    terms: dict[str, torch.Tensor] = {}
+    total = None
+    for h in saes:
+        core = unwrap(saes[h])
+        parts = {f"sparsity/{h}": (weights.sparsity[h], core.sparsity_loss(inputs[h], codes[h], weights.p))}
+        if weights.local > 0 or full:
+            parts[f"local/{h}"] = (weights.local, mse_loss(recons[h], inputs[h]))
+            aux = core.aux_loss(inputs[h], recons[h], codes[h]) if weights.local > 0 else None
+            if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
+                parts[f"aux/{h}"] = (weights.local, aux)
+        for name, (coeff, value) in parts.items():
+            terms[name] = value
+            total = coeff * value if total is None else total + coeff * value
+    return terms, total

@@ -290,6 +290,8 @@ def _loop(run: _Run) -> None:
     for step in range(run.first_step, run.total_steps):
         lr = run.step.sched.get_last_lr()[0]
         run.log.push(step + 1, run.step(run.micro_batches()))
+        if step == run.first_step and t.compile:
+            _report_first_step(run)
         tokens = (step + 1) * run.tokens_per_step
         run.bar.update(run.tokens_per_step)
         last = step == run.total_steps - 1
@@ -308,6 +310,14 @@ def _loop(run: _Run) -> None:
             run.ctx.barrier()  # the checkpoint is on disk before any rank leaves
             raise Interrupted(f"stopped by a signal at step {step + 1}; resume with: e2edict train --resume {run.run_dir}")
     _read_values(run)
+
+
+def _report_first_step(run: _Run) -> None:
+    """Under ``train.compile`` the first step includes compiling: say how long it took."""
+    if str(run.cfg.model.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    if run.ctx.is_main:
+        print(f"e2edict: first step, with torch.compile, took {time.perf_counter() - run.start:.1f} s", file=sys.stderr)
 
 
 def _should_stop(run: _Run, step: int, last: bool) -> bool:
@@ -407,7 +417,10 @@ def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: Dis
         ids = [ctx.local_rank] if device_type == "cuda" else None
         step_saes = {h: DistributedDataParallel(s, device_ids=ids) for h, s in step_saes.items()}
     if cfg.train.compile:
-        step_saes = {h: torch.compile(s) for h, s in step_saes.items()}
+        for s in saes.values():  # static shapes: the ragged sparse paths would recompile every step
+            if hasattr(s, "sparse_decode"):
+                s.sparse_decode = False
+        step_saes = {h: torch.compile(s, dynamic=False) for h, s in step_saes.items()}
     return autocast, step_saes
 
 

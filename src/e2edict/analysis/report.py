@@ -88,6 +88,10 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") for i in ids]
 
 
+def _device(saes: dict[str, SAE]) -> torch.device:
+    return next(next(iter(saes.values())).parameters()).device
+
+
 def collect_features(
     backbone: Backbone,
     saes: dict[str, SAE],
@@ -108,7 +112,7 @@ def collect_features(
     n_ctx = sequences.shape[1]
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
-            x = sequences[start : start + batch_size]
+            x = sequences[start : start + batch_size].to(_device(saes))
             out = splice_forward(backbone, saes, x, weights, full=True)
             for h, s in stats.items():
                 if len(s.ids):
@@ -181,7 +185,7 @@ def context_codes(
     with torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             idx = wanted[start : start + batch_size]
-            res = splice_forward(backbone, saes, sequences[idx], weights, full=True)
+            res = splice_forward(backbone, saes, sequences[idx].to(_device(saes)), weights, full=True)
             for h, s in stats.items():
                 sel = res.codes[h][:, :, s.ids].float().cpu()
                 for row, seq in enumerate(idx):
