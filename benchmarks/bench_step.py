@@ -107,6 +107,7 @@ def worker(spec: dict) -> dict:
     slow moment of the shared machine falls on both; each mode's best step counts. ``"memory"``:
     one step per mode, each with the peak-RSS mark reset before it."""
     from e2edict.backbones import TLBackbone
+    from e2edict.backbones.tl_attention import use_fused_attention, use_unfused_attention
     from e2edict.losses import PRESETS
     from e2edict.saes import registry
     from e2edict.splice import LossWeights, splice_forward
@@ -156,8 +157,12 @@ def worker(spec: dict) -> dict:
 
             def step(sae=sae):
                 tf32(False)
-                loss = naive_step(model, sae, hook, tokens, 1.0, preset, ds)
-                loss.backward()
+                use_unfused_attention(model)  # the reference runs TransformerLens's own attention
+                try:
+                    loss = naive_step(model, sae, hook, tokens, 1.0, preset, ds)
+                    loss.backward()
+                finally:
+                    use_fused_attention(model)
                 return loss
         else:
             opt = make_optimizer(list(sae.parameters()), 1e-4)
