@@ -143,9 +143,7 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
 def test_prefix_runs_without_graph(small_backbone):
     h = "blocks.2.hook_resid_pre"
     saes = make_saes(small_backbone, [h])
-    out = splice_forward(
-        small_backbone, saes, torch.randint(0, 4096, (2, 8)), LossWeights(sparsity={h: 1.0}, kl=1.0), full=True
-    )
+    out = splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), LossWeights(sparsity={h: 1.0}, kl=1.0), full=True)
     assert not out.inputs[h].requires_grad  # the SAE input came from the no-graph prefix
     assert out.logits_clean is not None and not out.logits_clean.requires_grad
     assert out.logits_spliced.requires_grad

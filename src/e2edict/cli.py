@@ -146,7 +146,12 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     from e2edict.run import open_backbone
 
     bb = open_backbone(args.model, args.backend, trust_remote_code=args.trust_remote_code)
-    for name, shape in bb.hook_shapes().items():
+    shapes = bb.hook_shapes()
+    if args.transcoders:  # MLP pairs: short name, input hook, output hook, widths
+        for short, (src, dst) in bb.mlp_pairs().items():
+            print(f"{short}\t{src} -> {dst}\t{shapes[src][0]} -> {shapes[dst][0]}")
+        return 0
+    for name, shape in shapes.items():
         print(f"{name}\t{shape[0]}")
     return 0
 
@@ -179,6 +184,7 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
             cols.append((name if len(res["saes"]) == 1 else f"{name}:{hook}", res, m))
     rows = [
         ("SAE position", lambda r, m: next(h for h, v in r["saes"].items() if v is m)),
+        ("writes", lambda r, m: m.get("hook_name_out") or "(its input)"),
         ("L0", lambda r, m: f"{m['l0']:.2f}"),
         ("alive / d_sae", lambda r, m: f"{m['alive']} / {m['d_sae']}"),
         ("CE clean", lambda r, m: f"{r['ce_loss_clean']:.4f}"),
@@ -290,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("model", nargs="?", default="tiny", help="tiny, a model folder, or a hub name")
     h.add_argument("--backend", choices=["transformer_lens", "huggingface"], default="transformer_lens")
     h.add_argument("--trust-remote-code", action="store_true", help="huggingface: run the repository's own model code")
+    h.add_argument("--transcoders", action="store_true", help="list the MLPs a transcoder can replace: short name, hooks, widths")
     h.set_defaults(fn=_cmd_hooks)
     return ap
 

@@ -80,7 +80,12 @@ class DataConfig(_Strict):
 
 
 class SAEsConfig(_Strict):
-    positions: list[str] = Field(min_length=1)
+    positions: list[str] = Field(
+        min_length=1, description="hook names; transcoders: 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP's short name"
+    )
+    kind: Literal["sae", "transcoder", "skip_transcoder"] = Field(
+        "sae", description="sae: reconstructs its activation; transcoder: reads one hook, writes another (an MLP's output)"
+    )
     architecture: str = "relu"
     dict_ratio: float = Field(16.0, gt=0)
     k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk)")
@@ -140,12 +145,14 @@ class LossConfig(_Strict):
             raise ValueError("every reconstruction term (kl, local, downstream) has coeff 0: nothing to train")
         return self
 
-    def sparsity_coeff(self, hook: str) -> float:
+    def sparsity_coeff(self, hook: str, *aliases: str) -> float:
+        """Lambda of the SAE at ``hook`` (a mapping may also name it by an alias: a transcoder's position as written)."""
         c = self.sparsity.coeff
         if isinstance(c, dict):
-            if hook not in c:
-                raise E2EDictError(f"loss.sparsity.coeff has no lambda for SAE position {hook!r}")
-            return c[hook]
+            for name in (hook, *aliases):
+                if name in c:
+                    return c[name]
+            raise E2EDictError(f"loss.sparsity.coeff has no lambda for SAE position {hook!r}")
         return c
 
 

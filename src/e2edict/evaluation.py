@@ -14,7 +14,7 @@ from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.losses import kl_loss, next_token_ce
 from e2edict.saes.base import SAE, eval_mode
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, SpliceOutput, splice_forward, splice_hooks
 
 
 class _Pooled:
@@ -110,19 +110,19 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
         n_tok += x.numel()
         ratio_n += keep
         for h in saes:
-            a, a_hat = out.inputs[h][:keep], out.recons[h][:keep]
+            a, a_hat = out.targets[h][:keep], out.recons[h][:keep]
             pooled[h].add(a, a_hat)
             l0[h] += (out.codes[h][:keep] != 0).sum().item()
             ratio = a_hat.double().norm(dim=-1) / a.double().norm(dim=-1).clamp_min(1e-12)
             ratio_sum[h] += ratio.sum(0).cpu()
-            # CE-loss score: this SAE alone spliced, against zero ablation of its activation
+            # CE-loss score: this SAE alone spliced, against ablating what it replaces (`_ablation`)
             if not ce_score:
                 continue
             if len(saes) == 1:
                 ce_alone[h] += next_token_ce(out.logits_spliced[:keep], x).sum().item()
             else:
-                ce_alone[h] += _ce_with_hook(backbone, x, h, lambda act, h=h: saes[h](act)[0])
-            ce_zero[h] += _ce_with_hook(backbone, x, h, torch.zeros_like)
+                ce_alone[h] += _ce_with_hooks(backbone, x, _alone(saes, h))
+            ce_zero[h] += _ce_with_hooks(backbone, x, _ablation(saes[h], h))
         for h in ds:
             down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
 
@@ -141,6 +141,8 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
         zero, alone = ce_zero[h] / n_pred, ce_alone[h] / n_pred
         clean = result["ce_loss_clean"]
         result["saes"][h] = {
+            "kind": sae.kind,
+            **({"hook_name_out": sae.hook_name_out} if sae.hook_name_out else {}),
             "l0": l0[h] / n_tok,
             "alive": alive,
             "dead": sae.d_sae - alive,
@@ -148,7 +150,7 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
             "explained_variance": pooled[h].explained_variance(),
             "mse": pooled[h].mse(),
             "ce_loss_alone": alone,
-            "ce_loss_zero_ablation": zero,
+            ("ce_loss_mean_ablation" if sae.hook_name_out else "ce_loss_zero_ablation"): zero,
             "ce_loss_score": (zero - alone) / (zero - clean) if ce_score and zero != clean else float("nan"),
             "norm_ratio_pos0": by_pos[0],
             "norm_ratio_pos_gt0": sum(by_pos[1:]) / max(1, len(by_pos) - 1),
@@ -164,10 +166,25 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
     return result
 
 
-def _ce_with_hook(backbone: Backbone, x: torch.Tensor, hook: str, fn) -> float:
-    """Summed next-token CE with one hook's activation replaced by ``fn(activation)``."""
-    layer = backbone.block_of(hook)
-    logits = backbone.run_from(backbone.embed_to(x, layer), layer, {hook: fn})
+def _alone(saes: dict[str, SAE], h: str) -> dict:
+    """Hooks that splice the SAE (or transcoder) at ``h`` alone."""
+    out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
+    sae = saes[h]
+    return splice_hooks({h: sae}, {h: sae.hook_name_out} if sae.hook_name_out else {}, out)
+
+
+def _ablation(sae: SAE, h: str) -> dict:
+    """The baseline of the CE-loss score: an SAE's activation zero-ablated (the paper's); a
+    transcoder's output activation (an MLP's output) replaced by its mean over the batch's tokens."""
+    if sae.hook_name_out is None:
+        return {h: torch.zeros_like}
+    return {sae.hook_name_out: lambda act: act.mean(dim=(0, 1), keepdim=True).expand_as(act)}
+
+
+def _ce_with_hooks(backbone: Backbone, x: torch.Tensor, hooks: dict) -> float:
+    """Summed next-token CE with the given hooks in place (from the block of the earliest)."""
+    layer = min(backbone.block_of(h) for h in hooks)
+    logits = backbone.run_from(backbone.embed_to(x, layer), layer, hooks)
     return next_token_ce(logits, x).sum().item()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +21,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def build_backbone(cfg: Config) -> Backbone:
     m = cfg.model
-    return open_backbone(
-        m.name, m.backend, m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code, m.fused_attention
-    )
+    return open_backbone(m.name, m.backend, m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code, m.fused_attention)
 
 
 def open_backbone(
@@ -58,6 +56,8 @@ class RunSetup:
     train_data: object  # a random-access sequence set, or a `SequenceStream` (see `e2edict.data`)
     eval_seqs: torch.Tensor
     init_from: dict[str, SAE] | None = None  # warm start (saes.init_from), already checked
+    outputs: dict[str, str] = field(default_factory=dict)  # transcoders: input hook -> output hook
+    written: dict[str, str] = field(default_factory=dict)  # input hook -> the position as the config wrote it
 
     def build_saes(self) -> dict[str, SAE]:
         torch.manual_seed(self.cfg.seed)
@@ -67,7 +67,15 @@ class RunSetup:
             return {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
         s = self.cfg.saes
         cls = registry[s.architecture]
-        return {h: cls.from_config(d, self.d_sae[h], h, s).to(self.cfg.model.device) for h, d in self.d_in.items()}
+        saes = {}
+        for h, d in self.d_in.items():
+            sae = cls.from_config(d, self.d_sae[h], h, s)
+            if h in self.outputs:
+                out = self.outputs[h]
+                d_out = self.backbone.hook_shapes()[out][0]
+                sae.make_transcoder(d_out, out, skip=s.kind == "skip_transcoder", orthogonal_init=s.orthogonal_init)
+            saes[h] = sae.to(self.cfg.model.device)
+        return saes
 
     @property
     def d_sae(self) -> dict[str, int]:
@@ -77,8 +85,8 @@ class RunSetup:
 def setup_run(cfg: Config) -> RunSetup:
     """Load and check everything; raise `E2EDictError` on the first problem."""
     backbone = build_backbone(cfg)
-    positions = cfg.saes.positions
-    backbone.check_hooks(positions)
+    resolved, outputs = _resolve_positions(cfg, backbone)
+    positions = list(resolved)
     shapes = backbone.hook_shapes()
     if cfg.data.n_ctx > backbone.n_ctx:
         raise E2EDictError(f"data.n_ctx={cfg.data.n_ctx} exceeds the model's context of {backbone.n_ctx}")
@@ -87,12 +95,12 @@ def setup_run(cfg: Config) -> RunSetup:
         if cfg.loss.downstream.positions is not None:
             downstream = list(cfg.loss.downstream.positions)
             backbone.check_hooks(downstream, "loss.downstream.positions")
-            last = backbone.block_order(backbone.last_position(positions))
+            last = backbone.block_order(backbone.last_position([*positions, *outputs.values()]))
             early = [h for h in downstream if backbone.block_order(h) <= last]
             if early:
                 raise E2EDictError(f"loss.downstream.positions {early} are not after the last SAE position")
         else:
-            downstream = backbone.resid_hooks_after(backbone.last_position(positions))
+            downstream = backbone.resid_hooks_after(backbone.last_position([*positions, *outputs.values()]))
         if not downstream:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
     if cfg.saes.architecture not in registry:
@@ -112,23 +120,53 @@ def setup_run(cfg: Config) -> RunSetup:
         )
     if cfg.train.tokens < per_step * cfg.data.n_ctx:
         raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
-    init = _load_init(cfg, backbone) if cfg.saes.init_from else None
-    return RunSetup(cfg, backbone, {h: shapes[h][0] for h in positions}, downstream, train_data, eval_seqs, init)
+    init = _load_init(cfg, backbone, resolved, outputs) if cfg.saes.init_from else None
+    d_in = {h: shapes[h][0] for h in positions}
+    return RunSetup(cfg, backbone, d_in, downstream, train_data, eval_seqs, init, outputs, resolved)
 
 
-def _load_init(cfg: Config, backbone: Backbone) -> dict[str, SAE]:
-    """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture."""
+def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str], dict[str, str]]:
+    """Each position's input hook (mapped to the position as written) and, for transcoders, its output hook."""
+    kind = cfg.saes.kind
+    if kind != "sae" and cfg.saes.architecture not in ("relu", "topk", "batchtopk", "jumprelu"):
+        raise E2EDictError(
+            f"saes.kind={kind!r}: transcoders take relu, topk, batchtopk or jumprelu, not {cfg.saes.architecture!r}"
+        )
+    if kind != "sae" and cfg.saes.auxk_coeff > 0:
+        raise E2EDictError(f"saes.auxk_coeff: AuxK is for SAEs (it reconstructs the input's error), not saes.kind={kind!r}")
+    written: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for p in cfg.saes.positions:
+        src, dst = backbone.resolve_position(p, kind)
+        if src in written:
+            raise E2EDictError(f"saes.positions: {written[src]!r} and {p!r} both read {src!r}")
+        written[src] = p
+        if dst is not None:
+            outputs[src] = dst
+    taken = [h for h in outputs.values() if h in written or list(outputs.values()).count(h) > 1]
+    if taken:
+        raise E2EDictError(f"saes.positions: {taken[0]!r} is written by one transcoder and read or written by another")
+    return written, outputs
+
+
+def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str]) -> dict[str, SAE]:
+    """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture and kind."""
     from e2edict import load_saes
 
     loaded = load_saes(cfg.saes.init_from)
-    missing = [h for h in cfg.saes.positions if h not in loaded]
+    missing = [h for h in positions if h not in loaded]
     if missing:
         raise E2EDictError(
             f"saes.init_from {cfg.saes.init_from!r} has no SAE at {', '.join(missing)} (it has {', '.join(loaded)})"
         )
-    picked = {h: loaded[h] for h in cfg.saes.positions}
+    picked = {h: loaded[h] for h in positions}
     backbone.check_saes(picked)
     for h, sae in picked.items():
+        if sae.kind != cfg.saes.kind or sae.hook_name_out != outputs.get(h):
+            raise E2EDictError(
+                f"saes.init_from SAE at {h!r} is a {sae.kind} writing {sae.hook_name_out or h!r}, but the config asks for a "
+                f"{cfg.saes.kind} writing {outputs.get(h, h)!r}"
+            )
         if sae.architecture != cfg.saes.architecture:
             raise E2EDictError(
                 f"saes.init_from SAE at {h!r} is a {sae.architecture} SAE but saes.architecture is {cfg.saes.architecture!r}"

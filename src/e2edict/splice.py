@@ -31,9 +31,10 @@ class LossWeights:
     downstream_positions: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, loss_cfg, positions: list[str], downstream_positions: list[str]) -> LossWeights:
+    def from_config(cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str]) -> LossWeights:
+        """``positions``: each SAE's (input) hook mapped to the position as the config wrote it."""
         return cls(
-            sparsity={h: loss_cfg.sparsity_coeff(h) for h in positions},
+            sparsity={h: loss_cfg.sparsity_coeff(h, raw) for h, raw in positions.items()},
             p=loss_cfg.sparsity.p,
             local=loss_cfg.local.coeff,
             kl=loss_cfg.kl.coeff,
@@ -55,8 +56,11 @@ class SpliceOutput:
     codes: dict[str, torch.Tensor]
     logits_clean: torch.Tensor | None = None
     logits_spliced: torch.Tensor | None = None
-    clean_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE and downstream hooks, clean run
+    clean_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE, transcoder output and downstream hooks, clean run
     spliced_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # downstream hooks, spliced run
+    targets: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # what each SAE should output: its input, or a transcoder's clean output
 
 
 def unwrap(module: torch.nn.Module) -> SAE:
@@ -74,83 +78,116 @@ def splice_forward(
     """One training (or, with ``full``, evaluation) forward.
 
     ``full`` runs the whole model even for local training, and returns logits and the clean and
-    spliced activations at every downstream hook (what evaluation needs)."""
+    spliced activations at every downstream hook (what evaluation needs). A transcoder (an SAE
+    with ``hook_name_out``) reads its input hook and its output replaces the activation at its
+    output hook; its local target is the clean activation there."""
     positions = list(saes)
+    outputs = {h: out for h in positions if (out := unwrap(saes[h]).hook_name_out) is not None}
     first = min(backbone.block_of(h) for h in positions)
     ds_hooks = weights.downstream_positions
     resid = backbone.embed_to(tokens, first)
-    run_output = full or weights.needs_output
-
-    inputs: dict[str, torch.Tensor] = {}
-    recons: dict[str, torch.Tensor] = {}
-    codes: dict[str, torch.Tensor] = {}
-    clean_acts: dict[str, torch.Tensor] = {}
-    spliced_acts: dict[str, torch.Tensor] = {}
-    logits_clean = logits_spliced = None
-
-    def capture(store: dict[str, torch.Tensor], name: str, stop: bool = False):
-        def fn(act: torch.Tensor):
-            store[name] = act
-            if stop:
-                raise StopForward
-
-        return fn
-
+    out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
     head = backbone.head() if weights.kl > 0 and not full else None
     want_logits = weights.kl > 0 or full
-    if run_output:
-        clean_hooks = {h: capture(clean_acts, h) for h in (*positions, *ds_hooks)}
+    if full or weights.needs_output:
+        hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values(), *ds_hooks)}
         with torch.no_grad():
-            logits_clean = backbone.run_from(resid, first, clean_hooks, logits=want_logits, hidden=head is not None)
-
-        def splice(name: str):
-            sae = saes[name]
-
-            def fn(act: torch.Tensor):
-                a_hat, c = sae(act)
-                inputs[name], recons[name], codes[name] = act, a_hat, c
-                return a_hat.to(act.dtype)  # the model's own dtype downstream (bf16 when it is held in bf16)
-
-            return fn
-
-        hooks = {h: splice(h) for h in positions}
-        hooks.update({h: capture(spliced_acts, h) for h in ds_hooks})
-        logits_spliced = backbone.run_from(resid, first, hooks, logits=want_logits, hidden=head is not None)
+            out.logits_clean = backbone.run_from(resid, first, hooks, logits=want_logits, hidden=head is not None)
+        hooks = splice_hooks(saes, outputs, out)
+        for h in ds_hooks:
+            _add_hook(hooks, h, _capture(out.spliced_acts, h))
+        out.logits_spliced = backbone.run_from(resid, first, hooks, logits=want_logits, hidden=head is not None)
     else:
-        # Local: each SAE reads the clean activation; the run stops at the last SAE position.
-        last = backbone.last_position(positions)
-        hooks = {h: capture(clean_acts, h, stop=(h == last)) for h in positions}
+        # Local: each SAE reads the clean activation; the run stops at the last hook it needs.
+        needed = [*positions, *outputs.values()]
+        last = backbone.last_position(needed)
+        hooks = {h: _capture(out.clean_acts, h, stop=(h == last)) for h in needed}
         with torch.no_grad():
             backbone.run_from(resid, first, hooks, logits=False)
         for h in positions:
-            a_hat, c = saes[h](clean_acts[h])
-            inputs[h], recons[h], codes[h] = clean_acts[h], a_hat, c
-
-    terms, total = _sae_terms(saes, inputs, recons, codes, weights, full)
-    if logits_spliced is not None and want_logits:
+            out.recons[h], out.codes[h] = saes[h](out.clean_acts[h])
+            out.inputs[h] = out.clean_acts[h]
+    for h in positions:  # an SAE's target is its input; a transcoder's the activation it replaced
+        out.targets.setdefault(h, out.clean_acts[outputs[h]] if h in outputs else out.inputs[h])
+    out.terms, out.loss = _sae_terms(saes, out, weights, full)
+    if out.logits_spliced is not None and want_logits:
         if head is not None:  # final hidden states, not logits
-            terms["kl"] = head_kl_loss(head, logits_clean, logits_spliced)
-            logits_clean = logits_spliced = None
+            out.terms["kl"] = head_kl_loss(head, out.logits_clean, out.logits_spliced)
+            out.logits_clean = out.logits_spliced = None
         else:
-            terms["kl"] = kl_loss(logits_clean, logits_spliced)
-        total = total + weights.kl * terms["kl"]
+            out.terms["kl"] = kl_loss(out.logits_clean, out.logits_spliced)
+        out.loss = out.loss + weights.kl * out.terms["kl"]
     if ds_hooks and (weights.downstream > 0 or full):
         # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.
-        terms["downstream"] = downstream_loss(spliced_acts, {h: clean_acts[h] for h in ds_hooks}, 1.0)
-        total = total + weights.downstream * terms["downstream"]
-    return SpliceOutput(total, terms, inputs, recons, codes, logits_clean, logits_spliced, clean_acts, spliced_acts)
+        out.terms["downstream"] = downstream_loss(out.spliced_acts, {h: out.clean_acts[h] for h in ds_hooks}, 1.0)
+        out.loss = out.loss + weights.downstream * out.terms["downstream"]
+    return out
 
 
-def _sae_terms(saes, inputs, recons, codes, weights: LossWeights, full: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Each SAE's sparsity term, and its local MSE (and auxiliary loss) where wanted, with their weighted sum."""
+def _capture(store: dict[str, torch.Tensor], name: str, stop: bool = False):
+    def fn(act: torch.Tensor):
+        store[name] = act
+        if stop:
+            raise StopForward
+
+    return fn
+
+
+def _add_hook(hooks: dict, name: str, fn) -> None:
+    """Add ``fn`` at ``name``, after any hook already there (which may have replaced the activation)."""
+    first = hooks.get(name)
+    if first is None:
+        hooks[name] = fn
+        return
+
+    def both(act: torch.Tensor):
+        new = first(act)
+        act = act if new is None else new
+        again = fn(act)
+        return act if again is None else again
+
+    hooks[name] = both
+
+
+def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutput) -> dict:
+    """The spliced run's hooks: an SAE replaces its activation by its reconstruction; a transcoder
+    reads the spliced run's own input activation and replaces the activation at its output hook."""
+    hooks: dict = {}
+
+    def run(name: str):
+        def fn(act: torch.Tensor):
+            a_hat, c = saes[name](act)
+            out.inputs[name], out.recons[name], out.codes[name] = act, a_hat, c
+            # the model's own dtype downstream (bf16 when it is held in bf16)
+            return a_hat.to(act.dtype) if name not in outputs else None
+
+        return fn
+
+    def write(name: str):
+        def fn(act: torch.Tensor):
+            out.targets[name] = act  # the real MLP's output on this run's input: what the transcoder replaces
+            return out.recons[name].to(act.dtype)
+
+        return fn
+
+    for h in saes:
+        _add_hook(hooks, h, run(h))
+        if h in outputs:
+            _add_hook(hooks, outputs[h], write(h))
+    return hooks
+
+
+def _sae_terms(saes, out: SpliceOutput, weights: LossWeights, full: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each SAE's sparsity term, and its local MSE against its target (its input, or a
+    transcoder's clean output activation) and auxiliary loss where wanted, with their weighted sum."""
     terms: dict[str, torch.Tensor] = {}
     total = None
     for h in saes:
         core = unwrap(saes[h])
-        parts = {f"sparsity/{h}": (weights.sparsity[h], core.sparsity_loss(inputs[h], codes[h], weights.p))}
+        parts = {f"sparsity/{h}": (weights.sparsity[h], core.sparsity_loss(out.inputs[h], out.codes[h], weights.p))}
         if weights.local > 0 or full:
-            parts[f"local/{h}"] = (weights.local, mse_loss(recons[h], inputs[h]))
-            aux = core.aux_loss(inputs[h], recons[h], codes[h]) if weights.local > 0 else None
+            parts[f"local/{h}"] = (weights.local, mse_loss(out.recons[h], out.targets[h]))
+            aux = core.aux_loss(out.inputs[h], out.recons[h], out.codes[h]) if weights.local > 0 else None
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 parts[f"aux/{h}"] = (weights.local, aux)
         for name, (coeff, value) in parts.items():

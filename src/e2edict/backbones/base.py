@@ -112,6 +112,45 @@ class Backbone(ABC):
         for h, sae in saes.items():
             if sae.d_in != shapes[h][0]:
                 raise E2EDictError(f"SAE at {h!r} has d_in={sae.d_in} but model {self.name!r} has width {shapes[h][0]} there")
+            out = getattr(sae, "hook_name_out", None)
+            if out is not None:
+                self.check_hooks([out], f"output hook of the transcoder at {h!r}")
+                if sae.d_out != shapes[out][0]:
+                    raise E2EDictError(f"transcoder at {h!r} writes d_out={sae.d_out} but {out!r} has width {shapes[out][0]}")
+                if self.block_order(out) <= self.block_order(h):
+                    raise E2EDictError(f"transcoder at {h!r}: its output hook {out!r} does not come after its input")
+
+    def mlp_pairs(self) -> dict[str, tuple[str, str]]:
+        """Each MLP's short name mapped to its (input hook, output hook): what a transcoder replaces."""
+        shapes = self.hook_shapes()
+        pairs = {}
+        for layer in range(self.n_layers):
+            pair = (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
+            if all(h in shapes for h in pair):
+                pairs[f"blocks.{layer}.mlp"] = pair
+        return pairs
+
+    def resolve_position(self, position: str, kind: str = "sae") -> tuple[str, str | None]:
+        """``(input hook, output hook)`` of a ``saes.positions`` entry: a hook for an SAE
+        (output None); for a transcoder ``"IN -> OUT"`` or an MLP's short name (`mlp_pairs`)."""
+        if kind == "sae":
+            if "->" in position:
+                raise E2EDictError(f"saes.positions: {position!r} names a pair of hooks, but saes.kind is 'sae' (use transcoder)")
+            self.check_hooks([position])
+            return position, None
+        if "->" in position:
+            src, _, dst = (x.strip() for x in position.partition("->"))
+        elif position in self.mlp_pairs():
+            src, dst = self.mlp_pairs()[position]
+        else:
+            short = ", ".join(self.mlp_pairs()) or "none"
+            raise E2EDictError(
+                f"saes.positions: transcoder position {position!r} must be 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP ({short})"
+            )
+        self.check_hooks([src, dst], f"saes.positions ({position!r})")
+        if self.block_order(dst) <= self.block_order(src):
+            raise E2EDictError(f"saes.positions: transcoder {position!r}: the output hook {dst!r} does not come after its input")
+        return src, dst
 
     def resid_hooks_after(self, hook_name: str) -> list[str]:
         """The residual-stream hooks strictly after ``hook_name``: every later ``hook_resid_pre``

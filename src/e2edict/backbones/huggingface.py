@@ -66,6 +66,11 @@ def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise E2EDictError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of {n} layers)")
 
 
+def _is_mlp(path: str) -> bool:
+    """A module path whose last part names an MLP (``mlp``, ``feed_forward`` is not matched)."""
+    return "mlp" in path.rpartition(".")[2].lower()
+
+
 def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor) else x
 
@@ -142,7 +147,8 @@ class HFBackbone(Backbone):
                 if not started[0] or module is head:
                     return
                 x = args[0] if args else kwargs.get("hidden_states")
-                if ok(x) and (id(module) in block_ids or id(x) not in seen):
+                # a block's or an MLP's input always (transcoders read it), other inputs where new
+                if ok(x) and (id(module) in block_ids or id(x) not in seen or _is_mlp(name)):
                     shapes[name + INPUT_SUFFIX] = tuple(x.shape[2:])
                     seen.add(id(x))
                     alive.append(x)
@@ -172,6 +178,18 @@ class HFBackbone(Backbone):
                 h.remove()
         self._shapes = shapes
         return shapes
+
+    def mlp_pairs(self) -> dict[str, tuple[str, str]]:
+        """Every MLP module inside a block (a module whose name contains ``mlp``, as in GPT-2,
+        Llama, Gemma, Pythia): ``path -> (path:input, path)``."""
+        shapes = self.hook_shapes()
+        pairs = {}
+        for name in shapes:
+            if name.endswith(INPUT_SUFFIX) or not _is_mlp(name):
+                continue
+            if name + INPUT_SUFFIX in shapes:
+                pairs[name] = (name + INPUT_SUFFIX, name)
+        return pairs
 
     def block_of(self, hook_name: str) -> int:
         m = self._block_re.match(hook_name)

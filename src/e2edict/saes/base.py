@@ -61,20 +61,23 @@ class SAE(nn.Module, ABC):
         if d_in <= 0 or d_sae <= 0:
             raise E2EDictError(f"SAE sizes must be positive, got d_in={d_in}, d_sae={d_sae}")
         self.d_in, self.d_sae, self.hook_name = d_in, d_sae, hook_name
+        # A transcoder (`make_transcoder`) writes another activation than it reads: d_out wide, at hook_name_out.
+        self.d_out, self.hook_name_out, self.kind = d_in, None, "sae"
+        self.register_parameter("W_skip", None)
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def _init_decoder(self, orthogonal_init: bool) -> None:
-        """The paper's dictionary: raw ``W_dec [d_sae, d_in]`` (orthogonal init: its d_in columns are
+        """The paper's dictionary: raw ``W_dec [d_sae, d_out]`` (orthogonal init: its d_out columns are
         orthonormal) and ``b_dec``; the rows are normalised on every forward."""
-        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_in))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
         if orthogonal_init:
             nn.init.orthogonal_(self.W_dec)
         else:
             nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
         bound = 1 / math.sqrt(self.d_sae)
-        self.b_dec = nn.Parameter(torch.empty(self.d_in).uniform_(-bound, bound))
+        self.b_dec = nn.Parameter(torch.empty(self.d_out).uniform_(-bound, bound))
 
     def decoder_row_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
@@ -86,10 +89,10 @@ class SAE(nn.Module, ABC):
         shape, k = vals.shape[:-1], idx.shape[-1]
         flat_vals = vals.reshape(-1, k)
         pairs, pos = Pairs.of_rows(idx.reshape(-1, k), flat_vals.detach() != 0 if zero_is_inactive else None)
-        return self.decode_pairs(flat_vals.reshape(-1)[pos], pairs, with_bias=False).view(*shape, self.d_in)
+        return self.decode_pairs(flat_vals.reshape(-1)[pos], pairs, with_bias=False).view(*shape, self.d_out)
 
     def decode_pairs(self, vals: torch.Tensor, pairs: Pairs, with_bias: bool = True) -> torch.Tensor:
-        """[tokens, d_in] reconstructions from a sparse code held as (token, latent) pairs."""
+        """[tokens, d_out] reconstructions from a sparse code held as (token, latent) pairs."""
         out = GatherDecode.apply(vals, pairs, self.W_dec)
         return out + self.b_dec if with_bias else out
 
@@ -97,15 +100,40 @@ class SAE(nn.Module, ABC):
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
-        """``c D + b_dec``. With fewer tokens than ``d_in`` the codes are scaled by the inverse
+        """``c D + b_dec``. With fewer tokens than ``d_out`` the codes are scaled by the inverse
         row norms instead of building ``D`` (``(c / n) W = c (W / n)``): the cheaper of the two."""
-        if c.numel() // self.d_sae < self.d_in:
+        if c.numel() // self.d_sae < self.d_out:
             return (c / self.decoder_row_norms()) @ self.W_dec + self.b_dec
         return c @ self.normalized_decoder() + self.b_dec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, codes)``: the reconstruction (a transcoder's prediction of its output
+        activation, plus ``x W_skip^T`` for a skip transcoder) and the sparse code."""
+        out, c = self._forward(x)
+        if self.W_skip is not None:
+            out = out + x @ self.W_skip.T
+        return out, c
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The architecture's encode and decode (its fast paths override this)."""
         c = self.encode(x)
         return self.decode(c), c
+
+    def make_transcoder(self, d_out: int, hook_name_out: str, skip: bool = False, orthogonal_init: bool = True) -> SAE:
+        """Turn this (fresh) SAE into a transcoder: it reads ``d_in`` at its hook and writes a
+        ``d_out``-wide prediction of the activation at ``hook_name_out``; with ``skip``, plus a
+        linear path ``x W_skip^T`` (``W_skip [d_out, d_in]``, zero at the start). The decoder
+        is drawn anew at the new width."""
+        if getattr(self, "apply_b_dec_to_input", False):
+            raise E2EDictError("a transcoder cannot subtract b_dec from its input (b_dec lives in the output space)")
+        self.d_out, self.hook_name_out = d_out, hook_name_out
+        self.kind = "skip_transcoder" if skip else "transcoder"
+        device = self.W_dec.device
+        self._init_decoder(orthogonal_init)
+        self.W_dec.data, self.b_dec.data = self.W_dec.data.to(device), self.b_dec.data.to(device)
+        if skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, self.d_in, device=device))
+        return self
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> SAE:
@@ -140,7 +168,7 @@ class SAE(nn.Module, ABC):
 
     @property
     def dictionary(self) -> torch.Tensor:
-        """The decoder directions as rows, [d_sae, d_in]."""
+        """The decoder directions as rows, [d_sae, d_out]."""
         return self.saelens_tensors()["W_dec"]
 
 
@@ -181,10 +209,14 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.saelens_tensors().items()}
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if sae.W_skip is not None:
+        tensors["W_skip"] = sae.W_skip.detach().to("cpu").contiguous()
+    transcoder = sae.hook_name_out is not None
     cfg = {
-        "architecture": sae.saelens_architecture,
+        "architecture": saelens_architecture(sae),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        **({"d_out": sae.d_out, "hook_name_out": sae.hook_name_out} if transcoder else {}),
         "dtype": dtype,
         "device": "cpu",
         "apply_b_dec_to_input": False,
@@ -196,6 +228,7 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
             "sae_lens_training_version": SAELENS_VERSION,
             "hook_name": sae.hook_name,
             "e2edict_architecture": sae.architecture,
+            **({"e2edict_kind": sae.kind, "hook_name_out": sae.hook_name_out} if transcoder else {}),
             **sae.saelens_metadata(),
             **(metadata or {}),
         },
@@ -205,7 +238,46 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
     return folder
 
 
-_SAELENS_TO_E2EDICT = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+_SAELENS_TO_E2EDICT = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "transcoder": "relu",
+    "skip_transcoder": "relu",
+    "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
+}
+
+
+def saelens_architecture(sae: SAE) -> str:
+    """The cfg.json architecture: SAELens's name for an SAE; for a transcoder SAELens's transcoder
+    classes (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``).
+    SAELens has no TopK transcoder: e2edict writes ``topk_transcoder`` / ``topk_skip_transcoder``,
+    which e2edict loads and SAELens does not."""
+    if sae.hook_name_out is None:
+        return sae.saelens_architecture
+    skip = "skip_" if sae.W_skip is not None else ""
+    base = {"standard": "", "jumprelu": "jumprelu_", "topk": "topk_"}.get(sae.saelens_architecture)
+    if base is None:
+        raise E2EDictError(f"a {sae.architecture} SAE cannot be saved as a transcoder")
+    return f"{base}{skip}transcoder"
+
+
+def transcoder_from_saelens(sae: SAE, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
+    """Make an SAE built from a file a transcoder where its cfg.json names one (``d_out``), with
+    the skip path's weights when the file has them."""
+    d_out = cfg.get("d_out")
+    if d_out is None or "transcoder" not in str(cfg.get("architecture", "")):
+        return
+    if isinstance(d_out, bool) or not isinstance(d_out, int) or d_out <= 0:
+        raise E2EDictError(f"a transcoder's d_out must be a positive integer, got {d_out!r}")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    out_hook = cfg.get("hook_name_out") or meta.get("hook_name_out") or ""
+    sae.make_transcoder(d_out, out_hook, skip="W_skip" in tensors or "skip" in str(cfg["architecture"]))
+    if sae.W_skip is not None:
+        with torch.no_grad():
+            sae.W_skip.copy_(check_tensor(tensors, "W_skip", (d_out, sae.d_in)).float())
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -235,7 +307,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if cfg.get("normalize_activations", "none") != "none":
         raise E2EDictError(f"{str(cfg_path)!r}: normalize_activations={cfg['normalize_activations']!r} is not supported")
     # the sizes must match the file before anything of that size is allocated
-    check_tensor(tensors, "W_dec", (cfg["d_sae"], cfg["d_in"]))
+    d_out = cfg.get("d_out", cfg["d_in"]) if "transcoder" in str(cfg.get("architecture", "")) else cfg["d_in"]
+    check_tensor(tensors, "W_dec", (cfg["d_sae"], d_out))
     sae = registry[arch].from_saelens(tensors, cfg)
     sae.hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
     return sae.to(device)

@@ -97,7 +97,7 @@ class JumpReLUSAE(ReLUSAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(self._pre(x), self.threshold, self.bandwidth)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self._pre(x)
         theta = self.threshold
         c = _JumpReLU.apply(z, theta, self.bandwidth)
@@ -110,7 +110,7 @@ class JumpReLUSAE(ReLUSAE):
             return self.decode(c), c
         pairs = Pairs.of_mask(support)
         vals = c.reshape(-1, self.d_sae)[pairs.tok, pairs.lat]
-        return self.decode_pairs(vals, pairs).view_as(x), c
+        return self.decode_pairs(vals, pairs).view(*x.shape[:-1], self.d_out), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         l0 = _Step.apply(self._pre(x), self.threshold, self.bandwidth).sum(-1)

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SAE, SPARSE_DECODE_FRACTION, check_tensor, decoder_norms, sparse_path_allowed
+from e2edict.saes.base import (
+    SAE,
+    SPARSE_DECODE_FRACTION,
+    check_tensor,
+    decoder_norms,
+    sparse_path_allowed,
+    transcoder_from_saelens,
+)
 from e2edict.saes.sparse import Pairs, SparseEncode
 
 
@@ -52,9 +59,9 @@ class ReLUSAE(SAE):
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if type(self).encode is not ReLUSAE.encode:  # a subclass with other codes and no forward of its own
-            return super().forward(x)
+            return super()._forward(x)
         if self.sparse_decode is False or (self.sparse_decode is None and not sparse_path_allowed(x)):
             c = self.encode(x)
             return self.decode(c), c
@@ -79,7 +86,7 @@ class ReLUSAE(SAE):
         else:
             vals = pre[pairs.tok, pairs.lat]
         c = torch.zeros_like(pre).index_put_((pairs.tok, pairs.lat), vals).view(*lead, self.d_sae)
-        return self.decode_pairs(vals, pairs).view(*lead, self.d_in), c
+        return self.decode_pairs(vals, pairs).view(*lead, self.d_out), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing
@@ -100,10 +107,11 @@ class ReLUSAE(SAE):
     def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ReLUSAE:
         d_in, d_sae = cfg["d_in"], cfg["d_sae"]
         sae = cls._empty_from_saelens(cfg)
+        transcoder_from_saelens(sae, tensors, cfg)
         W_enc = check_tensor(tensors, "W_enc", (d_in, d_sae)).float()
         b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
-        W_dec = check_tensor(tensors, "W_dec", (d_sae, d_in)).float()
-        b_dec = check_tensor(tensors, "b_dec", (d_in,)).float()
+        W_dec = check_tensor(tensors, "W_dec", (d_sae, sae.d_out)).float()
+        b_dec = check_tensor(tensors, "b_dec", (sae.d_out,)).float()
         # A foreign SAE may have decoder rows of any norm: ReLU commutes with a positive scale, so
         # folding the norms into the encoder gives the same reconstruction with a unit-norm dictionary.
         norms = decoder_norms(W_dec)

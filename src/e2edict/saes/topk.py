@@ -91,7 +91,7 @@ class TopKSAE(ReLUSAE):
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.sparse_decode and (not self._sparse_auto or sparse_path_allowed(x)):
             # the k selected latents with a positive value are the active pairs
             xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)
@@ -183,7 +183,7 @@ class BatchTopKSAE(TopKSAE):
             self.threshold_updates.add_(seen.long())
         return c
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.encode(x)
         self._track_dead(c)
         return self.decode(c), c
