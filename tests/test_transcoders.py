@@ -292,3 +292,42 @@ def test_loaded_transcoder_whose_width_does_not_fit_is_refused(tmp_path):
     tc = registry["relu"](128, 256, "blocks.1.ln2.hook_normalized").make_transcoder(64, "blocks.1.hook_mlp_out")
     with pytest.raises(E2EDictError, match="writes d_out=64 but 'blocks.1.hook_mlp_out' has width 128"):
         bb.check_saes({"blocks.1.ln2.hook_normalized": tc})
+
+
+def test_transcoder_runs_through_cli_eval_compare_report_and_init_from(tmp_path):
+    """Local transcoders at two MLPs, then an e2e fine-tune from them (init_from); eval.json's
+    transcoder metrics; compare (per-run table, mean-L0 plot) and report take the runs."""
+    from e2edict.cli import main as cli_main
+
+    base = [
+        "configs/tiny/e2e.yaml",
+        'saes.positions=["blocks.1.mlp", "blocks.2.ln2.hook_normalized -> blocks.2.hook_mlp_out"]',
+        "saes.kind=transcoder",
+        "train.tokens=8192",
+        "train.log_every=1",
+        "eval.tokens=4096",
+        "eval.alive_tokens=4096",
+        "--quiet",
+    ]
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base[0] = str(root / base[0])
+    assert cli_main(["train", *base, "loss.preset=local", "--out", str(tmp_path / "local")]) == 0
+    ev = json.loads((tmp_path / "local/eval.json").read_text())
+    m = ev["saes"]["blocks.1.ln2.hook_normalized"]
+    assert m["kind"] == "transcoder" and m["hook_name_out"] == "blocks.1.hook_mlp_out"
+    assert {"ce_loss_mean_ablation", "ce_loss_score", "explained_variance", "l0", "alive"} <= set(m)
+    assert "ce_loss_zero_ablation" not in m and m["ce_loss_mean_ablation"] > ev["ce_loss_clean"]
+    cfg = json.loads((tmp_path / "local/saes/blocks.2.ln2.hook_normalized/cfg.json").read_text())
+    assert cfg["architecture"] == "transcoder" and cfg["hook_name_out"] == "blocks.2.hook_mlp_out"
+    rc = cli_main(["train", *base, "loss.preset=e2e", f"saes.init_from={tmp_path / 'local'}", "--out", str(tmp_path / "e2e")])
+    assert rc == 0
+    bad = ["train", *base, "saes.kind=skip_transcoder", f"saes.init_from={tmp_path / 'local'}", "--out", str(tmp_path / "x")]
+    assert cli_main(bad) == 2 and not (tmp_path / "x").exists()
+    assert cli_main(["compare", str(tmp_path / "local"), str(tmp_path / "e2e"), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp/mean_l0_vs_ce.png").stat().st_size > 0
+    table = (tmp_path / "cmp/per_run.md").read_text().splitlines()
+    assert len(table) == 4 and all("| tiny-e2e" in row for row in table[2:])  # one row per run, two SAEs each
+    assert cli_main(["report", str(tmp_path / "e2e"), "--tokens", "2048"]) == 0
+    assert "blocks.1.ln2.hook_normalized" in (tmp_path / "e2e/report/index.html").read_text()

@@ -40,17 +40,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    md, csv_path = out / "runs.md", out / "runs.csv"
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def write_tables(table: list[dict[str, Any]], out: Path, name: str = "runs", columns: list[str] = COLUMNS) -> tuple[Path, Path]:
+    md, csv_path = out / f"{name}.md", out / f"{name}.csv"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
-        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in columns) + " |")
     md.write_text("\n".join(lines) + "\n")
     with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         for row in table:
-            w.writerow({c: ("" if row[c] is None else row[c]) for c in COLUMNS})
+            w.writerow({c: ("" if row[c] is None else row[c]) for c in columns})
     return md, csv_path
 
 
@@ -136,6 +136,16 @@ def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
     _finish(fig, ax, path, fontsize=7)
 
 
+def per_run(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per run, its SAEs spliced in together: mean L0 and explained variance over them."""
+    out = []
+    for r in runs:
+        ms = list(r.eval["saes"].values())
+        mean = {k: sum(m[k] for m in ms) / len(ms) for k in ("l0", "explained_variance", "alive")}
+        out.append({"run": r.name, "type": r.preset, "ce_loss_increase": r.eval["ce_loss_increase"], "kl": r.eval["kl"], **mean})
+    return out
+
+
 def compare(runs: list[Run], out: Path) -> dict[str, Path]:
     """Write runs.md, runs.csv and the PNG plots into ``out``; return what was written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +158,12 @@ def compare(runs: list[Run], out: Path) -> dict[str, Path]:
     ):
         _scatter_with_fronts(table, key, label, out / name)
         written[name] = out / name
+    if any(len(r.eval["saes"]) > 1 for r in runs):  # several SAEs (e.g. a transcoder per MLP): one row per run
+        whole = per_run(runs)
+        cols = ["run", "type", "l0", "explained_variance", "alive", "ce_loss_increase", "kl"]
+        written["per_run_md"], written["per_run_csv"] = write_tables(whole, out, "per_run", cols)
+        _scatter_with_fronts(whole, "l0", "mean L0 over the run's SAEs", out / "mean_l0_vs_ce.png")
+        written["mean_l0_vs_ce.png"] = out / "mean_l0_vs_ce.png"
     _downstream_plot(runs, out / "downstream_ev.png")
     _norm_ratio_plot(runs, out / "norm_ratio.png")
     written["downstream_ev.png"] = out / "downstream_ev.png"

@@ -88,6 +88,13 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") for i in ids]
 
 
+def _logit_tokens(tok, eff: torch.Tensor, n: int) -> tuple[list, list]:
+    """The ``n`` tokens a direction promotes most and suppresses most, with their logit effects."""
+    up, down = eff.topk(n), (-eff).topk(n)
+    promoted = list(zip(_token_strings(tok, up.indices.tolist()), up.values.tolist(), strict=True))
+    return promoted, list(zip(_token_strings(tok, down.indices.tolist()), (-down.values).tolist(), strict=True))
+
+
 def _device(saes: dict[str, SAE]) -> torch.device:
     return next(next(iter(saes.values())).parameters()).device
 
@@ -135,7 +142,9 @@ def _feature_cards(
     flat = sequences.flatten()
     with torch.no_grad():
         dirs = sae.dictionary[stats.ids].float()
-        logit_effect = dirs @ backbone.unembed().float()  # [F, vocab]: each direction through the unembedding
+        W_U = backbone.unembed().float()
+        # [F, vocab]: each direction through the unembedding, where it lives in the residual stream's width
+        logit_effect = dirs @ W_U if dirs.shape[1] == W_U.shape[0] else None
     cards = []
     for i, latent in enumerate(stats.ids.tolist()):
         contexts = []
@@ -156,8 +165,7 @@ def _feature_cards(
                     ],
                 }
             )
-        eff = logit_effect[i]
-        up, down = eff.topk(n_logit_tokens), (-eff).topk(n_logit_tokens)
+        promoted, suppressed = _logit_tokens(tok, logit_effect[i], n_logit_tokens) if logit_effect is not None else ([], [])
         samples = torch.cat(stats.samples[i]) if stats.samples[i] else torch.zeros(0)
         cards.append(
             {
@@ -166,8 +174,8 @@ def _feature_cards(
                 "max_act": float(stats.top_vals[i, 0]) if stats.top_vals[i, 0] > -math.inf else 0.0,
                 "contexts": contexts,
                 "histogram": _svg_histogram(samples),
-                "promoted": list(zip(_token_strings(tok, up.indices.tolist()), up.values.tolist(), strict=True)),
-                "suppressed": list(zip(_token_strings(tok, down.indices.tolist()), (-down.values).tolist(), strict=True)),
+                "promoted": promoted,
+                "suppressed": suppressed,
             }
         )
     return cards

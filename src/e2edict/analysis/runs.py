@@ -56,6 +56,7 @@ COLUMNS = [
     "run",
     "type",
     "position",
+    "kind",
     "lambda",
     "l0",
     "alive",
@@ -73,6 +74,12 @@ COLUMNS = [
 ]
 
 
+def _lambda(cfg: Config, hook: str) -> float | None:
+    """The run's sparsity coefficient for the SAE at ``hook`` (None where a mapping does not name it)."""
+    c = cfg.loss.sparsity.coeff
+    return c.get(hook) if isinstance(c, dict) else c
+
+
 def rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per (run, SAE) with the columns of `COLUMNS`."""
     out = []
@@ -83,7 +90,8 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
                     "run": r.name,
                     "type": r.preset,
                     "position": hook,
-                    "lambda": r.config.loss.sparsity_coeff(hook) if hook in r.config.saes.positions else None,
+                    "kind": m.get("kind", "sae"),
+                    "lambda": _lambda(r.config, hook),
                     "l0": m.get("l0"),
                     "alive": m.get("alive"),
                     "dead": m.get("dead"),
