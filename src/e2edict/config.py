@@ -97,6 +97,12 @@ class SAEsConfig(_Strict):
     auxk_k: int | None = Field(None, ge=1, description="AuxK: dead latents used per token (null: d_in / 2)")
     dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
     init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
+    matryoshka_prefixes: list[int | float] | None = Field(
+        None, description="matryoshka_batchtopk: nested prefix sizes, fractions of d_sae or counts, increasing, the last all"
+    )
+    matryoshka_e2e: Literal["all", "drawn"] = Field(
+        "all", description="matryoshka_batchtopk, e2e: every prefix each step (stacked along the batch) or one in turn"
+    )
 
     @field_validator("positions")
     @classmethod
@@ -104,6 +110,14 @@ class SAEsConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("positions must not repeat a hook name")
         return v
+
+    @model_validator(mode="after")
+    def _prefixes_need_matryoshka(self) -> SAEsConfig:
+        if self.matryoshka_prefixes is not None and self.architecture != "matryoshka_batchtopk":
+            raise ValueError(
+                f"matryoshka_prefixes is for architecture matryoshka_batchtopk; {self.architecture!r} has no prefixes"
+            )
+        return self
 
 
 class SparsityLoss(_Strict):

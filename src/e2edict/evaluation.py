@@ -93,6 +93,7 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
     ratio_sum = {h: torch.zeros(n_ctx, dtype=torch.float64) for h in saes}
     ratio_n = 0
     fired = {h: torch.zeros(s.d_sae, dtype=torch.long, device=device) for h, s in saes.items()}
+    prefix_stats = {h: _PrefixStats(s) for h, s in saes.items() if len(getattr(s, "prefixes", ())) > 1}
     for start in range(0, max(n_eval, n_alive), batch_size):
         stop = min(start + batch_size, max(n_eval, n_alive))
         x = sequences[start:stop].to(device)
@@ -125,6 +126,8 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
             ce_zero[h] += _ce_with_hooks(backbone, x, _ablation(saes[h], h))
         for h in ds:
             down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
+        for h, ps in prefix_stats.items():
+            ps.add(backbone, saes, h, x, out.codes[h][:keep], out.targets[h][:keep])
 
     result: dict[str, Any] = {
         "tokens": n_tok,
@@ -159,11 +162,47 @@ def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downs
                 k: down[k].explained_variance() for k in ds if backbone.block_order(k) > backbone.block_order(h)
             },
         }
+        if h in prefix_stats:
+            result["saes"][h]["prefixes"] = prefix_stats[h].result(n_tok, n_pred, result["ce_loss_clean"])
         density = (fired[h].double() / (n_alive * n_ctx)).cpu()
         result["saes"][h]["log10_feature_density"] = [round(v, 3) for v in log10_density(density).tolist()]
         if densities is not None:
             densities[h] = density
     return result
+
+
+class _PrefixStats:
+    """A Matryoshka SAE's prefixes, each judged alone: its L0 (active latents among its first m),
+    the explained variance of its reconstruction, and the CE loss with it alone spliced in."""
+
+    def __init__(self, sae: SAE) -> None:
+        self.sizes = list(sae.prefixes)
+        self.l0 = [0.0] * len(self.sizes)
+        self.ce = [0.0] * len(self.sizes)
+        self.pooled = [_Pooled() for _ in self.sizes]
+
+    def add(self, backbone: Backbone, saes: dict[str, SAE], h: str, x: torch.Tensor, codes, target) -> None:
+        sae = saes[h]
+        for i, m in enumerate(self.sizes):
+            self.l0[i] += (codes[..., :m] != 0).sum().item()
+            self.pooled[i].add(target, sae.decode_prefix(codes, i))
+            sae.prefix_mode = i
+            try:
+                self.ce[i] += _ce_with_hooks(backbone, x, _alone(saes, h))
+            finally:
+                sae.prefix_mode = None
+
+    def result(self, n_tok: int, n_pred: int, ce_clean: float) -> list[dict[str, Any]]:
+        return [
+            {
+                "size": m,
+                "l0": self.l0[i] / n_tok,
+                "explained_variance": self.pooled[i].explained_variance(),
+                "ce_loss_alone": self.ce[i] / n_pred,
+                "ce_loss_increase": self.ce[i] / n_pred - ce_clean,
+            }
+            for i, m in enumerate(self.sizes)
+        ]
 
 
 def _alone(saes: dict[str, SAE], h: str) -> dict:

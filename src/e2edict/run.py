@@ -105,7 +105,12 @@ def setup_run(cfg: Config) -> RunSetup:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
     if cfg.saes.architecture not in registry:
         raise E2EDictError(f"saes.architecture: unknown {cfg.saes.architecture!r}; known: {', '.join(sorted(registry))}")
-    if cfg.saes.architecture in ("topk", "batchtopk"):
+    if cfg.saes.architecture == "matryoshka_batchtopk":
+        from e2edict.saes.matryoshka import resolve_prefixes
+
+        for h in positions:  # sizes checked against each dictionary before anything is written
+            resolve_prefixes(cfg.saes.matryoshka_prefixes, max(1, round(cfg.saes.dict_ratio * shapes[h][0])))
+    if cfg.saes.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
         if cfg.saes.k is None:
             raise E2EDictError(f"saes.k is required for saes.architecture={cfg.saes.architecture!r}")
         too_big = [h for h in positions if cfg.saes.k > max(1, round(cfg.saes.dict_ratio * shapes[h][0]))]
@@ -171,6 +176,11 @@ def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outpu
             raise E2EDictError(
                 f"saes.init_from SAE at {h!r} is a {sae.architecture} SAE but saes.architecture is {cfg.saes.architecture!r}"
             )
+        if sae.architecture == "matryoshka_batchtopk" and cfg.saes.matryoshka_prefixes is not None:
+            from e2edict.saes.matryoshka import resolve_prefixes
+
+            if resolve_prefixes(cfg.saes.matryoshka_prefixes, sae.d_sae) != sae.prefixes:
+                raise E2EDictError(f"saes.init_from SAE at {h!r} has prefixes {sae.prefixes}, not saes.matryoshka_prefixes")
         if getattr(sae, "k", None) is not None and cfg.saes.k is not None and sae.k != cfg.saes.k:
             raise E2EDictError(f"saes.init_from SAE at {h!r} has k={sae.k} but saes.k is {cfg.saes.k}")
     return picked

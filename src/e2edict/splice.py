@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from e2edict.backbones.base import Backbone, StopForward
-from e2edict.losses import downstream_loss, head_kl_loss, kl_loss, mse_loss
+from e2edict.losses import downstream_loss, head_kl_loss, kl_loss
 from e2edict.saes.base import SAE
 
 
@@ -29,11 +29,15 @@ class LossWeights:
     kl: float = 0.0
     downstream: float = 0.0
     downstream_positions: list[str] = field(default_factory=list)
+    matryoshka: str = "all"  # e2e over Matryoshka prefixes: "all" (stacked along the batch) or "drawn" (one per step)
 
     @classmethod
-    def from_config(cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str]) -> LossWeights:
+    def from_config(
+        cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str], matryoshka: str = "all"
+    ) -> LossWeights:
         """``positions``: each SAE's (input) hook mapped to the position as the config wrote it."""
         return cls(
+            matryoshka=matryoshka,
             sparsity={h: loss_cfg.sparsity_coeff(h, raw) for h, raw in positions.items()},
             p=loss_cfg.sparsity.p,
             local=loss_cfg.local.coeff,
@@ -58,9 +62,9 @@ class SpliceOutput:
     logits_spliced: torch.Tensor | None = None
     clean_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE, transcoder output and downstream hooks, clean run
     spliced_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # downstream hooks, spliced run
-    targets: dict[str, torch.Tensor] = field(
-        default_factory=dict
-    )  # what each SAE should output: its input, or a transcoder's clean output
+    # what each SAE should output: its input, or the activation a transcoder replaces
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    copies: int = 1  # the spliced run's copies of the batch (Matryoshka "all": one per prefix)
 
 
 def unwrap(module: torch.nn.Module) -> SAE:
@@ -96,7 +100,14 @@ def splice_forward(
         hooks = splice_hooks(saes, outputs, out)
         for h in ds_hooks:
             _add_hook(hooks, h, _capture(out.spliced_acts, h))
-        out.logits_spliced = backbone.run_from(resid, first, hooks, logits=want_logits, hidden=head is not None)
+        copies = _prefix_modes(saes, weights.matryoshka if not full else None)
+        try:  # Matryoshka "all": the spliced run takes one copy of the batch per prefix
+            spliced_resid = resid.repeat(copies, *([1] * (resid.dim() - 1))) if copies > 1 else resid
+            out.logits_spliced = backbone.run_from(spliced_resid, first, hooks, logits=want_logits, hidden=head is not None)
+        finally:
+            _prefix_modes(saes, None)
+        if copies > 1:
+            _stack_clean(out, copies, ds_hooks)
     else:
         # Local: each SAE reads the clean activation; the run stops at the last hook it needs.
         needed = [*positions, *outputs.values()]
@@ -110,18 +121,46 @@ def splice_forward(
     for h in positions:  # an SAE's target is its input; a transcoder's the activation it replaced
         out.targets.setdefault(h, out.clean_acts[outputs[h]] if h in outputs else out.inputs[h])
     out.terms, out.loss = _sae_terms(saes, out, weights, full)
+    prefixes = out.copies  # Matryoshka "all": the output terms are summed over the prefixes
     if out.logits_spliced is not None and want_logits:
         if head is not None:  # final hidden states, not logits
-            out.terms["kl"] = head_kl_loss(head, out.logits_clean, out.logits_spliced)
+            out.terms["kl"] = prefixes * head_kl_loss(head, out.logits_clean, out.logits_spliced)
             out.logits_clean = out.logits_spliced = None
         else:
-            out.terms["kl"] = kl_loss(out.logits_clean, out.logits_spliced)
+            out.terms["kl"] = prefixes * kl_loss(out.logits_clean, out.logits_spliced)
         out.loss = out.loss + weights.kl * out.terms["kl"]
     if ds_hooks and (weights.downstream > 0 or full):
         # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.
-        out.terms["downstream"] = downstream_loss(out.spliced_acts, {h: out.clean_acts[h] for h in ds_hooks}, 1.0)
+        clean = {h: out.clean_acts[h] for h in ds_hooks}
+        out.terms["downstream"] = prefixes * downstream_loss(out.spliced_acts, clean, 1.0)
         out.loss = out.loss + weights.downstream * out.terms["downstream"]
     return out
+
+
+def _prefix_modes(saes: dict[str, SAE], matryoshka: str | None) -> int:
+    """Put every Matryoshka SAE in the e2e prefix mode (None: back to the whole dictionary);
+    return how many copies of the batch the spliced run takes (the number of prefixes for "all")."""
+    copies = 1
+    for s in saes.values():
+        core = unwrap(s)
+        if len(getattr(core, "prefixes", ())) > 1:
+            core.prefix_mode = {"all": "batched", "drawn": "drawn"}.get(matryoshka) if matryoshka else None
+            if matryoshka == "all":
+                copies = len(core.prefixes)
+    return copies
+
+
+def _stack_clean(out: SpliceOutput, copies: int, ds_hooks: list[str]) -> None:
+    """The clean run's outputs repeated once per prefix, to sit beside the stacked spliced run."""
+
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(copies, *([1] * (t.dim() - 1)))
+
+    out.copies = copies
+    if out.logits_clean is not None:
+        out.logits_clean = rep(out.logits_clean)
+    for h in ds_hooks:
+        out.clean_acts[h] = rep(out.clean_acts[h])
 
 
 def _capture(store: dict[str, torch.Tensor], name: str, stop: bool = False):
@@ -186,7 +225,7 @@ def _sae_terms(saes, out: SpliceOutput, weights: LossWeights, full: bool) -> tup
         core = unwrap(saes[h])
         parts = {f"sparsity/{h}": (weights.sparsity[h], core.sparsity_loss(out.inputs[h], out.codes[h], weights.p))}
         if weights.local > 0 or full:
-            parts[f"local/{h}"] = (weights.local, mse_loss(out.recons[h], out.targets[h]))
+            parts[f"local/{h}"] = (weights.local, core.local_loss(out.recons[h], out.targets[h], out.codes[h]))
             aux = core.aux_loss(out.inputs[h], out.recons[h], out.codes[h]) if weights.local > 0 else None
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 parts[f"aux/{h}"] = (weights.local, aux)

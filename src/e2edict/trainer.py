@@ -252,7 +252,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
     autocast, step_saes = _speed_settings(cfg, setup, saes, ctx)
-    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream)
+    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream, cfg.saes.matryoshka_e2e)
     step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, autocast, ctx, t.max_grad_norm)
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)

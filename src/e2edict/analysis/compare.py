@@ -136,6 +136,29 @@ def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
     _finish(fig, ax, path, fontsize=7)
 
 
+def _prefix_plot(runs: list[Run], path: Path) -> None:
+    """CE-loss increase with each Matryoshka prefix alone spliced in, against the prefix's size."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, r in enumerate(runs):
+        for hook, m in r.eval["saes"].items():
+            pre = m.get("prefixes")
+            if not pre:
+                continue
+            label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
+            ax.plot(
+                [p["size"] for p in pre],
+                [p["ce_loss_increase"] for p in pre],
+                marker="o",
+                label=label,
+                color=TYPE_COLORS.get(r.preset),
+                ls=LINE_STYLES[i % len(LINE_STYLES)],
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prefix size (latents)")
+    ax.set_ylabel("CE-loss increase, prefix alone (nats)")
+    _finish(fig, ax, path, fontsize=7)
+
+
 def per_run(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per run, its SAEs spliced in together: mean L0 and explained variance over them."""
     out = []
@@ -164,6 +187,9 @@ def compare(runs: list[Run], out: Path) -> dict[str, Path]:
         written["per_run_md"], written["per_run_csv"] = write_tables(whole, out, "per_run", cols)
         _scatter_with_fronts(whole, "l0", "mean L0 over the run's SAEs", out / "mean_l0_vs_ce.png")
         written["mean_l0_vs_ce.png"] = out / "mean_l0_vs_ce.png"
+    if any("prefixes" in m for r in runs for m in r.eval["saes"].values()):  # Matryoshka SAEs
+        _prefix_plot(runs, out / "prefix_ce.png")
+        written["prefix_ce.png"] = out / "prefix_ce.png"
     _downstream_plot(runs, out / "downstream_ev.png")
     _norm_ratio_plot(runs, out / "norm_ratio.png")
     written["downstream_ev.png"] = out / "downstream_ev.png"

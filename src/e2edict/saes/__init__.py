@@ -3,6 +3,7 @@
 from e2edict.saes.base import SAE, build_sae, load_sae, registry, save_sae
 from e2edict.saes.gated import GatedSAE
 from e2edict.saes.jumprelu import JumpReLUSAE
+from e2edict.saes.matryoshka import MatryoshkaBatchTopKSAE
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.topk import BatchTopKSAE, TopKSAE
 
@@ -11,6 +12,7 @@ __all__ = [
     "BatchTopKSAE",
     "GatedSAE",
     "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
     "ReLUSAE",
     "TopKSAE",
     "build_sae",

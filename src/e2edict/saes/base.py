@@ -146,6 +146,13 @@ class SAE(nn.Module, ABC):
 
         return sparsity_loss(c, self.d_in, p)
 
+    def local_loss(self, x_hat: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The local reconstruction term: the MSE of the output against its target (an
+        architecture may judge more than one reconstruction, e.g. Matryoshka's prefixes)."""
+        from e2edict.losses import mse_loss
+
+        return mse_loss(x_hat, target)
+
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
         """An architecture's auxiliary loss for local training (None: it has none)."""
         return None

@@ -1,0 +1,132 @@
+"""Matryoshka BatchTopK SAEs (Bussmann et al. 2025; Nabeshima 2024).
+
+The dictionary is split into nested prefixes (say the first 1/16, 1/4, 1/2 and all of the
+latents), and every prefix is trained to do the job alone: its reconstruction
+``c[:, :m] D[:m] + b_dec`` is judged as the whole SAE's would be. General features then settle in
+the early latents, and feature absorption drops. The code is BatchTopK's (one selection over the
+whole dictionary); only the losses see the prefixes:
+
+- local: the sum over prefixes of each prefix's reconstruction MSE;
+- e2e / e2e+ds: each prefix's reconstruction spliced in and judged by the KL (and the downstream
+  terms), summed over prefixes. How the prefixes share a step is `prefix_mode` (set by the
+  splice, `e2edict.splice`): ``"batched"`` takes an input of P stacked copies of the batch and
+  decodes copy i with prefix i (one spliced suffix over P x the batch, one clean run); an int
+  decodes with that prefix alone; None with the whole dictionary.
+
+On disk it is BatchTopK's inference form (a JumpReLU with one threshold), which SAELens loads;
+the prefix sizes travel in the metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from e2edict.errors import E2EDictError
+from e2edict.losses import mse_loss
+from e2edict.saes.topk import BatchTopKSAE
+
+DEFAULT_PREFIXES = (1 / 16, 1 / 4, 1 / 2, 1.0)
+
+
+def resolve_prefixes(spec, d_sae: int) -> list[int]:
+    """Prefix sizes as latent counts from fractions of ``d_sae`` (floats in (0, 1]) or counts
+    (ints): strictly increasing, the last one ``d_sae``; a one-line error otherwise."""
+    spec = list(DEFAULT_PREFIXES if spec is None else spec)
+    if not spec:
+        raise E2EDictError("saes.matryoshka_prefixes is empty")
+    sizes = []
+    for v in spec:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise E2EDictError(f"saes.matryoshka_prefixes: {v!r} is not a positive fraction or count")
+        if isinstance(v, float) and v > 1:
+            raise E2EDictError(f"saes.matryoshka_prefixes: fraction {v} is larger than 1 (write counts as integers)")
+        sizes.append(round(v * d_sae) if isinstance(v, float) else v)
+    if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] < 1:
+        raise E2EDictError(f"saes.matryoshka_prefixes {spec} give sizes {sizes}: they must increase strictly from 1")
+    if sizes[-1] > d_sae:
+        raise E2EDictError(f"saes.matryoshka_prefixes: {sizes[-1]} latents is larger than d_sae={d_sae}")
+    if sizes[-1] != d_sae:
+        raise E2EDictError(f"saes.matryoshka_prefixes: the last prefix must be the whole dictionary ({d_sae}), not {sizes[-1]}")
+    return sizes
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    architecture = "matryoshka_batchtopk"
+    saelens_architecture = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", k: int = 32, prefixes=None, **kw: Any):
+        super().__init__(d_in, d_sae, hook_name, k, **kw)
+        self.prefixes = resolve_prefixes(prefixes, d_sae)
+        self.prefix_mode: int | str | None = None
+        # "drawn": one prefix per training forward, in turn (a counter on the device: no read-back,
+        # and it is saved with the SAE's state, so a resumed run draws what an uninterrupted one would)
+        self.register_buffer("prefix_draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("prefix_sizes", torch.tensor(self.prefixes), persistent=False)
+
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> MatryoshkaBatchTopKSAE:
+        return cls(
+            d_in,
+            d_sae,
+            hook_name,
+            k=cfg.k,
+            prefixes=cfg.matryoshka_prefixes,
+            orthogonal_init=cfg.orthogonal_init,
+            momentum=cfg.threshold_momentum,
+            auxk_coeff=cfg.auxk_coeff,
+            auxk_k=cfg.auxk_k,
+            dead_tokens=cfg.dead_tokens,
+        )
+
+    def decode_prefix(self, c: torch.Tensor, i: int) -> torch.Tensor:
+        """The reconstruction of prefix ``i``: its latents alone (``c[..., :m] D[:m] + b_dec``)."""
+        m = self.prefixes[i]
+        D = self.W_dec[:m] / self.W_dec[:m].norm(dim=1, keepdim=True)
+        return c[..., :m] @ D + self.b_dec
+
+    def prefix_recons(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Every prefix's reconstruction, built cumulatively (one pass over the dictionary)."""
+        D = self.normalized_decoder()
+        out, acc, lo = [], self.b_dec, 0
+        for m in self.prefixes:
+            acc = acc + c[..., lo:m] @ D[lo:m]
+            out.append(acc)
+            lo = m
+        return out
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.encode(x)
+        self._track_dead(c)
+        mode = self.prefix_mode
+        if mode is None:
+            return self.decode(c), c
+        if mode == "batched":  # P stacked copies of the batch: copy i decoded with prefix i
+            chunks = c.chunk(len(self.prefixes), dim=0)
+            return torch.cat([self.decode_prefix(ci, i) for i, ci in enumerate(chunks)]), c
+        if mode == "drawn":  # the next prefix in turn, chosen on the device
+            m = self.prefix_sizes[self.prefix_draws % len(self.prefixes)]
+            if self.training:
+                self.prefix_draws += 1
+            keep = torch.arange(self.d_sae, device=c.device) < m
+            return self.decode(c * keep), c
+        return self.decode_prefix(c, int(mode)), c
+
+    def local_loss(self, x_hat: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Sum over prefixes of each prefix's reconstruction MSE (the paper's objective)."""
+        if self.prefix_mode is not None:
+            return mse_loss(x_hat, target)
+        return torch.stack([mse_loss(r, target) for r in self.prefix_recons(c)]).sum()
+
+    def saelens_metadata(self) -> dict[str, Any]:
+        return {**super().saelens_metadata(), "e2edict_matryoshka_prefixes": self.prefixes}
+
+    @classmethod
+    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> MatryoshkaBatchTopKSAE:
+        base = super()._empty_from_saelens(cfg)
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        prefixes = meta.get("e2edict_matryoshka_prefixes")
+        if not isinstance(prefixes, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in prefixes):
+            raise E2EDictError(f"a matryoshka_batchtopk SAE's metadata needs e2edict_matryoshka_prefixes, got {prefixes!r}")
+        return cls(cfg["d_in"], cfg["d_sae"], k=base.k, prefixes=prefixes, apply_b_dec_to_input=base.apply_b_dec_to_input)
