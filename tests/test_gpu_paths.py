@@ -31,7 +31,7 @@ def test_head_kl_equals_kl_of_full_logits(monkeypatch, bias, cap, chunk):
     """Value and gradient of the fused head KL (padded vocabulary, chunks, soft cap) against the KL
     of the full logits, in float64."""
     if chunk is not None:  # rows per chunk: 7 (uneven: 30 rows = 4 chunks of 7 and one of 2)
-        monkeypatch.setattr(losses, "KL_CHUNK_ELEMENTS", chunk * 128)
+        monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS_CPU", chunk * 128)
     g = torch.Generator().manual_seed(0)
     d, vocab = 16, 100  # padded to 128
     W = torch.randn(d, vocab, generator=g, dtype=torch.float64)

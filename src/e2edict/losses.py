@@ -99,11 +99,12 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def _head_chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows per chunk of the fused head: small on a CPU (cache-sized), large on a GPU, where a
     chunk of a few hundred rows would leave the GEMM starved."""
-    budget = KL_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else KL_CHUNK_ELEMENTS
+    budget = KL_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else HEAD_CHUNK_ELEMENTS_CPU
     return max(1, budget // max(1, vocab))
 
 
 KL_CHUNK_ELEMENTS_CUDA = 1 << 26  # 256 MB of fp32 logits per chunk on a GPU
+HEAD_CHUNK_ELEMENTS_CPU = 1 << 24  # 64 MB: a few hundred rows, so the CPU's GEMMs are not starved
 
 
 class _HeadKL(torch.autograd.Function):
@@ -124,14 +125,15 @@ class _HeadKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hs.device)
         n = _head_chunk_rows(head.W.shape[1], hs.device)
         for i in range(0, n_tok, n):
-            lc = torch.log_softmax(head.logits(hc[i : i + n]), -1)
-            spliced = head.logits(hs[i : i + n])
-            ls = torch.log_softmax(spliced, -1)
-            pc = lc.exp()
-            total += (pc * (lc - ls)).sum().double()
+            # three [rows, vocab] tensors at a time: zc (then zc - zs), zs (then the gradient), pc
+            zc, zs = head.logits(hc[i : i + n]), head.logits(hs[i : i + n])
+            lse_c, lse_s = torch.logsumexp(zc, -1), torch.logsumexp(zs, -1)
+            pc = (zc - lse_c[:, None]).exp_()
+            # KL per row: sum_v p_c (log p_c - log p_s), log p_c - log p_s = (z_c - z_s) - (lse_c - lse_s), in zc's memory
+            total += torch.linalg.vecdot(pc, zc.sub_(zs).sub_((lse_c - lse_s)[:, None])).sum().double()
             if want_grad:
-                g = ls.exp_().sub_(pc).div_(n_tok)  # (p_s - p_c) / n, in ls's memory
-                cap = head.softcap_grad(spliced)
+                cap = head.softcap_grad(zs)
+                g = zs.sub_(lse_s[:, None]).exp_().sub_(pc).div_(n_tok)  # (p_s - p_c) / n, in zs's memory
                 if cap is not None:
                     g.mul_(cap)
                 grad[i : i + n] = g.to(head.W.dtype) @ head.W.T
