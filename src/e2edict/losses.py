@@ -125,15 +125,16 @@ class _HeadKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hs.device)
         n = _head_chunk_rows(head.W.shape[1], hs.device)
         for i in range(0, n_tok, n):
-            # three [rows, vocab] tensors at a time: zc (then zc - zs), zs (then the gradient), pc
-            zc, zs = head.logits(hc[i : i + n]), head.logits(hs[i : i + n])
-            lse_c, lse_s = torch.logsumexp(zc, -1), torch.logsumexp(zs, -1)
-            pc = (zc - lse_c[:, None]).exp_()
-            # KL per row: sum_v p_c (log p_c - log p_s), log p_c - log p_s = (z_c - z_s) - (lse_c - lse_s), in zc's memory
-            total += torch.linalg.vecdot(pc, zc.sub_(zs).sub_((lse_c - lse_s)[:, None])).sum().double()
+            # three [rows, vocab] tensors at a time (four for a moment), in place where it can be
+            lc = torch.log_softmax(head.logits(hc[i : i + n]), -1)  # log p_c
+            zs = head.logits(hs[i : i + n])
+            cap = head.softcap_grad(zs) if want_grad else None  # (one more only under a soft cap)
+            ls = torch.log_softmax(zs, -1)  # log p_s
+            del zs
+            pc = lc.exp()
+            total += torch.linalg.vecdot(pc, lc.sub_(ls)).sum().double()  # sum_v p_c (log p_c - log p_s)
             if want_grad:
-                cap = head.softcap_grad(zs)
-                g = zs.sub_(lse_s[:, None]).exp_().sub_(pc).div_(n_tok)  # (p_s - p_c) / n, in zs's memory
+                g = ls.exp_().sub_(pc).div_(n_tok)  # (p_s - p_c) / n, in ls's memory
                 if cap is not None:
                     g.mul_(cap)
                 grad[i : i + n] = g.to(head.W.dtype) @ head.W.T

@@ -58,27 +58,21 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     def __init__(self, d_in: int, d_sae: int, hook_name: str = "", k: int = 32, prefixes=None, **kw: Any):
         super().__init__(d_in, d_sae, hook_name, k, **kw)
-        self.prefixes = resolve_prefixes(prefixes, d_sae)
         self.prefix_mode: int | str | None = None
         # "drawn": one prefix per training forward, in turn (a counter on the device: no read-back,
         # and it is saved with the SAE's state, so a resumed run draws what an uninterrupted one would)
         self.register_buffer("prefix_draws", torch.zeros((), dtype=torch.long))
-        self.register_buffer("prefix_sizes", torch.tensor(self.prefixes), persistent=False)
+        self.set_prefixes(prefixes)
+
+    def set_prefixes(self, spec) -> None:
+        self.prefixes = resolve_prefixes(spec, self.d_sae)
+        self.register_buffer("prefix_sizes", torch.tensor(self.prefixes, device=self.b_dec.device), persistent=False)
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> MatryoshkaBatchTopKSAE:
-        return cls(
-            d_in,
-            d_sae,
-            hook_name,
-            k=cfg.k,
-            prefixes=cfg.matryoshka_prefixes,
-            orthogonal_init=cfg.orthogonal_init,
-            momentum=cfg.threshold_momentum,
-            auxk_coeff=cfg.auxk_coeff,
-            auxk_k=cfg.auxk_k,
-            dead_tokens=cfg.dead_tokens,
-        )
+        sae = super().from_config(d_in, d_sae, hook_name, cfg)  # BatchTopK's settings
+        sae.set_prefixes(cfg.matryoshka_prefixes)
+        return sae
 
     def decode_prefix(self, c: torch.Tensor, i: int) -> torch.Tensor:
         """The reconstruction of prefix ``i``: its latents alone (``c[..., :m] D[:m] + b_dec``)."""
