@@ -101,7 +101,7 @@ class SAEsConfig(_Strict):
         None, description="matryoshka_batchtopk: nested prefix sizes, fractions of d_sae or counts, increasing, the last all"
     )
     matryoshka_e2e: Literal["all", "drawn"] = Field(
-        "all", description="matryoshka_batchtopk, e2e: every prefix each step (stacked along the batch) or one in turn"
+        "drawn", description="matryoshka_batchtopk, e2e: one prefix per step in turn, or every prefix each step (stacked)"
     )
 
     @field_validator("positions")

@@ -29,11 +29,11 @@ class LossWeights:
     kl: float = 0.0
     downstream: float = 0.0
     downstream_positions: list[str] = field(default_factory=list)
-    matryoshka: str = "all"  # e2e over Matryoshka prefixes: "all" (stacked along the batch) or "drawn" (one per step)
+    matryoshka: str = "drawn"  # e2e over Matryoshka prefixes: "all" (stacked along the batch) or "drawn" (one per step)
 
     @classmethod
     def from_config(
-        cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str], matryoshka: str = "all"
+        cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str], matryoshka: str = "drawn"
     ) -> LossWeights:
         """``positions``: each SAE's (input) hook mapped to the position as the config wrote it."""
         return cls(
