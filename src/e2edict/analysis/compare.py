@@ -148,7 +148,7 @@ def _prefix_plot(runs: list[Run], path: Path) -> None:
             ax.plot(
                 [p["size"] for p in pre],
                 [p["ce_loss_increase"] for p in pre],
-                marker="o",
+                marker="osD^v"[i % 5],
                 label=label,
                 color=TYPE_COLORS.get(r.preset),
                 ls=LINE_STYLES[i % len(LINE_STYLES)],
