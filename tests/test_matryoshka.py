@@ -73,11 +73,13 @@ def test_local_prefix_losses_equal_hand_computation():
     assert terms["local/h"].item() == pytest.approx(hand.item(), rel=1e-6)
 
 
-def naive_matryoshka(model, sae, hook, tokens, lam):
+def naive_matryoshka(model, sae, hook, tokens, lam, ds=()):
     """One full clean pass, then one full spliced pass per prefix with that prefix's
-    reconstruction; KL summed over prefixes, plus the sparsity term."""
+    reconstruction; KL (and e2e+ds's downstream MSEs) summed over prefixes, plus the sparsity term."""
+    clean = {}
     with torch.no_grad():
-        lc = F.log_softmax(model(tokens), -1)
+        grab = [(d, lambda a, hook: clean.__setitem__(hook.name, a)) for d in ds]
+        lc = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=grab), -1)
     store = {}
 
     def enc(a, hook):
@@ -85,29 +87,36 @@ def naive_matryoshka(model, sae, hook, tokens, lam):
 
     model.run_with_hooks(tokens, fwd_hooks=[(hook, enc)], stop_at_layer=int(hook.split(".")[1]) + 1)
     total = lam * store["c"].norm(p=1, dim=-1).mean() / sae.d_in
+    kl_coeff, ds_coeff = (0.5, 2.5) if ds else (1.0, 0.0)
     for i in range(len(sae.prefixes)):
-        ls = F.log_softmax(
-            model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, hook, i=i: sae.decode_prefix(store["c"], i))]), -1
-        )
-        total = total + (lc.exp() * (lc - ls)).sum(-1).mean()
+        spliced = {}
+        hooks = [(hook, lambda a, hook, i=i: sae.decode_prefix(store["c"], i))]
+        hooks += [(d, lambda a, hook, s=spliced: s.__setitem__(hook.name, a)) for d in ds]
+        ls = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=hooks), -1)
+        total = total + kl_coeff * (lc.exp() * (lc - ls)).sum(-1).mean()
+        if ds:
+            total = total + ds_coeff / len(ds) * sum(((spliced[d] - clean[d]) ** 2).mean() for d in ds)
     return total
 
 
-def test_e2e_all_prefixes_equals_naive_per_prefix_runs(small_backbone):
+@pytest.mark.parametrize("preset", ["e2e", "e2e+ds"])
+def test_e2e_all_prefixes_equals_naive_per_prefix_runs(small_backbone, preset):
     """Shared prefix with the prefixes stacked along the batch: loss and gradients equal one naive
-    spliced run per prefix (float64)."""
+    spliced run per prefix (float64), for e2e and e2e+ds."""
     model = small_backbone.model.double()
     try:
         h = "blocks.1.hook_resid_pre"
         sae = make(d_in=32, d_sae=96, k=4, prefixes=(8, 32, 96), dtype=torch.float64)
         tokens = torch.randint(0, 4096, (3, 12), generator=torch.Generator().manual_seed(1))
-        w = LossWeights(sparsity={h: 0.3}, kl=1.0, matryoshka="all")
+        ds = small_backbone.resid_hooks_after(h) if preset == "e2e+ds" else []
+        coeffs = dict(kl=0.5, downstream=2.5) if ds else dict(kl=1.0)
+        w = LossWeights(sparsity={h: 0.3}, downstream_positions=ds, matryoshka="all", **coeffs)
         ours = splice_forward(small_backbone, {h: sae}, tokens, w)
         assert sae.prefix_mode is None  # put back after the step
         ours.loss.backward()
         g_ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
         sae.zero_grad()
-        ref = naive_matryoshka(model, sae, h, tokens, 0.3)
+        ref = naive_matryoshka(model, sae, h, tokens, 0.3, ds)
         ref.backward()
         assert ours.loss.item() == pytest.approx(ref.item(), rel=1e-9)
         for n, p in sae.named_parameters():

@@ -331,3 +331,24 @@ def test_transcoder_runs_through_cli_eval_compare_report_and_init_from(tmp_path)
     assert len(table) == 4 and all("| tiny-e2e" in row for row in table[2:])  # one row per run, two SAEs each
     assert cli_main(["report", str(tmp_path / "e2e"), "--tokens", "2048"]) == 0
     assert "blocks.1.ln2.hook_normalized" in (tmp_path / "e2e/report/index.html").read_text()
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_every_activation_trains_as_transcoder_with_every_loss(relu_tl, arch, preset, skip):
+    """One step of every activation x loss x kind: finite loss, a gradient for every parameter,
+    and the transcoder's output (not its input) judged by the local term."""
+    torch.manual_seed(6)
+    src, dst = relu_tl.mlp_pairs()["blocks.1.mlp"]
+    tc = registry[arch](16, 48, src, **({"k": 4} if "topk" in arch else {})).make_transcoder(16, dst, skip=skip)
+    ds = relu_tl.resid_hooks_after(dst) if preset == "e2e+ds" else []
+    w = LossWeights(sparsity={src: 0.1}, downstream_positions=ds, **W[preset])
+    out = splice_forward(relu_tl, {src: tc}, torch.randint(0, 50, (2, 10)), w)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert out.recons[src].shape[-1] == 16 and out.targets[src] is not out.inputs[src]
+    for n, p in tc.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    if skip:
+        assert tc.W_skip.grad.abs().sum() > 0
