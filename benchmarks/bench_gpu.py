@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_step import matmul_peak  # the same peak measurement as the step benchmark
 
 SHAPES = {  # n_layers, d_model, n_heads, d_mlp, vocab, n_ctx, batch, layer
     "gpt2": (12, 768, 12, 3072, 50257, 1024, 8, 6),
@@ -207,21 +208,6 @@ def eval_report_case(shape: tuple, device: str) -> dict:
     return out
 
 
-def matmul_peak(device: str, dtype: torch.dtype) -> float:
-    n = 8192 if device.startswith("cuda") else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 3 * 2 * n**3 / best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -239,7 +225,7 @@ def main() -> None:
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device here")
-    peak = matmul_peak(args.device, torch.bfloat16)
+    peak = matmul_peak(os.cpu_count() or 1, args.device, torch.bfloat16)  # bench_step's measurement
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"device: {where}, torch {torch.__version__}, measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     rows = []

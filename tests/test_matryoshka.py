@@ -188,3 +188,15 @@ def test_matryoshka_through_cli_local_then_e2e_finetune_eval_and_compare(tmp_pat
     assert rc == 0
     assert cli_main(["compare", str(tmp_path / "local"), str(tmp_path / "e2e"), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp/prefix_ce.png").stat().st_size > 0
+
+
+def test_all_prefixes_need_equal_prefix_counts_across_saes(small_backbone):
+    """'all' stacks one copy of the batch per prefix: SAEs with other prefix counts are refused,
+    and every SAE is put back to its whole dictionary."""
+    a = make(d_in=32, d_sae=96, k=4, prefixes=(8, 32, 96))
+    b = make(d_in=32, d_sae=96, k=4, prefixes=(32, 96))
+    saes = {"blocks.0.hook_resid_post": a, "blocks.1.hook_resid_post": b}
+    w = LossWeights(sparsity=dict.fromkeys(saes, 0.0), kl=1.0, matryoshka="all")
+    with pytest.raises(E2EDictError, match=r"equally many prefixes, not \[2, 3\]"):
+        splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), w)
+    assert a.prefix_mode is None and b.prefix_mode is None

@@ -183,9 +183,10 @@ class _PrefixStats:
 
     def add(self, backbone: Backbone, saes: dict[str, SAE], h: str, x: torch.Tensor, codes, target) -> None:
         sae = saes[h]
+        D = sae.normalized_decoder()
         for i, m in enumerate(self.sizes):
             self.l0[i] += (codes[..., :m] != 0).sum().item()
-            self.pooled[i].add(target, sae.decode_prefix(codes, i))
+            self.pooled[i].add(target, sae.decode_prefix(codes, i, D))
             sae.prefix_mode = i
             try:
                 self.ce[i] += _ce_with_hooks(backbone, x, _alone(saes, h))

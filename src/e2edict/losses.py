@@ -96,15 +96,16 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _head_chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk of the fused head: small on a CPU (cache-sized), large on a GPU, where a
-    chunk of a few hundred rows would leave the GEMM starved."""
-    budget = KL_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else HEAD_CHUNK_ELEMENTS_CPU
-    return max(1, budget // max(1, vocab))
-
-
-KL_CHUNK_ELEMENTS_CUDA = 1 << 26  # 256 MB of fp32 logits per chunk on a GPU
+HEAD_CHUNK_ELEMENTS_CUDA = 1 << 26  # 256 MB of fp32 logits per chunk on a GPU
 HEAD_CHUNK_ELEMENTS_CPU = 1 << 24  # 64 MB: a few hundred rows, so the CPU's GEMMs are not starved
+
+
+def _head_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk of the fused head, by a memory budget per [rows, vocab] tensor: larger than
+    the logits path's (`KL_CHUNK_ELEMENTS`), because each chunk runs the head's GEMMs, which a
+    chunk of a few dozen rows would starve."""
+    budget = HEAD_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else HEAD_CHUNK_ELEMENTS_CPU
+    return max(1, budget // max(1, vocab))
 
 
 class _HeadKL(torch.autograd.Function):

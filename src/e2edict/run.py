@@ -79,7 +79,12 @@ class RunSetup:
 
     @property
     def d_sae(self) -> dict[str, int]:
-        return {h: max(1, round(self.cfg.saes.dict_ratio * d)) for h, d in self.d_in.items()}
+        return {h: dictionary_size(self.cfg, d) for h, d in self.d_in.items()}
+
+
+def dictionary_size(cfg: Config, d_in: int) -> int:
+    """Latents of an SAE reading ``d_in`` wide activations: ``saes.dict_ratio x d_in``, at least 1."""
+    return max(1, round(cfg.saes.dict_ratio * d_in))
 
 
 def setup_run(cfg: Config) -> RunSetup:
@@ -105,15 +110,16 @@ def setup_run(cfg: Config) -> RunSetup:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
     if cfg.saes.architecture not in registry:
         raise E2EDictError(f"saes.architecture: unknown {cfg.saes.architecture!r}; known: {', '.join(sorted(registry))}")
+    d_sae = {h: dictionary_size(cfg, shapes[h][0]) for h in positions}
     if cfg.saes.architecture == "matryoshka_batchtopk":
         from e2edict.saes.matryoshka import resolve_prefixes
 
         for h in positions:  # sizes checked against each dictionary before anything is written
-            resolve_prefixes(cfg.saes.matryoshka_prefixes, max(1, round(cfg.saes.dict_ratio * shapes[h][0])))
+            resolve_prefixes(cfg.saes.matryoshka_prefixes, d_sae[h])
     if cfg.saes.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
         if cfg.saes.k is None:
             raise E2EDictError(f"saes.k is required for saes.architecture={cfg.saes.architecture!r}")
-        too_big = [h for h in positions if cfg.saes.k > max(1, round(cfg.saes.dict_ratio * shapes[h][0]))]
+        too_big = [h for h in positions if cfg.saes.k > d_sae[h]]
         if too_big:
             raise E2EDictError(f"saes.k={cfg.saes.k} exceeds the dictionary size at {too_big[0]!r}")
     train_data, eval_seqs = build_data(cfg, backbone)

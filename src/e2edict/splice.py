@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from e2edict.backbones.base import Backbone, StopForward
+from e2edict.errors import E2EDictError
 from e2edict.losses import downstream_loss, head_kl_loss, kl_loss
 from e2edict.saes.base import SAE
 
@@ -140,14 +141,18 @@ def splice_forward(
 def _prefix_modes(saes: dict[str, SAE], matryoshka: str | None) -> int:
     """Put every Matryoshka SAE in the e2e prefix mode (None: back to the whole dictionary);
     return how many copies of the batch the spliced run takes (the number of prefixes for "all")."""
-    copies = 1
+    counts = set()
     for s in saes.values():
         core = unwrap(s)
         if len(getattr(core, "prefixes", ())) > 1:
             core.prefix_mode = {"all": "batched", "drawn": "drawn"}.get(matryoshka) if matryoshka else None
-            if matryoshka == "all":
-                copies = len(core.prefixes)
-    return copies
+            counts.add(len(core.prefixes))
+    if matryoshka != "all" or not counts:
+        return 1
+    if len(counts) > 1:  # one copy of the batch per prefix must mean the same for every SAE
+        _prefix_modes(saes, None)
+        raise E2EDictError(f"Matryoshka SAEs trained together with 'all' need equally many prefixes, not {sorted(counts)}")
+    return counts.pop()
 
 
 def _stack_clean(out: SpliceOutput, copies: int, ds_hooks: list[str]) -> None:

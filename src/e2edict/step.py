@@ -11,6 +11,7 @@ step are kept until they are read, and they are read before anything is written 
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -61,8 +62,9 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             weight_norms = torch.stack(torch._foreach_norm(self.params)).float()
-        names = [p for p, _ in self.named]
-        self.names = [*terms, "grad_norm", *(_GRAD_PREFIX + n for n in names), *(_WEIGHT_PREFIX + n for n in names)]
+        if not self.names:  # the same entries every step
+            params = [p for p, _ in self.named]
+            self.names = [*terms, "grad_norm", *(_GRAD_PREFIX + n for n in params), *(_WEIGHT_PREFIX + n for n in params)]
         return torch.cat([values, total.float()[None], grad_norms, weight_norms])
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,7 +117,7 @@ class StepLog:
         steps = [s for s, _ in self.pending]
         self.pending.clear()
         for step, row in zip(steps, rows, strict=True):
-            bad = [k for k, v in zip(names, row, strict=True) if v != v or v in (float("inf"), float("-inf"))]
+            bad = [k for k, v in zip(names, row, strict=True) if not math.isfinite(v)]
             if bad:
                 raise NonFinite(_describe(bad), step)
         return {k: v for k, v in zip(names, rows[-1], strict=True) if not k.startswith((_GRAD_PREFIX, _WEIGHT_PREFIX))}

@@ -50,7 +50,16 @@ class Backbone(ABC):
 
     def head(self) -> Head | None:
         """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
-        logits are not exactly ``head.logits(final hidden states)``; then `run_from` gives logits."""
+        logits are not exactly ``head.logits(final hidden states)``; then `run_from` gives logits.
+        Built by `_build_head` once per dtype and device of the unembedding (see `cast`)."""
+        W = self.unembed()
+        cache = getattr(self, "_head_cache", None)
+        if cache is None or (cache.W.dtype, cache.W.device) != (W.dtype, W.device):
+            self._head_cache = cache = self._build_head()
+        return cache
+
+    def _build_head(self) -> Head | None:
+        """The padded head of this model (`Head.padded`), or None where it has no fused head."""
         return None
 
     def cast(self, dtype: torch.dtype) -> None:
@@ -114,11 +123,15 @@ class Backbone(ABC):
                 raise E2EDictError(f"SAE at {h!r} has d_in={sae.d_in} but model {self.name!r} has width {shapes[h][0]} there")
             out = getattr(sae, "hook_name_out", None)
             if out is not None:
-                self.check_hooks([out], f"output hook of the transcoder at {h!r}")
+                self._check_pair(h, out, f"transcoder at {h!r}")
                 if sae.d_out != shapes[out][0]:
                     raise E2EDictError(f"transcoder at {h!r} writes d_out={sae.d_out} but {out!r} has width {shapes[out][0]}")
-                if self.block_order(out) <= self.block_order(h):
-                    raise E2EDictError(f"transcoder at {h!r}: its output hook {out!r} does not come after its input")
+
+    def _check_pair(self, src: str, dst: str, what: str) -> None:
+        """A transcoder's hooks: both known, the output after the input."""
+        self.check_hooks([src, dst], what)
+        if self.block_order(dst) <= self.block_order(src):
+            raise E2EDictError(f"{what}: the output hook {dst!r} does not come after its input {src!r}")
 
     def mlp_pairs(self) -> dict[str, tuple[str, str]]:
         """Each MLP's short name mapped to its (input hook, output hook): what a transcoder replaces."""
@@ -138,18 +151,17 @@ class Backbone(ABC):
                 raise E2EDictError(f"saes.positions: {position!r} names a pair of hooks, but saes.kind is 'sae' (use transcoder)")
             self.check_hooks([position])
             return position, None
+        mlps = self.mlp_pairs()
         if "->" in position:
             src, _, dst = (x.strip() for x in position.partition("->"))
-        elif position in self.mlp_pairs():
-            src, dst = self.mlp_pairs()[position]
+        elif position in mlps:
+            src, dst = mlps[position]
         else:
-            short = ", ".join(self.mlp_pairs()) or "none"
+            short = ", ".join(mlps) or "none"
             raise E2EDictError(
                 f"saes.positions: transcoder position {position!r} must be 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP ({short})"
             )
-        self.check_hooks([src, dst], f"saes.positions ({position!r})")
-        if self.block_order(dst) <= self.block_order(src):
-            raise E2EDictError(f"saes.positions: transcoder {position!r}: the output hook {dst!r} does not come after its input")
+        self._check_pair(src, dst, f"saes.positions: transcoder {position!r}")
         return src, dst
 
     def resid_hooks_after(self, hook_name: str) -> list[str]:

@@ -92,7 +92,6 @@ class HFBackbone(Backbone):
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
         self.shared_prefix = self._check_block_removal()
-        self._head_cache: Head | None = None
         self._head_ok = self._check_head()
 
     @property
@@ -103,12 +102,7 @@ class HFBackbone(Backbone):
         return self.model.get_output_embeddings().weight.T
 
     def head(self) -> Head | None:
-        if not self._head_ok:
-            return None
-        w = self.model.get_output_embeddings().weight
-        if self._head_cache is None or (self._head_cache.W.dtype, self._head_cache.W.device) != (w.dtype, w.device):
-            self._head_cache = self._build_head()
-        return self._head_cache
+        return super().head() if self._head_ok else None
 
     def _build_head(self) -> Head:
         lm = self.model.get_output_embeddings()

@@ -124,18 +124,14 @@ class TLBackbone(Backbone):
         self.d_vocab = model.cfg.d_vocab
         self.bos_token_id = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._head_cache: Head | None = None
 
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
 
-    def head(self) -> Head:
-        w = self.model.unembed.W_U
-        if self._head_cache is None or (self._head_cache.W.dtype, self._head_cache.W.device) != (w.dtype, w.device):
-            u = self.model.unembed
-            cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
-            self._head_cache = Head.padded(u.W_U.detach(), u.b_U.detach(), cap)
-        return self._head_cache
+    def _build_head(self) -> Head:
+        u = self.model.unembed
+        cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+        return Head.padded(u.W_U.detach(), u.b_U.detach(), cap)
 
     def _to_dtype(self, dtype: torch.dtype) -> None:
         with contextlib.redirect_stdout(sys.stderr):  # TransformerLens prints "Changing model dtype"

@@ -130,10 +130,9 @@ class SAE(nn.Module, ABC):
         self.kind = "skip_transcoder" if skip else "transcoder"
         device = self.W_dec.device
         self._init_decoder(orthogonal_init)
-        self.W_dec.data, self.b_dec.data = self.W_dec.data.to(device), self.b_dec.data.to(device)
         if skip:
-            self.W_skip = nn.Parameter(torch.zeros(d_out, self.d_in, device=device))
-        return self
+            self.W_skip = nn.Parameter(torch.zeros(d_out, self.d_in))
+        return self.to(device)
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> SAE:
@@ -271,11 +270,16 @@ def saelens_architecture(sae: SAE) -> str:
     return f"{base}{skip}transcoder"
 
 
+def _file_d_out(cfg: dict[str, Any]) -> int | None:
+    """A transcoder file's output width (its cfg.json names a transcoder architecture), else None."""
+    return cfg.get("d_out", cfg["d_in"]) if "transcoder" in str(cfg.get("architecture", "")) else None
+
+
 def transcoder_from_saelens(sae: SAE, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
     """Make an SAE built from a file a transcoder where its cfg.json names one (``d_out``), with
     the skip path's weights when the file has them."""
-    d_out = cfg.get("d_out")
-    if d_out is None or "transcoder" not in str(cfg.get("architecture", "")):
+    d_out = _file_d_out(cfg)
+    if d_out is None:
         return
     if isinstance(d_out, bool) or not isinstance(d_out, int) or d_out <= 0:
         raise E2EDictError(f"a transcoder's d_out must be a positive integer, got {d_out!r}")
@@ -314,8 +318,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if cfg.get("normalize_activations", "none") != "none":
         raise E2EDictError(f"{str(cfg_path)!r}: normalize_activations={cfg['normalize_activations']!r} is not supported")
     # the sizes must match the file before anything of that size is allocated
-    d_out = cfg.get("d_out", cfg["d_in"]) if "transcoder" in str(cfg.get("architecture", "")) else cfg["d_in"]
-    check_tensor(tensors, "W_dec", (cfg["d_sae"], d_out))
+    check_tensor(tensors, "W_dec", (cfg["d_sae"], _file_d_out(cfg) or cfg["d_in"]))
     sae = registry[arch].from_saelens(tensors, cfg)
     sae.hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
     return sae.to(device)

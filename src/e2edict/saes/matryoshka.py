@@ -74,10 +74,11 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         sae.set_prefixes(cfg.matryoshka_prefixes)
         return sae
 
-    def decode_prefix(self, c: torch.Tensor, i: int) -> torch.Tensor:
-        """The reconstruction of prefix ``i``: its latents alone (``c[..., :m] D[:m] + b_dec``)."""
+    def decode_prefix(self, c: torch.Tensor, i: int, D: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of prefix ``i``: its latents alone (``c[..., :m] D[:m] + b_dec``);
+        ``D``: the normalised dictionary, when the caller has it already."""
         m = self.prefixes[i]
-        D = self.W_dec[:m] / self.W_dec[:m].norm(dim=1, keepdim=True)
+        D = self.W_dec[:m] / self.W_dec[:m].norm(dim=1, keepdim=True) if D is None else D[:m]
         return c[..., :m] @ D + self.b_dec
 
     def prefix_recons(self, c: torch.Tensor) -> list[torch.Tensor]:
@@ -97,8 +98,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         if mode is None:
             return self.decode(c), c
         if mode == "batched":  # P stacked copies of the batch: copy i decoded with prefix i
+            D = self.normalized_decoder()  # once for every copy
             chunks = c.chunk(len(self.prefixes), dim=0)
-            return torch.cat([self.decode_prefix(ci, i) for i, ci in enumerate(chunks)]), c
+            return torch.cat([self.decode_prefix(ci, i, D) for i, ci in enumerate(chunks)]), c
         if mode == "drawn":  # the next prefix in turn, chosen on the device
             m = self.prefix_sizes[self.prefix_draws % len(self.prefixes)]
             if self.training:
