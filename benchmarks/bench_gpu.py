@@ -138,11 +138,7 @@ def train_case(name: str, shape: tuple, device: str, steps: int) -> dict:
     w = LossWeights({hook: 1.0}, local=t["local"], kl=t["kl"], downstream=t["downstream"], downstream_positions=ds)
     opt = make_optimizer(list(sae.parameters()), 5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-
-    def autocast():
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    step = TrainStep(bb, {hook: sae}, step_saes, w, opt, sched, autocast, DistContext(device=device), 1.0)
+    step = TrainStep(bb, {hook: sae}, step_saes, w, opt, sched, DistContext(device=device), 1.0)
     log = StepLog()
     t0 = time.perf_counter()
     log.push(0, step([batches[0]]))
@@ -169,9 +165,12 @@ def train_case(name: str, shape: tuple, device: str, steps: int) -> dict:
     if on_gpu:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["step_peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+    # FLOPs of the same step run eagerly: under FlopCounterMode a compiled graph is counted twice
+    # (once as traced, once as run), which doubled the compiled case's figure
+    eager = TrainStep(bb, {hook: sae}, {hook: sae}, w, opt, sched, DistContext(device=device), 1.0)
     counter = FlopCounterMode(display=False)
     with counter:
-        step([batches[0]])
+        eager([batches[0]])
     out["flops_per_token"] = counter.get_total_flops() / (batch * n_ctx)
     return out
 

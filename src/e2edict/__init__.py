@@ -21,7 +21,9 @@ def load_model(name_or_path: str = "tiny", device: str = "cpu", backend: str = "
     model); ``backend="huggingface"`` gives the ``transformers`` causal LM itself."""
     from e2edict.run import open_backbone
 
-    return open_backbone(name_or_path, backend, device).model
+    # TransformerLens's own attention: the fused path stays inside e2edict's training and evaluation
+    kw = {"fused_attention": False} if backend == "transformer_lens" else {}
+    return open_backbone(name_or_path, backend, device, **kw).model
 
 
 def load_saes(path: str | Path, device: str = "cpu") -> dict[str, Any]:
@@ -58,9 +60,12 @@ def evaluate(model, saes: dict[str, Any], tokens, batch_size: int = 16, alive_to
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [N, n_ctx], got shape {tuple(tokens.shape)}")
     if hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
-        backbone = TLBackbone(model, model.cfg.model_name)
-    else:  # a transformers causal LM: hooks by module path
-        backbone = HFBackbone(model, None, getattr(model.config, "name_or_path", type(model).__name__))
+        from e2edict.backbones.tl_attention import fused_attention_inside
+
+        with fused_attention_inside(model):  # the user's model object is handed back as it came
+            backbone = TLBackbone(model, model.cfg.model_name)
+            return evaluate_backbone(backbone, saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens)
+    backbone = HFBackbone(model, None, getattr(model.config, "name_or_path", type(model).__name__))  # hooks by module path
     return evaluate_backbone(backbone, saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens)
 
 

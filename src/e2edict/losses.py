@@ -7,6 +7,8 @@ KL(p_clean || p_spliced) in nats per token; downstream ``(total / K) sum_k mse_k
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -19,13 +21,30 @@ PRESETS: dict[str, dict[str, float]] = {
 
 
 def sparsity_loss(c: torch.Tensor, d_in: int, p: float = 1.0) -> torch.Tensor:
-    """``mean_t ||c_t||_p / d_in``: the Lp *norm* of each token's code (not ``sum |c|^p``)."""
-    return torch.linalg.vector_norm(c, ord=p, dim=-1).mean() / d_in
+    """``mean_t ||c_t||_p / d_in``: the Lp *norm* of each token's code (not ``sum |c|^p``), at
+    least in fp32 (a bf16 code's norms are accumulated and returned in fp32). For p = 1 the sum of
+    absolute values, whose backward stays in the code's dtype; other p's backward runs in fp32."""
+    if p == 1:
+        return c.abs().sum(-1, dtype=_at_least_fp32(c)).mean() / d_in
+    return torch.linalg.vector_norm(c, ord=p, dim=-1, dtype=_at_least_fp32(c)).mean() / d_in
 
 
 def mse_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean over all B*T*d elements of the squared difference."""
-    return F.mse_loss(x_hat, x, reduction="mean")
+    """Mean over all B*T*d elements of the squared difference, at least in fp32 (bf16
+    activations are d_model wide, so their fp32 copies are small; a bf16 mean would not be)."""
+    dtype = _at_least_fp32(x_hat)
+    return F.mse_loss(x_hat.to(dtype), x.to(dtype), reduction="mean")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off on ``device`` where it is on (a no-op elsewhere, e.g. on meta)."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 KL_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 logits per chunk
@@ -119,6 +138,13 @@ class _HeadKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, head, h_clean: torch.Tensor, h_spliced: torch.Tensor) -> torch.Tensor:
+        # fp32 throughout (the head's weights are fp32, `Head.logits`); autocast would put the
+        # vecdot and the gradient GEMM back in bf16
+        with no_autocast(h_spliced.device):
+            return _HeadKL._forward(ctx, head, h_clean, h_spliced)
+
+    @staticmethod
+    def _forward(ctx, head, h_clean: torch.Tensor, h_spliced: torch.Tensor) -> torch.Tensor:
         hc, hs = h_clean.reshape(-1, h_clean.shape[-1]), h_spliced.reshape(-1, h_spliced.shape[-1])
         n_tok = len(hc)
         want_grad = ctx.needs_input_grad[2]

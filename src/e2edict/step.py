@@ -44,7 +44,6 @@ class TrainStep:
     weights: LossWeights
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    autocast: object  # a factory of autocast contexts
     ctx: DistContext
     max_grad_norm: float | None = None
     names: list[str] = field(default_factory=list)  # the entries of the returned vector, after the first call
@@ -76,8 +75,7 @@ class TrainStep:
                 if self.ctx.enabled and i < n - 1:  # DDP averages once, after the last micro-batch
                     for m in self.step_saes.values():
                         no_sync.enter_context(m.no_sync())
-                with self.autocast():
-                    out = splice_forward(self.backbone, self.step_saes, x, self.weights)
+                out = splice_forward(self.backbone, self.step_saes, x, self.weights)
                 (out.loss / n).backward()
             terms = {**out.terms, "loss": out.loss}
             # mean active latents per token; one count over the whole tensor is ~7x cheaper than per token

@@ -251,9 +251,9 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     opt = make_optimizer([p for s in saes.values() for p in s.parameters()], t.lr)
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
-    autocast, step_saes = _speed_settings(cfg, setup, saes, ctx)
+    step_saes = _speed_settings(cfg, setup, saes, ctx)
     weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream, cfg.saes.matryoshka_e2e)
-    step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, autocast, ctx, t.max_grad_norm)
+    step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm)
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
     first_step = _resume(run_dir, ctx, saes, opt, sched, batches) if resume else 0
@@ -300,8 +300,7 @@ def _loop(run: _Run) -> None:
         if _crossed(tokens, run.tokens_per_step, t.eval_every_tokens) and not last:
             _read_values(run)
             if run.ctx.is_main:
-                with run.step.autocast():
-                    row = _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1)
+                row = _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1)
                 _write_row(run, row)
         stopping = _should_stop(run, step, last)
         if stopping or (_crossed(tokens, run.tokens_per_step, t.checkpoint_every_tokens) and not last):
@@ -395,9 +394,10 @@ def _finish(run: _Run) -> None:
 
 def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: DistContext):
     """bf16: the frozen model held in bf16 (cast once; `_finish` restores its original weights for
-    the final evaluation) and autocast for the SAEs, whose weights, optimizer state and losses stay
-    fp32. TF32 on CUDA, DDP under torchrun, optional compile. Returns the autocast factory and the
-    SAEs the step calls."""
+    the final evaluation); no autocast anywhere: the model computes in its own dtype, the SAEs in
+    their input's (`e2edict.saes.base.affine`), and their weights, optimizer state and losses stay
+    fp32, as does the fused head's KL. TF32 on CUDA, DDP under torchrun, optional compile.
+    Returns the SAEs the step calls."""
     device_type = torch.device(cfg.model.device).type
     if cfg.train.precision == "bf16":
         setup.backbone.cast(torch.bfloat16)
@@ -406,9 +406,6 @@ def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: Dis
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     if device_type == "cpu" and cfg.train.reuse_cpu_memory:
         keep_freed_memory()
-
-    def autocast():
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     step_saes: dict = dict(saes)
     if ctx.enabled:
@@ -421,7 +418,7 @@ def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: Dis
             if hasattr(s, "sparse_decode"):
                 s.sparse_decode = False
         step_saes = {h: torch.compile(s, dynamic=False) for h, s in step_saes.items()}
-    return autocast, step_saes
+    return step_saes
 
 
 def _non_finite(run_dir: Path, what: str, step: int) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from e2edict.errors import E2EDictError
+from e2edict.losses import no_autocast
 
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -51,11 +52,15 @@ class Backbone(ABC):
     def head(self) -> Head | None:
         """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
         logits are not exactly ``head.logits(final hidden states)``; then `run_from` gives logits.
-        Built by `_build_head` once per dtype and device of the unembedding (see `cast`)."""
+        Built by `_build_head` once per device, always from fp32 weights: under `cast` the head
+        keeps the model's original fp32 unembedding, so the KL's logits are fp32 GEMMs."""
         W = self.unembed()
         cache = getattr(self, "_head_cache", None)
-        if cache is None or (cache.W.dtype, cache.W.device) != (W.dtype, W.device):
-            self._head_cache = cache = self._build_head()
+        dtype = torch.promote_types(W.dtype, torch.float32)
+        pinned = getattr(self, "_original", None) is not None  # under `cast`: built from the original weights
+        if cache is None or cache.W.device != W.device or (not pinned and cache.W.dtype != dtype):
+            built = self._build_head()
+            self._head_cache = cache = None if built is None else built.to(dtype)
         return cache
 
     def _build_head(self) -> Head | None:
@@ -64,15 +69,17 @@ class Backbone(ABC):
 
     def cast(self, dtype: torch.dtype) -> None:
         """Hold the frozen model's floating-point weights in ``dtype`` (once, not per operation);
-        `restore_dtype` brings back the exact original weights."""
+        `restore_dtype` brings back the exact original weights. The fused head is built first,
+        from the original weights, and kept: the KL stays fp32 (see `Head`)."""
         model = self.model  # type: ignore[attr-defined]
         if getattr(self, "_original", None) is None:
+            self._head_cache = None
+            self.head()
             self._original = (
                 next(model.parameters()).dtype,
                 {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
             )
         self._to_dtype(dtype)
-        self._head_cache = None
 
     def restore_dtype(self) -> None:
         """Undo `cast`: the original dtype and the original weights, bit for bit."""
@@ -210,11 +217,23 @@ class Head:
         mask[v:] = PAD_LOGIT
         return cls(Wp, bp, mask, v, float(softcap or 0.0))
 
+    def to(self, dtype: torch.dtype) -> Head:
+        """This head with its weights in ``dtype`` (itself when they already are)."""
+        if self.W.dtype == dtype:
+            return self
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return Head(self.W.to(dtype), bias, self.mask, self.n_vocab, self.softcap)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, V_pad] (at least fp32) of hidden states [rows, d_model], padding masked."""
-        h = h.to(self.W.dtype)
-        raw = torch.addmm(self.bias, h, self.W) if self.bias is not None else h @ self.W
-        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))  # fresh either way: the in-place ops alias nothing
+        """Logits [rows, V_pad] in fp32 of hidden states [rows, d_model], padding masked.
+
+        An fp32 GEMM on fp32 weights, whatever ``h``'s dtype: a KL near 1e-3 is a difference of
+        logits of a few hundredths, which bf16 logits (8 significant bits, ±0.06 at a logit of 18)
+        drown. With TF32 on a GPU the weights here hold the model's fp32 values, rounded by the
+        tensor cores to 10 bits of mantissa, still 8 times finer than bf16."""
+        with no_autocast(h.device):
+            h = h.to(self.W.dtype)
+            raw = torch.addmm(self.bias, h, self.W) if self.bias is not None else h @ self.W
         if self.softcap > 0:
             raw = torch.tanh(raw.div_(self.softcap)).mul_(self.softcap)
         return raw.add_(self.mask)

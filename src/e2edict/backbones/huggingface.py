@@ -75,6 +75,16 @@ def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor) else x
 
 
+def _key(t) -> tuple[int, int]:
+    return (t.data_ptr(), t.numel()) if isinstance(t, torch.Tensor) else (id(t), -1)
+
+
+def _fp32_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` computed in fp32 (fp32 input and parameters), whatever the model's dtype."""
+    params = {k: v.float() for k, v in norm.named_parameters()}
+    return torch.func.functional_call(norm, params, (x.float(),))
+
+
 class HFBackbone(Backbone):
     """A ``transformers`` causal LM behind the `Backbone` interface."""
 
@@ -92,6 +102,7 @@ class HFBackbone(Backbone):
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
         self.shared_prefix = self._check_block_removal()
+        self._final_norm = self._find_final_norm()
         self._head_ok = self._check_head()
 
     @property
@@ -254,12 +265,43 @@ class HFBackbone(Backbone):
             got.append(args[0])
             raise StopForward
 
-        handle = self.model.get_output_embeddings().register_forward_pre_hook(take)
+        # In bf16 the final norm runs in fp32 here (see `_fp32_norm`); the model's own forward stops at its input.
+        norm = self._final_norm if resid.dtype not in (torch.float32, torch.float64) else None
+        module = norm if norm is not None else self.model.get_output_embeddings()
+        handle = module.register_forward_pre_hook(take)
         try:
             self._run_from(resid, layer, hooks, True, self.shared_prefix)
         finally:
             handle.remove()
-        return got[0] if got else None
+        if not got:
+            return None
+        return _fp32_norm(norm, got[0]) if norm is not None else got[0]
+
+    def _find_final_norm(self) -> nn.Module | None:
+        """The module whose output is the head's input (the final norm), found on a 4-token run;
+        None where the head's input is not one module's output."""
+        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        outputs: dict[tuple[int, int], nn.Module] = {}  # by storage and size: the head may get a view of it
+        got: list[torch.Tensor] = []
+        handles = [
+            m.register_forward_hook(lambda mod, args, out: outputs.__setitem__(_key(out), mod))
+            for name, m in self.model.named_modules()
+            if "norm" in type(m).__name__.lower() and not name.startswith(self.blocks_path + ".")
+        ]
+        handles.append(self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0])))
+        try:
+            with torch.no_grad():
+                self.model(input_ids=tokens, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        norm = outputs.get(_key(got[0])) if got else None
+        if norm is None:
+            return None
+        with torch.no_grad():  # the fp32 recomputation must give the model's own output
+            x = torch.randn(1, 4, self._embed_dim, device=self.device, dtype=got[0].dtype)
+            same = torch.allclose(_fp32_norm(norm, x), norm(x).float(), atol=1e-4, rtol=1e-4)
+        return norm if same else None
 
     def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, remove: bool):
         def inject(module, args, kwargs):

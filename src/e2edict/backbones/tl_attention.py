@@ -17,6 +17,7 @@ Everything else falls through to the original forward, call by call.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -85,6 +86,25 @@ def use_fused_attention(model) -> int:
             attn.forward = types.MethodType(_fused_forward, attn)
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def fused_attention_inside(model):
+    """Inside: e2edict's fused attention (a backbone built here switches it on); after: each
+    attention module's forward as it was on entry (TransformerLens's own where it was that)."""
+    before = [(attn, attn.__dict__.get("forward")) for attn in _attention_modules(model)]
+    try:
+        yield model
+    finally:
+        for attn, fwd in before:
+            if fwd is None:
+                attn.__dict__.pop("forward", None)
+            else:
+                attn.forward = fwd
+
+
+def _attention_modules(model) -> list:
+    return [b.attn for b in model.blocks if getattr(b, "attn", None) is not None]
 
 
 def use_unfused_attention(model) -> None:

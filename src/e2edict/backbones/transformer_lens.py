@@ -164,7 +164,7 @@ class TLBackbone(Backbone):
             with self.model.hooks(fwd_hooks=fwd):
                 out = self.model(resid, start_at_layer=layer, stop_at_layer=self.n_layers)
                 if hidden:
-                    return self._final_norm(out)
+                    return self._final_hidden(out)
                 return self._head(out) if logits else None
         except StopForward:
             return None
@@ -172,6 +172,21 @@ class TLBackbone(Backbone):
     def _final_norm(self, residual: torch.Tensor) -> torch.Tensor:
         m = self.model
         return m.ln_final(residual) if m.cfg.normalization_type is not None else residual
+
+    def _final_hidden(self, residual: torch.Tensor) -> torch.Tensor:
+        """The head's input in fp32 also when the model is held in bf16: TransformerLens's norm
+        rounds its output to the model's dtype, and the fused KL needs the unrounded states (a
+        bf16 rounding of both runs' states is as large as the difference a small KL is made of)."""
+        m, kind = self.model, self.model.cfg.normalization_type
+        if residual.dtype in (torch.float32, torch.float64) or kind not in ("LN", "LNPre", "RMS", "RMSPre"):
+            return self._final_norm(residual)
+        x, eps = residual.float(), m.cfg.eps
+        w = m.ln_final.w.float() if kind in ("LN", "RMS") else None
+        if kind in ("LN", "LNPre"):
+            b = m.ln_final.b.float() if kind == "LN" else None
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], w, b, eps)
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        return x * w if w is not None else x
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding as TransformerLens computes them (its hook points fire), but

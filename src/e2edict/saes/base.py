@@ -36,13 +36,27 @@ registry: dict[str, type[SAE]] = {}
 SPARSE_DECODE_FRACTION = 1 / 64
 
 
+def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W + b`` over the last dimension, computed in ``x``'s dtype.
+
+    The SAE's weights are fp32 masters; under a bf16 model its activations are bf16, so the
+    weights are cast to bf16 here (the gradient flows back to the fp32 master through the cast)
+    and the bias joins the GEMM (`torch.addmm`): adding an fp32 bias to a bf16 product would
+    promote every [tokens, d_sae] code and [tokens, d] reconstruction to fp32. Explicit casts,
+    not autocast, so the step computes the same dtypes on every device."""
+    x2 = x.reshape(-1, x.shape[-1])
+    W = W.to(x.dtype)
+    out = x2 @ W if b is None else torch.addmm(b.to(x.dtype), x2, W)
+    return out.view(*x.shape[:-1], W.shape[-1])
+
+
 def sparse_path_allowed(x: torch.Tensor) -> bool:
-    """Whether the automatic choice may take the sparse path for input ``x``: on a CPU only.
+    """Whether the automatic choice may take the sparse path for input ``x``: on a CPU only, in fp32 or fp64.
 
     The ragged kernels size their work from the data (how many pairs are active), which on a GPU
     is a read back to the host every step and a new shape for every compiled graph; there the
     dense GEMMs run on tensor cores at these sizes anyway. ``sparse_decode=True`` still forces it."""
-    return x.device.type == "cpu"
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 class SAE(nn.Module, ABC):
@@ -103,16 +117,20 @@ class SAE(nn.Module, ABC):
         """``c D + b_dec``. With fewer tokens than ``d_out`` the codes are scaled by the inverse
         row norms instead of building ``D`` (``(c / n) W = c (W / n)``): the cheaper of the two."""
         if c.numel() // self.d_sae < self.d_out:
-            return (c / self.decoder_row_norms()) @ self.W_dec + self.b_dec
-        return c @ self.normalized_decoder() + self.b_dec
+            return affine(c / self.decoder_row_norms().to(c.dtype), self.W_dec, self.b_dec)
+        return affine(c, self.normalized_decoder(), self.b_dec)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, codes)``: the reconstruction (a transcoder's prediction of its output
         activation, plus ``x W_skip^T`` for a skip transcoder) and the sparse code."""
         out, c = self._forward(x)
         if self.W_skip is not None:
-            out = out + x @ self.W_skip.T
+            out = out + affine(x, self.W_skip.T)
         return out, c
+
+    def centered(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: ``x - b_dec`` where the SAE subtracts ``b_dec`` first (``apply_b_dec_to_input``)."""
+        return x - self.b_dec.to(x.dtype) if getattr(self, "apply_b_dec_to_input", False) else x
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The architecture's encode and decode (its fast paths override this)."""

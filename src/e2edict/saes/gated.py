@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from e2edict.losses import mse_loss, sparsity_loss
-from e2edict.saes.base import SAE, check_tensor, decoder_norms
+from e2edict.saes.base import SAE, affine, check_tensor, decoder_norms
 
 
 class GatedSAE(SAE):
@@ -40,23 +40,32 @@ class GatedSAE(SAE):
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> GatedSAE:
         return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
 
-    def _in(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+    def _pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and magnitude pre-activations from one GEMM: the magnitude path's encoder is
+        ``W ⊙ exp(r_mag)``, a per-latent scale, so ``x (W ⊙ exp(r_mag)) = (x W) ⊙ exp(r_mag)``. The
+        training forward keeps the gate's for the sparsity and auxiliary terms of the same input."""
+        pre = affine(self.centered(x), self.W_enc)
+        gate = pre + self.b_gate.to(pre.dtype)
+        mag = torch.addcmul(self.b_mag.to(pre.dtype), pre, self.r_mag.exp().to(pre.dtype))
+        self._pre_cache = (x, (gate, mag)) if torch.is_grad_enabled() else None
+        return gate, mag
 
     def gate_pre(self, x: torch.Tensor) -> torch.Tensor:
-        return self._in(x) @ self.W_enc + self.b_gate
+        """The gate's pre-activations: those of the last training forward when ``x`` is its input."""
+        cached = getattr(self, "_pre_cache", None)
+        return cached[1][0] if cached is not None and cached[0] is x else self._pre(x)[0]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        xin = self._in(x)
-        gate = (xin @ self.W_enc + self.b_gate) > 0
-        mag = torch.relu(xin @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
-        return gate * mag
+        gate, mag = self._pre(x)
+        return (gate > 0) * torch.relu(mag)
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         return sparsity_loss(torch.relu(self.gate_pre(x)), self.d_in, p)
 
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        recon = torch.relu(self.gate_pre(x)) @ self.normalized_decoder().detach() + self.b_dec.detach()
+        gate = self.gate_pre(x)
+        self._pre_cache = None  # the last term that reads it
+        recon = affine(torch.relu(gate), self.normalized_decoder().detach(), self.b_dec.detach())
         return mse_loss(recon, x)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:

@@ -14,13 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor, sparse_path_allowed
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, affine, check_tensor
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
 
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+def _window(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """``K((z - θ)/ε)`` as a mask: ``θ - ε/2 < z < θ + ε/2``. Compared against fp32 bounds, so
+    the window keeps θ's precision when ``z`` is bf16, without a [tokens, d_sae] fp32 difference."""
+    return (z > theta - eps / 2) & (z < theta + eps / 2)
+
+
+def _theta_grad(window: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """``sum_tokens scale · K · grad`` per latent: the reduction in fp32, the scale after it."""
+    return (window * grad).reshape(-1, d_sae).sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)) * scale
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -36,8 +43,8 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         z, theta = ctx.saved_tensors
         grad_z = grad * (z > theta)
-        grad_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad
-        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        grad_theta = _theta_grad(_window(z, theta, ctx.eps), grad, -(theta / ctx.eps), theta.shape[-1])
+        return grad_z, grad_theta.to(theta.dtype), None
 
 
 class _Step(torch.autograd.Function):
@@ -52,8 +59,9 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, theta = ctx.saved_tensors
-        grad_theta = -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad
-        return torch.zeros_like(z), grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        scale = torch.full_like(theta, -1.0 / ctx.eps)
+        grad_theta = _theta_grad(_window(z, theta, ctx.eps), grad, scale, theta.shape[-1])
+        return None, grad_theta.to(theta.dtype), None  # no gradient to z: none flows back through the GEMM
 
 
 class JumpReLUSAE(ReLUSAE):
@@ -90,9 +98,11 @@ class JumpReLUSAE(ReLUSAE):
         return self.log_threshold.exp()
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return torch.relu(x @ self.W_enc + self.b_enc)
+        """ReLU pre-activations; the training forward keeps them for the L0 term of the same input
+        (`sparsity_loss`), so the encoder GEMM runs once per step."""
+        z = torch.relu(affine(self.centered(x), self.W_enc, self.b_enc))
+        self._pre_cache = (x, z) if torch.is_grad_enabled() else None
+        return z
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(self._pre(x), self.threshold, self.bandwidth)
@@ -101,7 +111,7 @@ class JumpReLUSAE(ReLUSAE):
         z = self._pre(x)
         theta = self.threshold
         c = _JumpReLU.apply(z, theta, self.bandwidth)
-        if self.sparse_decode is False or (self.sparse_decode is None and not sparse_path_allowed(x)):
+        if self.sparse_decode is False or not self._sparse_ok(x):
             return self.decode(c), c
         # The support a sparse decode must cover: the active latents and those inside the
         # straight-through window around θ, whose (zero) codes still pass gradient to θ.
@@ -113,7 +123,9 @@ class JumpReLUSAE(ReLUSAE):
         return self.decode_pairs(vals, pairs).view(*x.shape[:-1], self.d_out), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
-        l0 = _Step.apply(self._pre(x), self.threshold, self.bandwidth).sum(-1)
+        cached, self._pre_cache = getattr(self, "_pre_cache", None), None
+        z = cached[1] if cached is not None and cached[0] is x else self._pre(x)
+        l0 = _Step.apply(z, self.threshold, self.bandwidth).sum(-1, dtype=torch.promote_types(z.dtype, torch.float32))
         return l0.mean() / self.d_in
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:

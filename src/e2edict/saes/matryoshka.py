@@ -25,6 +25,7 @@ import torch
 
 from e2edict.errors import E2EDictError
 from e2edict.losses import mse_loss
+from e2edict.saes.base import affine
 from e2edict.saes.topk import BatchTopKSAE
 
 DEFAULT_PREFIXES = (1 / 16, 1 / 4, 1 / 2, 1.0)
@@ -79,14 +80,14 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         ``D``: the normalised dictionary, when the caller has it already."""
         m = self.prefixes[i]
         D = self.W_dec[:m] / self.W_dec[:m].norm(dim=1, keepdim=True) if D is None else D[:m]
-        return c[..., :m] @ D + self.b_dec
+        return affine(c[..., :m], D, self.b_dec)
 
     def prefix_recons(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Every prefix's reconstruction, built cumulatively (one pass over the dictionary)."""
         D = self.normalized_decoder()
-        out, acc, lo = [], self.b_dec, 0
+        out, acc, lo = [], self.b_dec.to(c.dtype), 0
         for m in self.prefixes:
-            acc = acc + c[..., lo:m] @ D[lo:m]
+            acc = acc + affine(c[..., lo:m], D[lo:m])
             out.append(acc)
             lo = m
         return out
@@ -102,7 +103,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             chunks = c.chunk(len(self.prefixes), dim=0)
             return torch.cat([self.decode_prefix(ci, i, D) for i, ci in enumerate(chunks)]), c
         if mode == "drawn":  # the next prefix in turn, chosen on the device
-            m = self.prefix_sizes[self.prefix_draws % len(self.prefixes)]
+            # index_select, not indexing by a 0-dim tensor (which reads it back to the host)
+            m = self.prefix_sizes.index_select(0, (self.prefix_draws % len(self.prefixes)).view(1))
             if self.training:
                 self.prefix_draws += 1
             keep = torch.arange(self.d_sae, device=c.device) < m

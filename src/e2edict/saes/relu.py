@@ -11,6 +11,7 @@ from torch import nn
 from e2edict.saes.base import (
     SAE,
     SPARSE_DECODE_FRACTION,
+    affine,
     check_tensor,
     decoder_norms,
     sparse_path_allowed,
@@ -55,17 +56,15 @@ class ReLUSAE(SAE):
         return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return torch.relu(x @ self.W_enc + self.b_enc)
+        return torch.relu(affine(self.centered(x), self.W_enc, self.b_enc))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if type(self).encode is not ReLUSAE.encode:  # a subclass with other codes and no forward of its own
             return super()._forward(x)
-        if self.sparse_decode is False or (self.sparse_decode is None and not sparse_path_allowed(x)):
+        if self.sparse_decode is False or not self._sparse_ok(x):
             c = self.encode(x)
             return self.decode(c), c
-        xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)
+        xin = self.centered(x).reshape(-1, self.d_in)
         flat = torch.addmm(self.b_enc, xin, self.W_enc)  # one [tokens, d_sae] tensor
         active = flat > 0
         n_active = int(torch.count_nonzero(active))
@@ -74,6 +73,13 @@ class ReLUSAE(SAE):
             return self.decode(c), c
         # Sparse codes: only the active (token, latent) pairs take part from here on (ReLU zeroes the rest).
         return self._decode_active(xin, flat.detach(), Pairs.of_mask(active), x.shape[:-1])
+
+    def _sparse_ok(self, x: torch.Tensor) -> bool:
+        """Whether the sparse path may run: chosen automatically (`sparse_path_allowed`), or forced
+        (``sparse_decode=True``) with an input in the weights' dtype (the ragged kernels have no casts)."""
+        if self.sparse_decode is None:
+            return sparse_path_allowed(x)
+        return bool(self.sparse_decode) and x.dtype == self.W_dec.dtype
 
     def _decode_active(
         self, xin: torch.Tensor, pre: torch.Tensor, pairs: Pairs, lead: torch.Size
@@ -90,7 +96,7 @@ class ReLUSAE(SAE):
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         if p == 1:  # codes are >= 0, so the L1 norm is their sum, whose backward allocates nothing
-            return c.sum(-1).mean() / self.d_in
+            return c.sum(-1, dtype=torch.promote_types(c.dtype, torch.float32)).mean() / self.d_in
         return super().sparsity_loss(x, c, p)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:

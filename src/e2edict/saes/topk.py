@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, check_tensor, sparse_path_allowed
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, affine, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
@@ -64,27 +64,30 @@ class TopKSAE(ReLUSAE):
             with torch.no_grad():
                 fired = (c.reshape(-1, self.d_sae) != 0).any(0)
                 self.tokens_since_fired.add_(c.numel() // self.d_sae)
-                self.tokens_since_fired[fired] = 0
+                self.tokens_since_fired.masked_fill_(fired, 0)  # no boolean indexing: that reads back a count
 
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
         """AuxK: the top ``auxk_k`` pre-activations among dead latents reconstruct ``x - x_hat``;
         ``auxk_coeff`` times its MSE, normalised by the error's own MSE (Gao et al. 2024)."""
         if self.auxk_coeff <= 0:
             return None
+        # Static shapes, nothing read back: the top auxk_k of every latent with the live ones at
+        # -inf (ReLU makes those 0, so fewer dead latents than auxk_k just add zeros), and the
+        # term multiplied by whether any latent is dead.
         dead = self.tokens_since_fired >= self.dead_tokens
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return x.new_zeros(())
         pre = self.pre_activations(x).masked_fill(~dead, float("-inf"))
-        vals, idx = pre.topk(min(self.auxk_k, n_dead), dim=-1)
-        err = (x - x_hat).detach().reshape(-1, self.d_in)
-        err_hat = self.gather_decode(torch.relu(vals), idx, zero_is_inactive=True).reshape(-1, self.d_in)
-        return self.auxk_coeff * (err_hat - err).pow(2).mean() / err.pow(2).mean().clamp_min(1e-12)
+        vals, idx = pre.topk(min(self.auxk_k, self.d_sae), dim=-1)
+        vals = torch.relu(vals)
+        err = (x - x_hat).detach().reshape(-1, self.d_in).float()
+        if sparse_path_allowed(x):
+            err_hat = self.gather_decode(vals, idx, zero_is_inactive=True)
+        else:  # on a GPU a dense decode of the scattered values (the gather's pair lists are data-sized)
+            err_hat = affine(torch.zeros_like(pre).scatter(-1, idx, vals), self.normalized_decoder())
+        mse = (err_hat.reshape(-1, self.d_in).float() - err).pow(2).mean() / err.pow(2).mean().clamp_min(1e-12)
+        return self.auxk_coeff * mse * dead.any()
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return affine(self.centered(x), self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
@@ -92,9 +95,10 @@ class TopKSAE(ReLUSAE):
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.sparse_decode and (not self._sparse_auto or sparse_path_allowed(x)):
+        auto_ok = not self._sparse_auto or sparse_path_allowed(x)
+        if self.sparse_decode and auto_ok and x.dtype == self.W_dec.dtype:
             # the k selected latents with a positive value are the active pairs
-            xin = (x - self.b_dec if self.apply_b_dec_to_input else x).reshape(-1, self.d_in)
+            xin = self.centered(x).reshape(-1, self.d_in)
             with torch.no_grad():
                 pre = torch.addmm(self.b_enc, xin, self.W_enc)
             top, idx = pre.topk(self.k, dim=-1, sorted=False)
