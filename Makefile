@@ -1,27 +1,38 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
-# Each installs what it needs: torch's CPU wheel first (pinned, so pip never pulls a CUDA build),
-# then e2edict itself in editable mode.
+# Both create and use a virtual environment in .venv/ (PYTHON= picks the interpreter it is made
+# from, VENV= its folder), install torch's CPU wheel first (pinned, so pip never pulls a CUDA
+# build), then e2edict itself in editable mode. Nothing is installed outside .venv/.
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install install-dev demo test lint
+.PHONY: install install-dev demo test test-fast lint
 
-install:
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e .
 
-install-dev:
+install-dev: $(PY)
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[dev]"
 
 demo: install
-	bash scripts/demo.sh
+	$(RUN) bash scripts/demo.sh
 
 test: install-dev
 	bash scripts/ensure_chromium.sh
-	$(PYTHON) -m pytest -q
+	$(RUN) $(PY) -m pytest -q
+
+# everything but the slow tier (@pytest.mark.slow: whole training runs, subprocess CLI runs)
+test-fast: install-dev
+	$(RUN) $(PY) -m pytest -q -m "not slow"
 
 lint:
-	ruff check src tests scripts benchmarks
+	$(RUN) ruff check src tests scripts benchmarks

@@ -293,7 +293,10 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N on a GPU machine")
     ap.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16"], help="ours: bf16 = the trainer's autocast; naive stays fp32"
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="ours: bf16 = autocast over the fp32 model (bench_gpu.py measures the trainer's bf16-held model); naive stays fp32",
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

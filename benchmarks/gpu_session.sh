@@ -10,14 +10,15 @@
 # wheels the GPU machine lacks and a copy of gpu_check.py). The call:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".dev"], timeout_s=540)
 # A CPU dry run of every step on small shapes (no wheels needed when the venv has them):
-#   SMOKE=1 OUT=out/gpu-smoke bash benchmarks/gpu_session.sh
+#   SMOKE=1 OUT=out/gpu-smoke PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh
+# (gpu_check.py's own dry run also needs `pip install --no-deps e2e-sae==2.1.1` in that environment)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
-if [[ -d .dev/whl ]] && ls .dev/whl/*.whl >/dev/null 2>&1; then
+if [[ "${SMOKE:-}" != 1 && -d .dev/whl ]] && ls .dev/whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded model: train a local and an end-to-end SAE at the same position,
-# evaluate both on held-out text, print them side by side. About 5 minutes on 2 CPU cores.
+# evaluate both on held-out text, print them side by side. About 3 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/demo}

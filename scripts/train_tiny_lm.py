@@ -24,7 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from e2edict.corpus import HOLDOUT_FRACTION, TEXT_NAMES, corpus_split
-from e2edict.data import BOS_TOKEN, encode_texts, to_sequences
+from e2edict.sources import BOS_TOKEN, encode_texts
+from e2edict.sources import pack_stream as to_sequences
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,28 +24,46 @@ def tiny_model():
     return e2edict.load_model("tiny")
 
 
+# --- helpers shared by the test files (import them: `from conftest import ENV, cli_cmd`) ---------
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # for child processes
+
+
+def cli_cmd(*args) -> list[str]:
+    """The `e2edict` command line run by this interpreter."""
+    return [sys.executable, "-m", "e2edict", *map(str, args)]
+
+
+def sae_weights(run_dir: Path, hook: str = "blocks.1.hook_resid_pre") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "saes" / hook / "sae_weights.safetensors"))
+
+
+def logged_steps(run_dir: Path, split: str = "train") -> list[int]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["split"] == split]
+
+
+def random_gpt2(seed: int = 1234, **config):
+    """A randomly initialised GPT-2 (no dropout) from ``GPT2Config`` keys: the one builder of test models."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**{"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **config})
+    return GPT2LMHeadModel(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def small_gpt2_dir(tmp_path_factory):
     """A randomly initialised 3-layer GPT-2 (d_model 32) with the embedded tokenizer, in HF format."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     from e2edict.assets import TINY_MODEL_DIR
 
-    torch.manual_seed(1234)
-    cfg = GPT2Config(
-        vocab_size=4096,
-        n_positions=32,
-        n_embd=32,
-        n_layer=3,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    model = random_gpt2(1234, vocab_size=4096, n_positions=32, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
     path = tmp_path_factory.mktemp("small_gpt2")
-    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(path)
     return path
 

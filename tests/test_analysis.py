@@ -40,6 +40,7 @@ def test_pareto_front():
     assert pareto_front(pts) == [(5, 0.9), (10, 0.5), (20, 0.2)]
 
 
+@pytest.mark.slow
 def test_compare_writes_tables_plots_and_geometry(runs, tmp_path):
     out = tmp_path / "cmp"
     r = subprocess.run(
@@ -103,6 +104,7 @@ def _chromium():
     pytest.skip("chromium not installed")
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(runs, tmp_path):
     run = runs["e2e"]
     r = subprocess.run(

@@ -17,14 +17,11 @@ from e2edict.splice import LossWeights, splice_forward
 
 def _big_vocab_backbone():
     """A 2-layer GPT-2 with GPT-2's vocabulary (50,257) and a GPT-2-like logit spread (std ~4)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import random_gpt2
 
     from e2edict.backbones import HFBackbone
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=256, n_layer=2, n_head=4, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)  # fmt: skip
-    model = GPT2LMHeadModel(cfg).eval()
+    model = random_gpt2(0, vocab_size=50257, n_positions=64, n_embd=256, n_layer=2, n_head=4, tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.25)  # logits ~ N(0, 4^2) over the vocabulary
     for p in model.parameters():
@@ -164,7 +161,7 @@ def test_step_reads_nothing_back_with_matryoshka_drawn_and_auxk(small_gpt2_dir, 
         sae = registry[variant.split("-")[0]](32, 256, h, k=4, auxk_coeff=1 / 32, dead_tokens=1)
     sae = sae.to("meta")
     coeffs = dict(kl=1.0) if preset == "e2e" else dict(local=1.0)
-    w = LossWeights(sparsity={h: 1.0}, matryoshka="drawn", **coeffs)
+    w = LossWeights(sparsity={h: 1.0}, **coeffs)
     out = _meta_step(bb, sae, h, w)
     assert sae.W_dec.grad is not None and sae.W_dec.grad.device.type == "meta"
     if variant != "matryoshka-drawn" and preset == "local":

@@ -22,6 +22,7 @@ def run_cli(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_version_and_help():
     r = run_cli("--version")
     assert r.returncode == 0 and e2edict.__version__ in r.stdout
@@ -29,6 +30,7 @@ def test_version_and_help():
     assert r.returncode == 0 and "train" in r.stdout and "eval" in r.stdout
 
 
+@pytest.mark.slow
 def test_short_e2e_run_lowers_kl_and_round_trips(tmp_path, tiny_model):
     out = tmp_path / "run"
     r = run_cli(
@@ -66,7 +68,7 @@ def test_short_e2e_run_lowers_kl_and_round_trips(tmp_path, tiny_model):
     sae_cfg = json.loads((out / "saes/blocks.2.hook_resid_pre/cfg.json").read_text())
     assert sae_cfg["metadata"]["e2edict_tokens_trained"] == 40960
     assert sae_cfg["metadata"]["context_size"] == 128 and sae_cfg["metadata"]["model_name"] == "tiny"
-    from e2edict.data import to_sequences
+    from e2edict.sources import pack_stream as to_sequences
 
     val = np.load(Path(e2edict.__file__).parent / "assets/tiny/val_tokens.npy").astype(np.int64)
     seqs = to_sequences(val, 128, 0)[:64]
@@ -84,6 +86,7 @@ def test_short_e2e_run_lowers_kl_and_round_trips(tmp_path, tiny_model):
     assert "CE-loss increase" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
@@ -118,6 +121,7 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, small_gpt2_dir
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(tmp_path, small_gpt2_dir):
     out = tmp_path / "run"
     out.mkdir()

@@ -11,17 +11,17 @@ from test_cli import ROOT, run_cli
 from e2edict.backbones import TLBackbone
 from e2edict.config import config_from_dict
 from e2edict.data import (
-    BatchStream,
+    BufferedStreamBatches,
     SequenceStream,
-    StreamBatches,
+    ShuffledBatches,
     build_data,
-    encode_texts,
     make_batches,
     open_sequences,
-    to_sequences,
 )
 from e2edict.errors import E2EDictError
 from e2edict.shards import ShardSequences
+from e2edict.sources import encode_texts
+from e2edict.sources import pack_stream as to_sequences
 
 N_CTX = 16
 
@@ -172,7 +172,7 @@ def test_shuffling_is_deterministic_and_streams_resume_exactly(bb, docs, tmp_pat
     stream = open_sequences(spec, bb, N_CTX, "auto", "t")
 
     def run(seed, n):
-        b = StreamBatches(stream, 4, seed, buffer=16)
+        b = BufferedStreamBatches(stream, 4, seed, buffer=16)
         return [b.next() for _ in range(n)], b
 
     per_epoch = len(expected(bb, docs)) // 4
@@ -184,7 +184,7 @@ def test_shuffling_is_deterministic_and_streams_resume_exactly(bb, docs, tmp_pat
     assert not all(torch.equal(x, y) for x, y in zip(a, other, strict=True))
     # Interrupt past an epoch boundary, restore the state, continue.
     part, interrupted = run(0, cut)
-    resumed = StreamBatches(stream, 4, 0, buffer=16)
+    resumed = BufferedStreamBatches(stream, 4, 0, buffer=16)
     resumed.load_state(json.loads(json.dumps(interrupted.state())))
     rest = [resumed.next() for _ in range(n - cut)]
     assert all(torch.equal(x, y) for x, y in zip(part + rest, a, strict=True))
@@ -195,6 +195,7 @@ def test_shuffling_is_deterministic_and_streams_resume_exactly(bb, docs, tmp_pat
     assert len(set(epoch0)) == len(epoch0) and set(epoch0) <= set(ref) and epoch0 != ref[: len(epoch0)]
 
 
+@pytest.mark.slow
 def test_tokenize_shards_random_access_and_resume(bb, docs, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
     out = tmp_path / "shards"
@@ -210,13 +211,13 @@ def test_tokenize_shards_random_access_and_resume(bb, docs, tmp_path):
     view = open_sequences(str(out), bb, N_CTX, "auto", "t")
     torch.testing.assert_close(view.take(np.arange(len(view))), ref)
     torch.testing.assert_close(open_sequences(str(out), bb, 8, "auto", "t").take(np.array([3])), ref[3:4, :8])
-    # Resume: a fresh BatchStream restored to a saved state yields exactly the remaining batches.
-    full = BatchStream(view, 4, seed=3)
+    # Resume: a fresh ShuffledBatches restored to a saved state yields exactly the remaining batches.
+    full = ShuffledBatches(view, 4, seed=3)
     seq = [full.next() for _ in range(30)]
-    part = BatchStream(view, 4, seed=3)
+    part = ShuffledBatches(view, 4, seed=3)
     for _ in range(12):
         part.next()
-    again = BatchStream(open_sequences(str(out), bb, N_CTX, "auto", "t"), 4, seed=3)
+    again = ShuffledBatches(open_sequences(str(out), bb, N_CTX, "auto", "t"), 4, seed=3)
     again.load_state(part.state())
     assert all(torch.equal(x, again.next()) for x in seq[12:])
     # The run directory refuses to be overwritten, and the folder is never left half-written.
@@ -271,6 +272,7 @@ def _rewind_and_resume(run, hook):
     return before, load_file(str(run / "saes" / hook / "sae_weights.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["stream", "shards"])
 def test_cli_trains_with_holdout_and_resumes_exactly(docs, tmp_path, kind):
     import datasets
@@ -314,8 +316,8 @@ def test_prefetcher_hands_out_the_same_batches_and_states(bb, docs, tmp_path):
     from e2edict.data import Prefetcher, TensorSequences
 
     seqs = TensorSequences(expected(bb, docs))
-    direct = BatchStream(seqs, 4, seed=5)
-    ahead = Prefetcher(BatchStream(seqs, 4, seed=5), depth=3)
+    direct = ShuffledBatches(seqs, 4, seed=5)
+    ahead = Prefetcher(ShuffledBatches(seqs, 4, seed=5), depth=3)
     try:
         for _ in range(len(seqs) // 4 + 7):  # across an epoch boundary
             assert torch.equal(direct.next(), ahead.next())

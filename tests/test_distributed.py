@@ -2,19 +2,17 @@
 resume under the same world size, and a failing rank ends the whole run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-from safetensors.torch import load_file
+from conftest import ENV, ROOT, logged_steps, sae_weights
+from conftest import cli_cmd as single
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # torchrun runs in child processes
 HOOK = "blocks.1.hook_resid_pre"
 
 
@@ -48,18 +46,6 @@ def torchrun(*args, n=2):
     ]
 
 
-def single(*args):
-    return [sys.executable, "-m", "e2edict", *map(str, args)]
-
-
-def weights(run):
-    return load_file(str(run / "saes" / HOOK / "sae_weights.safetensors"))
-
-
-def train_steps(run):
-    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if json.loads(x)["split"] == "train"]
-
-
 @pytest.mark.parametrize("preset", ["e2e", "local"])
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir, preset):
     cfg = ROOT / f"configs/tiny/{preset}.yaml"
@@ -80,10 +66,10 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = weights(one), weights(two)
+    a, b = sae_weights(one), sae_weights(two)
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
-    assert train_steps(two) == train_steps(one) == list(range(1, 33))  # rank 0 alone logs
+    assert logged_steps(two) == logged_steps(one) == list(range(1, 33))  # rank 0 alone logs
     rows1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     rows2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     # the logged loss is the mean over ranks, i.e. the loss of the whole global batch
@@ -122,10 +108,10 @@ def test_resume_under_torchrun_and_world_size_check(tmp_path, small_gpt2_dir):
     assert r.returncode == 2 and "resume it with 2, not 1" in r.stderr
     r = subprocess.run(torchrun("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = weights(ref), weights(run)
+    a, b = sae_weights(ref), sae_weights(run)
     for k in a:
         assert a[k].equal(b[k]), k
-    assert train_steps(run) == train_steps(ref) == list(range(1, 65))
+    assert logged_steps(run) == logged_steps(ref) == list(range(1, 65))
 
 
 def test_a_failing_rank_ends_the_whole_run(tmp_path, small_gpt2_dir):

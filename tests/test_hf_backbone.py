@@ -139,6 +139,7 @@ def small_llama_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_llama_shared_prefix_and_e2e_training(small_llama_dir, tmp_path):
     model, tok = load_hf_causal_lm(str(small_llama_dir))
     bb = HFBackbone(model, tok, "llama")
@@ -176,6 +177,7 @@ def test_llama_shared_prefix_and_e2e_training(small_llama_dir, tmp_path):
     assert sae["d_sae"] == 256 and set(sae["downstream_explained_variance"]) == {"model.layers.2:input", "model.layers.2"}
 
 
+@pytest.mark.slow
 def test_cli_metrics_equal_transformer_lens(tmp_path):
     """The same config trained through both backends on the embedded model gives the same metrics."""
     common = [
@@ -212,6 +214,7 @@ def test_cli_metrics_equal_transformer_lens(tmp_path):
     assert ev_a == pytest.approx(ev_b, rel=2e-3, abs=2e-4)
 
 
+@pytest.mark.slow
 def test_hooks_command_lists_both_backends():
     r = run_cli("hooks", "tiny", "--backend", "huggingface")
     assert r.returncode == 0, r.stderr
@@ -250,6 +253,7 @@ def test_load_model_and_evaluate_api_take_a_hf_model(hf_tiny):
     assert res["tokens"] == 128 and res["saes"]["transformer.h.2:input"]["d_sae"] == 256
 
 
+@pytest.mark.slow
 def test_unknown_hf_position_is_one_line_error(tmp_path):
     r = run_cli(
         "train",

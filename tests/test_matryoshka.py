@@ -107,10 +107,11 @@ def test_e2e_all_prefixes_equals_naive_per_prefix_runs(small_backbone, preset):
     try:
         h = "blocks.1.hook_resid_pre"
         sae = make(d_in=32, d_sae=96, k=4, prefixes=(8, 32, 96), dtype=torch.float64)
+        sae.e2e_prefixes = "all"  # saes.matryoshka_e2e
         tokens = torch.randint(0, 4096, (3, 12), generator=torch.Generator().manual_seed(1))
         ds = small_backbone.resid_hooks_after(h) if preset == "e2e+ds" else []
         coeffs = dict(kl=0.5, downstream=2.5) if ds else dict(kl=1.0)
-        w = LossWeights(sparsity={h: 0.3}, downstream_positions=ds, matryoshka="all", **coeffs)
+        w = LossWeights(sparsity={h: 0.3}, downstream_positions=ds, **coeffs)
         ours = splice_forward(small_backbone, {h: sae}, tokens, w)
         assert sae.prefix_mode is None  # put back after the step
         ours.loss.backward()
@@ -129,7 +130,7 @@ def test_e2e_drawn_prefix_takes_one_prefix_per_step_in_turn(small_backbone):
     h = "blocks.1.hook_resid_pre"
     sae = make(d_in=32, d_sae=96, k=4, prefixes=(8, 32, 96))
     tokens = torch.randint(0, 4096, (2, 10), generator=torch.Generator().manual_seed(2))
-    w = LossWeights(sparsity={h: 0.0}, kl=1.0, matryoshka="drawn")
+    w = LossWeights(sparsity={h: 0.0}, kl=1.0)
     with torch.no_grad():
         got = [splice_forward(small_backbone, {h: sae}, tokens, w).terms["kl"].item() for _ in range(4)]
         lc = F.log_softmax(small_backbone.model(tokens), -1)
@@ -163,6 +164,7 @@ def test_saelens_loads_matryoshka_and_computes_the_same_latents(tmp_path):
         torch.testing.assert_close(mine(x)[0], sae(x)[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_matryoshka_through_cli_local_then_e2e_finetune_eval_and_compare(tmp_path):
     from e2edict.cli import main as cli_main
 
@@ -196,7 +198,8 @@ def test_all_prefixes_need_equal_prefix_counts_across_saes(small_backbone):
     a = make(d_in=32, d_sae=96, k=4, prefixes=(8, 32, 96))
     b = make(d_in=32, d_sae=96, k=4, prefixes=(32, 96))
     saes = {"blocks.0.hook_resid_post": a, "blocks.1.hook_resid_post": b}
-    w = LossWeights(sparsity=dict.fromkeys(saes, 0.0), kl=1.0, matryoshka="all")
+    w = LossWeights(sparsity=dict.fromkeys(saes, 0.0), kl=1.0)
+    a.e2e_prefixes = b.e2e_prefixes = "all"
     with pytest.raises(E2EDictError, match=r"equally many prefixes, not \[2, 3\]"):
         splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), w)
     assert a.prefix_mode is None and b.prefix_mode is None

@@ -1,22 +1,16 @@
 """A run killed with SIGKILL and resumed ends bitwise identical to an uninterrupted one."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import ENV, ROOT, logged_steps, sae_weights
+from conftest import cli_cmd as cli
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def cli(*args):
-    return [sys.executable, "-m", "e2edict", *map(str, args)]
+pytestmark = pytest.mark.slow  # whole runs in child processes
 
 
 def overrides(model_dir):
@@ -36,15 +30,6 @@ def overrides(model_dir):
         "eval.alive_tokens=2048",
         "eval.during_training_tokens=1024",
     ]
-
-
-def weights(run_dir):
-    return load_file(str(run_dir / "saes/blocks.1.hook_resid_pre/sae_weights.safetensors"))
-
-
-def steps(run_dir, split="train"):
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if r["split"] == split]
 
 
 @pytest.mark.parametrize("preset", ["e2e", "local"])
@@ -83,12 +68,12 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, small_gpt2_dir, prese
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
 
-    a, b = weights(ref), weights(run)
+    a, b = sae_weights(ref), sae_weights(run)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].equal(b[k]), k
-    assert steps(run) == steps(ref) == list(range(1, 33))
-    assert steps(run, "eval") == steps(ref, "eval")
+    assert logged_steps(run) == logged_steps(ref) == list(range(1, 33))
+    assert logged_steps(run, "eval") == logged_steps(ref, "eval")
     assert json.loads((run / "eval.json").read_text()) == json.loads((ref / "eval.json").read_text())
     assert len(list((run / "checkpoints").glob("step_*"))) <= 3
 
@@ -111,10 +96,10 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, small_gpt2_dir):
     r = subprocess.run(cli("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "falling back to the previous checkpoint" in r.stderr
-    a, b = weights(ref), weights(run)
+    a, b = sae_weights(ref), sae_weights(run)
     for k in a:
         assert a[k].equal(b[k]), k
-    assert steps(run) == list(range(1, 33))
+    assert logged_steps(run) == list(range(1, 33))
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, small_gpt2_dir):
@@ -139,10 +124,10 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, small_gpt2_dir
     assert len(list((run / "checkpoints").glob("step_*"))) == 1
     r = subprocess.run(cli("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    a, b = weights(ref), weights(run)
+    a, b = sae_weights(ref), sae_weights(run)
     for k in a:
         assert a[k].equal(b[k]), k
-    assert steps(run) == list(range(1, 33))
+    assert logged_steps(run) == list(range(1, 33))
 
 
 def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monkeypatch):

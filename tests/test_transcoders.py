@@ -44,15 +44,15 @@ def relu_tl():
 @pytest.fixture(scope="module")
 def linear_hf(tmp_path_factory):
     """A 3-layer GPT-2 whose MLP activation is the identity (a linear MLP), Hugging Face backbone."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import random_gpt2
 
     from e2edict.run import open_backbone
 
-    torch.manual_seed(1)
-    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2, n_inner=24,
-                     activation_function="linear", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    model = random_gpt2(
+        1, vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2, n_inner=24, activation_function="linear"
+    )
     path = tmp_path_factory.mktemp("linear_gpt2")
-    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True)
     return open_backbone(str(path), backend="huggingface")
 
 
@@ -294,6 +294,7 @@ def test_loaded_transcoder_whose_width_does_not_fit_is_refused(tmp_path):
         bb.check_saes({"blocks.1.ln2.hook_normalized": tc})
 
 
+@pytest.mark.slow
 def test_transcoder_runs_through_cli_eval_compare_report_and_init_from(tmp_path):
     """Local transcoders at two MLPs, then an e2e fine-tune from them (init_from); eval.json's
     transcoder metrics; compare (per-run table, mean-L0 plot) and report take the runs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+from e2edict.version import __version__
 
 __all__ = ["__version__", "evaluate", "load_config", "load_model", "load_saes", "train"]
 
@@ -27,46 +27,51 @@ def load_model(name_or_path: str = "tiny", device: str = "cpu", backend: str = "
 
 
 def load_saes(path: str | Path, device: str = "cpu") -> dict[str, Any]:
-    """``{hook_name: SAE}`` from a run directory (its ``saes/`` folder) or from one SAE folder."""
-    from e2edict.errors import E2EDictError
-    from e2edict.saes import load_sae
-    from e2edict.saes.base import CFG_FILE
+    """``{hook_name: SAE}`` from a run directory (its ``saes/`` folder) or from one SAE folder,
+    in eval mode (inference behaviour: a BatchTopK threshold is used as saved, not moved)."""
+    from e2edict.rundir import load_saes as _load
 
-    path = Path(path)
-    if (path / CFG_FILE).is_file():
-        sae = load_sae(path, device)
-        return {sae.hook_name or path.name: sae}
-    folder = path / "saes"
-    if not folder.is_dir():
-        raise E2EDictError(f"{str(path)!r} is neither an SAE folder (with {CFG_FILE}) nor a run directory (with saes/)")
-    out = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        sae = load_sae(sub, device)
-        out[sae.hook_name or sub.name] = sae
-    if not out:
-        raise E2EDictError(f"run directory {str(path)!r} has no SAEs in saes/")
-    return out
+    return _load(path, device)
 
 
-def evaluate(model, saes: dict[str, Any], tokens, batch_size: int = 16, alive_tokens: int | None = None) -> dict[str, Any]:
+def evaluate(
+    model,
+    saes: dict[str, Any],
+    tokens,
+    batch_size: int = 16,
+    alive_tokens: int | None = None,
+    n_ctx: int = 128,
+    tokenizer=None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The metrics of method §5 (eval.json's shape) for ``saes`` spliced into ``model`` (a
-    `HookedTransformer` or a ``transformers`` causal LM) on ``tokens`` ([N, n_ctx] token ids)."""
+    `HookedTransformer` or a ``transformers`` causal LM).
+
+    ``tokens``: ``[N, n_ctx]`` token ids used as they are; a 1-D token stream (e.g.
+    ``numpy.load("val_tokens.npy")``, any integer dtype); or texts. Streams and texts are packed
+    as runs pack them: windows of ``n_ctx - 1`` tokens, each after the BOS token (texts each
+    after a BOS too), so a run's eval data gives its eval.json. Texts use ``tokenizer``, or the
+    TransformerLens model's own. SAEs trained on the other backend's hook names are mapped where
+    the mapping is unambiguous (residual stream, MLP output)."""
     import torch
 
     from e2edict.backbones import HFBackbone, TLBackbone
-    from e2edict.evaluation import evaluate_backbone
+    from e2edict.evaluation import evaluate_saes
+    from e2edict.sources import user_sequences
 
-    tokens = torch.as_tensor(tokens)
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be [N, n_ctx], got shape {tuple(tokens.shape)}")
+    def run(backbone):
+        seqs = user_sequences(tokens, n_ctx, backbone.bos_token_id, tokenizer or backbone.tokenizer)
+        mapped = backbone.adopt_saes(saes)
+        return evaluate_saes(
+            backbone, mapped, torch.from_numpy(seqs), batch_size=batch_size, alive_tokens=alive_tokens, progress=progress
+        )
+
     if hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
         from e2edict.backbones.tl_attention import fused_attention_inside
 
         with fused_attention_inside(model):  # the user's model object is handed back as it came
-            backbone = TLBackbone(model, model.cfg.model_name)
-            return evaluate_backbone(backbone, saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens)
-    backbone = HFBackbone(model, None, getattr(model.config, "name_or_path", type(model).__name__))  # hooks by module path
-    return evaluate_backbone(backbone, saes, tokens, batch_size=batch_size, alive_tokens=alive_tokens)
+            return run(TLBackbone(model, model.cfg.model_name))
+    return run(HFBackbone(model, tokenizer, getattr(model.config, "name_or_path", type(model).__name__)))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None):
@@ -75,14 +80,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
     return _load(path, overrides)
 
 
-def train(config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train from a `Config`, a mapping, or a YAML path; return the run directory."""
-    from e2edict.config import Config, config_from_dict
+def train(
+    config, overrides: list[str] | None = None, out: str | Path | None = None, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Train from a `Config`, a mapping, or a YAML path, with ``dotted.key=value`` overrides as
+    on the command line (``["train.tokens=100000"]``); return the run directory. Without ``out``
+    the run goes to ``out/runs/<name>``, its name following the overrides (`config.run_name_for`)."""
+    from e2edict.config import Config, apply_overrides, config_from_dict, run_name_for
     from e2edict.config import load_config as _load
     from e2edict.trainer import train as _train
 
+    overrides = list(overrides or [])
     if isinstance(config, (str, Path)):
-        config = _load(config)
-    elif not isinstance(config, Config):
-        config = config_from_dict(dict(config))
+        config = _load(config, overrides)
+    else:
+        raw = config.to_dict() if isinstance(config, Config) else dict(config)
+        config = config_from_dict(apply_overrides(raw, overrides)) if overrides or not isinstance(config, Config) else config
+    if out is None and overrides:
+        config.name = run_name_for(config.name, overrides)
     return _train(config, out=out, overwrite=overwrite, progress=progress)

@@ -21,8 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from e2edict.errors import E2EDictError
+from e2edict.rundir import CHECKPOINTS
 
-CKPT_DIR = "checkpoints"
+CKPT_DIR = CHECKPOINTS  # the run directory's layout is `e2edict.rundir`'s
 
 
 def _sha256(path: Path) -> str:

@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from e2edict import __version__
 from e2edict.errors import E2EDictError
+from e2edict.rundir import RunDir
+from e2edict.version import __version__
 
 EXIT_BAD_INPUT = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from e2edict.config import load_config
+    from e2edict.config import load_config, run_name_for
     from e2edict.trainer import Interrupted, train
 
     if args.resume:
         if args.config or args.overrides or args.out:
             raise E2EDictError("--resume RUN_DIR takes no config, overrides or --out: the run's config.yaml is used")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = RunDir(run_dir).read_config()
     else:
         if not args.config:
             raise E2EDictError("train needs a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
         run_dir = args.out
+        if run_dir is None and args.overrides:  # runs that differ get folders that differ
+            named = run_name_for(cfg.name, args.overrides)
+            if named != cfg.name:
+                cfg.name = named
+                print(f"e2edict: run name {named!r} (from the overrides; set name=... or --out to choose)", file=sys.stderr)
     try:
         run_dir = train(cfg, out=run_dir, overwrite=args.overwrite, progress=not args.quiet, resume=bool(args.resume))
     except Interrupted as e:
@@ -38,40 +41,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
-    result = json.loads((run_dir / "eval.json").read_text())
+    result = RunDir(run_dir).read_eval()
     print(format_table({cfg.name: result}))
     print(f"run directory: {run_dir}")
     return 0
 
 
-def _evaluate_and_write(run, tokens: int | None = None, alive_tokens: int | None = None):
-    """Evaluate a loaded run on its eval data and write eval.json and sparsity.safetensors."""
-    import torch
-
-    from e2edict.evaluation import evaluate_backbone
-    from e2edict.trainer import write_eval, write_sparsity
-
-    cfg = run.cfg
-    densities: dict[str, torch.Tensor] = {}
-    result = evaluate_backbone(
-        run.backbone,
-        run.saes,
-        run.eval_seqs,
-        tokens=tokens or cfg.eval.tokens,
-        alive_tokens=alive_tokens or cfg.eval.alive_tokens,
-        batch_size=cfg.eval.batch_size,
-        densities=densities,
-    )
-    write_eval(run.path, result)
-    write_sparsity(run.path, densities)
-    return result, densities
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from e2edict.run import load_run_dir
+    from e2edict.run import evaluate_and_record, load_run_dir
 
     run = load_run_dir(args.run_dir, args.data, max(args.tokens or 0, args.alive_tokens or 0) or None)
-    result, _ = _evaluate_and_write(run, args.tokens, args.alive_tokens)
+    result, _ = evaluate_and_record(
+        RunDir(run.path), run.cfg, run.backbone, run.saes, run.eval_seqs, args.tokens, args.alive_tokens, progress=not args.quiet
+    )
     print(format_table({run.cfg.name: result}))
     return 0
 
@@ -101,34 +83,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from safetensors.torch import load_file
-
     from e2edict.analysis.report import write_report
-    from e2edict.evaluation import density_from_log10
-    from e2edict.run import load_run_dir
-    from e2edict.trainer import sae_folder
+    from e2edict.run import evaluate_and_record, load_run_dir
 
     run = load_run_dir(args.run_dir, tokens=args.tokens)
-    run_dir, cfg, backbone, saes = run.path, run.cfg, run.backbone, run.saes
-    files = {h: sae_folder(run_dir, h) / "sparsity.safetensors" for h in saes}
-    if (run_dir / "eval.json").is_file() and all(f.is_file() for f in files.values()):
-        result = json.loads((run_dir / "eval.json").read_text())
-        densities = {h: density_from_log10(load_file(str(f))["sparsity"]) for h, f in files.items()}
+    rundir, cfg, backbone, saes = RunDir(run.path), run.cfg, run.backbone, run.saes
+    densities = rundir.read_densities(list(saes)) if rundir.has_eval() else None
+    if densities is not None:
+        result = rundir.read_eval()
     else:  # the same evaluation `e2edict eval` runs, written to the run directory
-        result, densities = _evaluate_and_write(run)
+        result, densities = evaluate_and_record(rundir, cfg, backbone, saes, run.eval_seqs, progress=not args.quiet)
     seqs = run.eval_seqs[: max(1, -(-args.tokens // cfg.data.n_ctx))]  # where to search for top contexts
     index = write_report(
-        run_dir,
+        rundir,
         backbone,
         saes,
         seqs,
         result,
-        (run_dir / "config.yaml").read_text(),
+        rundir.config_text(),
         densities,
         n_features=args.features,
         per_page=args.per_page,
         k=args.contexts,
         batch_size=cfg.eval.batch_size,
+        run_name=cfg.name,
     )
     print(f"report: {index}")
     return 0
@@ -145,6 +123,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_hooks(args: argparse.Namespace) -> int:
     from e2edict.run import open_backbone
 
+    _quiet_third_party()  # a listing: no loading bar
     bb = open_backbone(args.model, args.backend, trust_remote_code=args.trust_remote_code)
     shapes = bb.hook_shapes()
     if args.transcoders:  # MLP pairs: short name, input hook, output hook, widths
@@ -152,8 +131,23 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
             print(f"{short}\t{src} -> {dst}\t{shapes[src][0]} -> {shapes[dst][0]}")
         return 0
     for name, shape in shapes.items():
-        print(f"{name}\t{shape[0]}")
+        if _in_block(bb, name):  # only positions that can take an SAE
+            print(f"{name}\t{shape[0]}")
+    norm = bb.final_norm_name() if hasattr(bb, "final_norm_name") else None
+    if norm is not None:
+        last = f"{bb.blocks_path}.{bb.n_layers - 1}"
+        print(
+            f"({norm} is the final norm, the head's input, not a position: {last} is the last residual stream)", file=sys.stderr
+        )
     return 0
+
+
+def _in_block(bb, name: str) -> bool:
+    try:
+        bb.block_of(name)
+    except E2EDictError:
+        return False
+    return True
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
@@ -230,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, help="evaluation tokens (default: the run's eval.tokens)")
     e.add_argument("--data", help="evaluation data instead of the run's data.eval")
     e.add_argument("--alive-tokens", type=int, help="window for alive / feature density (default: eval.alive_tokens)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_eval)
 
     c = sub.add_parser(
@@ -272,9 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("run_dir")
     r.add_argument("--tokens", type=int, default=65_536, help="held-out tokens to search for top contexts")
-    r.add_argument("--features", type=int, default=200, help="features shown per SAE (densest first)")
+    r.add_argument(
+        "--features",
+        type=int,
+        default=200,
+        help="features shown per SAE (densest first up to 10%% of tokens, the near-always-on ones last)",
+    )
     r.add_argument("--per-page", type=int, default=50)
     r.add_argument("--contexts", type=int, default=8, help="top contexts per feature")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_report)
 
     tk = sub.add_parser("tokenize", help="pack a text or token source into shards for random-access training data")
@@ -301,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_third_party() -> None:
+    """Under --quiet also the libraries' bars (transformers' "Loading weights", datasets')."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
@@ -318,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"e2edict: error: --{opt.replace('_', '-')} must be positive", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
+        if getattr(args, "quiet", False):
+            _quiet_third_party()
         return args.fn(args)
     except E2EDictError as e:
         print(f"e2edict: error: {' '.join(str(e).split(chr(10)))}", file=sys.stderr)

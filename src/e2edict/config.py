@@ -7,6 +7,7 @@ The resolved config (every default and preset filled in) is what a run directory
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -17,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from e2edict.errors import E2EDictError
 from e2edict.losses import PRESETS
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # nan, inf: one-line error
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: str = "tiny"
     backend: Literal["transformer_lens", "huggingface"] = Field(
         "transformer_lens", description="transformer_lens: TransformerLens hook names; huggingface: module paths"
@@ -38,7 +39,7 @@ class ModelConfig(_Strict):
     )
 
 
-class DataSource(_Strict):
+class DataSource(StrictModel):
     """A data source with options; a plain string ``path`` is the same with the defaults."""
 
     path: str = Field(min_length=1, description="tiny, tiny-val, a file, a glob, a folder, or a Hugging Face dataset name")
@@ -49,7 +50,7 @@ class DataSource(_Strict):
     max_tokens: int | None = Field(None, gt=0, description="read no more than this many tokens")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     train: str | DataSource = "tiny"
     eval: str | DataSource = Field("tiny-val", description="a source, or 'holdout': the head of data.train, kept out of training")
     holdout_tokens: int | None = Field(None, gt=0, description="eval: holdout; null: max(eval.tokens, eval.alive_tokens)")
@@ -79,7 +80,7 @@ class DataConfig(_Strict):
         return key(self.train) == key(self.eval)
 
 
-class SAEsConfig(_Strict):
+class SAEsConfig(StrictModel):
     positions: list[str] = Field(
         min_length=1, description="hook names; transcoders: 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP's short name"
     )
@@ -103,6 +104,9 @@ class SAEsConfig(_Strict):
     matryoshka_e2e: Literal["all", "drawn"] = Field(
         "drawn", description="matryoshka_batchtopk, e2e: one prefix per step in turn, or every prefix each step (stacked)"
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the architecture's own keys, checked by its class (`SAE.options_schema`)"
+    )
 
     @field_validator("positions")
     @classmethod
@@ -111,16 +115,25 @@ class SAEsConfig(_Strict):
             raise ValueError("positions must not repeat a hook name")
         return v
 
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from e2edict.saes import registry
+
+        if v not in registry:
+            raise ValueError(f"unknown {v!r}; known: {', '.join(sorted(registry))}")
+        return v
+
     @model_validator(mode="after")
-    def _prefixes_need_matryoshka(self) -> SAEsConfig:
-        if self.matryoshka_prefixes is not None and self.architecture != "matryoshka_batchtopk":
-            raise ValueError(
-                f"matryoshka_prefixes is for architecture matryoshka_batchtopk; {self.architecture!r} has no prefixes"
-            )
+    def _architecture_rules(self) -> SAEsConfig:
+        """Each architecture checks its own keys (`e2edict.saes.base.SAE.validate_config`)."""
+        from e2edict.saes import registry
+
+        registry[self.architecture].validate_config(self)
         return self
 
 
-class SparsityLoss(_Strict):
+class SparsityLoss(StrictModel):
     coeff: float | dict[str, float] = Field(1.0, description="lambda; one number, or a mapping hook -> lambda")
     p: float = Field(1.0, gt=0)
 
@@ -133,7 +146,7 @@ class SparsityLoss(_Strict):
         return v
 
 
-class Coeff(_Strict):
+class Coeff(StrictModel):
     coeff: float | None = Field(None, ge=0, description="null: taken from loss.preset")
 
 
@@ -141,7 +154,7 @@ class DownstreamLoss(Coeff):
     positions: list[str] | None = Field(None, description="null: every later residual hook")
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     preset: Literal["local", "e2e", "e2e+ds"] = "e2e"
     sparsity: SparsityLoss = SparsityLoss()
     kl: Coeff = Coeff()
@@ -170,7 +183,7 @@ class LossConfig(_Strict):
         return c
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     tokens: int = Field(1_000_000, gt=0)
     batch_size: int = Field(8, gt=0, description="sequences per step per process")
     grad_accum: int = Field(1, gt=0)
@@ -183,7 +196,9 @@ class TrainConfig(_Strict):
     eval_every_tokens: int | None = Field(None, gt=0)
     checkpoint_every_tokens: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward, fp32 master weights")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the model held in bf16, SAEs computed in bf16 from fp32 master weights; KL and losses fp32"
+    )
     tf32: bool = Field(True, description="allow TF32 matmuls on CUDA")
     compile: bool = Field(False, description="torch.compile each SAE")
     reuse_cpu_memory: bool = Field(
@@ -193,19 +208,19 @@ class TrainConfig(_Strict):
     dist_timeout_s: int = Field(600, gt=0, description="torchrun: how long a collective may wait for a rank")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     tokens: int = Field(65_536, gt=0)
     alive_tokens: int = Field(500_000, gt=0, description="window for alive and feature density (or all the data there is)")
     batch_size: int = Field(16, gt=0)
     during_training_tokens: int = Field(16_384, gt=0, description="eval tokens for the evaluations during training")
 
 
-class WandbConfig(_Strict):
+class WandbConfig(StrictModel):
     project: str | None = None
     entity: str | None = None
 
 
-class Config(_Strict):
+class Config(StrictModel):
     name: str = "run"
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -219,7 +234,7 @@ class Config(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v) or v in (".", ".."):
+        if not RUN_NAME_RE.match(v) or v in (".", ".."):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_', '+', '-' (it names a folder)")
         return v
 
@@ -291,6 +306,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = nxt
         node[parts[-1]] = parse_value(value)
     return raw
+
+
+# Overrides that leave what a run computes as it is: they do not rename it (`run_name_for`).
+_NEUTRAL_KEYS = ("name", "model.device", "train.compile", "train.log_every", "train.checkpoint_every_tokens",
+                 "train.keep_checkpoints", "train.reuse_cpu_memory", "eval.batch_size")  # fmt: skip
+
+
+def run_name_for(name: str, overrides: list[str]) -> str:
+    """The run's name under ``overrides``: the config's, followed by each override that changes
+    what the run computes (``tiny-e2e+architecture-matryoshka_batchtopk+k-32``), so runs that
+    differ do not share ``out/runs/<name>``; unchanged when an override sets ``name``. Kept to the
+    characters and the 128 of a valid name (a hash of the rest past that)."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key == "name":
+            return name
+        if key in _NEUTRAL_KEYS or key.startswith("wandb."):
+            continue
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "_", f"{key.rsplit('.', 1)[-1]}-{value.strip()}").strip("_") or "x")
+    out = "+".join([name, *parts])
+    if len(out) > 128:
+        out = out[:119] + "+" + hashlib.sha1(out.encode()).hexdigest()[:8]
+    return out
 
 
 def config_from_dict(raw: Any) -> Config:

@@ -10,9 +10,7 @@ it is.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,71 +19,8 @@ import torch
 
 from e2edict.errors import E2EDictError
 from e2edict.shards import ShardSequences
-
-BOS_TOKEN = "<|endoftext|>"
-
-
-def encode_texts(tokenizer, texts: list[str]) -> np.ndarray:
-    """Tokenize texts into one stream, each text preceded by the BOS/EOS token."""
-    if hasattr(tokenizer, "convert_tokens_to_ids"):  # a transformers tokenizer
-        bos = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
-    else:
-        bos = tokenizer.token_to_id(BOS_TOKEN)
-    if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
-        encoded = [e.ids for e in tokenizer.encode_batch(texts)]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    parts = []
-    for ids in encoded:
-        parts.append(np.array([bos], dtype=np.int64))
-        parts.append(np.asarray(ids, dtype=np.int64))
-    return np.concatenate(parts)
-
-
-def to_sequences(stream: np.ndarray, n_ctx: int, bos_id: int) -> torch.Tensor:
-    """Cut a stream into non-overlapping windows of ``n_ctx - 1`` tokens, each prefixed by BOS."""
-    if n_ctx < 2:
-        raise E2EDictError(f"data.n_ctx must be at least 2, got {n_ctx}")
-    body = n_ctx - 1
-    n = len(stream) // body
-    if n == 0:
-        raise E2EDictError(f"token stream of {len(stream)} tokens is shorter than one sequence of {n_ctx}")
-    windows = torch.from_numpy(np.ascontiguousarray(stream[: n * body], dtype=np.int64)).view(n, body)
-    bos = torch.full((n, 1), bos_id, dtype=torch.long)
-    return torch.cat([bos, windows], dim=1)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("E2EDICT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "e2edict"
-    )
-    return Path(base)
-
-
-def embedded_stream(split: str, tokenizer, tokenizer_key: str) -> np.ndarray:
-    """The embedded corpus's token stream for ``split`` ("train" or "val").
-
-    The held-out stream ships with the tiny model; the training stream is rebuilt from the
-    shipped text once and cached (a plain .npy, loaded without pickle)."""
-    from e2edict.assets import TINY_MODEL_DIR
-    from e2edict.corpus import corpus_split
-
-    shipped = TINY_MODEL_DIR / "val_tokens.npy"
-    if split == "val" and tokenizer_key == "tiny" and shipped.exists():
-        return np.load(shipped, allow_pickle=False).astype(np.int64)
-    key = hashlib.sha256(f"{split}:{tokenizer_key}".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"embedded-{split}-{key}.npy"
-    if path.exists():
-        try:
-            return np.load(path, allow_pickle=False).astype(np.int64)
-        except (ValueError, OSError):
-            pass  # a damaged cache file is rebuilt below
-    stream = encode_texts(tokenizer, corpus_split(split))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, stream.astype(np.int32 if stream.max() >= 2**16 else np.uint16), allow_pickle=False)
-    os.replace(tmp, path)
-    return stream
+from e2edict.sources import limit_tokens as _limit
+from e2edict.sources import pack_stream, sequence_factory, source_fields, source_kind, stream_source
 
 
 def _tokenizer_key(backbone) -> str:
@@ -184,33 +119,17 @@ def _open_shards(path: str, backbone, n_ctx: int, packing: str, what: str) -> Sh
     return ShardView(shards, n_ctx)
 
 
-def load_token_array(path: str, what: str) -> np.ndarray:
-    """A ``.npy`` file holding one 1-D integer token stream (read without pickle), as int64."""
-    try:
-        stream = np.load(Path(path).expanduser(), allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise E2EDictError(f"{what}: {path!r} is not a readable .npy array ({e})") from None
-    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-        raise E2EDictError(f"{what}: {path!r} must hold a 1-D integer token array, got {stream.dtype} {stream.shape}")
-    return stream.astype(np.int64)
-
-
 def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_tokens: int | None = None):
     """A source's packed sequences: a random-access set (``__len__``, ``take``) or, for a
     streaming source, a `SequenceStream`. ``limit_tokens`` reads no more than needed (evaluation)."""
-    from e2edict.sources import limit_tokens as _limit
-    from e2edict.sources import sequence_factory, source_fields, source_kind
 
     fields = source_fields(spec)
     path = fields["path"]
     kind = source_kind(path, what)
     if kind in ("embedded", "npy") and not isinstance(spec, str) and (fields["streaming"] or fields["column"]):
         raise E2EDictError(f"{what}: streaming and column apply to text and dataset sources, not {path!r}")
-    if kind == "embedded":
-        split = "val" if path == "tiny-val" else "train"
-        stream = embedded_stream(split, backbone.tokenizer, _tokenizer_key(backbone))
-    elif kind == "npy":
-        stream = load_token_array(path, what)
+    if kind in ("embedded", "npy"):
+        stream = stream_source(kind, path, backbone.tokenizer, _tokenizer_key(backbone) if kind == "embedded" else "", what)
     elif kind == "shards":
         return _open_shards(path, backbone, n_ctx, packing, what)
     else:
@@ -223,7 +142,7 @@ def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_to
         return TensorSequences(_check_vocab(torch.from_numpy(np.stack(seqs)), backbone, what))
     if packing == "rows":
         raise E2EDictError(f"{what}: packing 'rows' needs token rows; {path!r} is one token stream")
-    return TensorSequences(to_sequences(_check_vocab(stream, backbone, what), n_ctx, backbone.bos_token_id))
+    return TensorSequences(pack_stream(_check_vocab(stream, backbone, what), n_ctx, backbone.bos_token_id))
 
 
 def head(source, n: int) -> torch.Tensor:
@@ -233,7 +152,7 @@ def head(source, n: int) -> torch.Tensor:
     return source.take(np.arange(min(n, len(source))))
 
 
-def build_data(cfg, backbone, eval_tokens: int | None = None):
+def build_data(cfg, backbone):
     """``(train source, eval sequences)`` for a config.
 
     With ``data.eval: holdout`` the first ``data.holdout_tokens`` of the training source (in
@@ -241,7 +160,7 @@ def build_data(cfg, backbone, eval_tokens: int | None = None):
     the two never share a sequence."""
     d = cfg.data
     n_ctx = d.n_ctx
-    need = eval_tokens or max(cfg.eval.tokens, cfg.eval.alive_tokens, cfg.eval.during_training_tokens)
+    need = max(cfg.eval.tokens, cfg.eval.alive_tokens, cfg.eval.during_training_tokens)
     train = open_sequences(d.train, backbone, n_ctx, d.packing, "data.train")
     if d.eval == "holdout":
         h = -(-d.holdout_tokens // n_ctx)
@@ -271,24 +190,22 @@ def eval_sequences(spec, cfg, backbone, tokens: int) -> torch.Tensor:
     return head(open_sequences(spec, backbone, d.n_ctx, d.packing, "data.eval", limit_tokens=n * d.n_ctx), n)
 
 
-class BatchStream:
+class ShuffledBatches:
     """Batches of sequences in a seeded order, reshuffled every epoch.
 
     The position (``epoch``, ``index``) is the whole state: restoring it resumes the exact order."""
 
-    def __init__(self, sequences, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, sequences, batch_size: int, seed: int):
         if isinstance(sequences, torch.Tensor):
             sequences = TensorSequences(sequences)
         if len(sequences) < batch_size:
             raise E2EDictError(f"data has {len(sequences)} sequences, fewer than one batch of {batch_size}")
-        self.sequences, self.batch_size, self.seed, self.shuffle = sequences, batch_size, seed, shuffle
+        self.sequences, self.batch_size, self.seed = sequences, batch_size, seed
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
 
     def _make_order(self) -> np.ndarray:
         n = len(self.sequences)
-        if not self.shuffle:
-            return np.arange(n)
         return np.random.default_rng([self.seed, self.epoch]).permutation(n)
 
     def state(self) -> dict[str, int]:
@@ -307,7 +224,7 @@ class BatchStream:
         return self.sequences.take(idx)
 
 
-class StreamBatches:
+class BufferedStreamBatches:
     """Batches from a `SequenceStream`, shuffled through a seeded buffer, restarted every epoch.
 
     The state is the same (``epoch``, ``index``); restoring it reads the stream again up to
@@ -359,8 +276,8 @@ class StreamBatches:
 def make_batches(train, batch_size: int, seed: int, shuffle_buffer: int = 10_000):
     """The training batch source for a random-access set or a stream."""
     if isinstance(train, SequenceStream):
-        return StreamBatches(train, batch_size, seed, shuffle_buffer)
-    return BatchStream(train, batch_size, seed)
+        return BufferedStreamBatches(train, batch_size, seed, shuffle_buffer)
+    return ShuffledBatches(train, batch_size, seed)
 
 
 class Prefetcher:

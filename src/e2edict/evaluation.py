@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from e2edict.backbones.base import Backbone
+from e2edict.backbones.base import Backbone, StopForward
 from e2edict.errors import E2EDictError
 from e2edict.losses import kl_loss, next_token_ce
 from e2edict.saes.base import SAE, eval_mode
-from e2edict.splice import LossWeights, SpliceOutput, splice_forward, splice_hooks
+from e2edict.splice import SpliceOutput, evaluation_forward, splice_hooks
 
 
 class _Pooled:
@@ -45,138 +46,252 @@ class _Pooled:
         return self.sse / (self.n * self.d)
 
 
-def evaluate_backbone(
+def evaluate_saes(
     backbone: Backbone,
     saes: dict[str, SAE],
     sequences: torch.Tensor,
     tokens: int | None = None,
     alive_tokens: int | None = None,
     batch_size: int = 16,
-    downstream: list[str] | None = None,
     densities: dict[str, torch.Tensor] | None = None,
     ce_score: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate on the first ``tokens`` tokens of ``sequences`` ([N, n_ctx]).
+    """The SAEs spliced into ``backbone``, evaluated on the first ``tokens`` tokens of ``sequences`` ([N, n_ctx]).
 
-    ``alive`` and each latent's firing density are measured over the first ``alive_tokens``
-    tokens (more sequences are read if needed, or all there are). Pass a dict as ``densities``
-    to receive each SAE's per-latent firing frequency. ``ce_score`` adds the CE-loss score (two
-    more forward passes per SAE and batch)."""
-    with eval_mode(saes), torch.no_grad():
-        return _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downstream, densities, ce_score)
-
-
-def _evaluate(backbone, saes, sequences, tokens, alive_tokens, batch_size, downstream, densities, ce_score):
+    ``alive`` and each latent's firing density are counted over the first ``alive_tokens``
+    tokens (more sequences are read if needed, or all there are); the sequences past the first
+    ``tokens`` run only up to the last SAE (codes are all the count needs). Pass a dict as
+    ``densities`` to receive each SAE's per-latent firing frequency. ``ce_score`` adds the
+    CE-loss score (two more forward passes per SAE and batch). ``progress``: a bar on stderr
+    (off where stderr is not a terminal)."""
     if len(sequences) == 0:
         raise E2EDictError("evaluation data is empty")
     if not saes:
         raise E2EDictError("no SAEs to evaluate")
     backbone.check_saes(saes)
     n_ctx = sequences.shape[1]
-    n_eval = len(sequences) if tokens is None else max(1, -(-tokens // n_ctx))
-    n_alive = n_eval if alive_tokens is None else max(1, -(-alive_tokens // n_ctx))
-    n_eval, n_alive = min(n_eval, len(sequences)), min(n_alive, len(sequences))
+    n_eval = min(len(sequences), len(sequences) if tokens is None else max(1, -(-tokens // n_ctx)))
+    n_alive = min(len(sequences), n_eval if alive_tokens is None else max(1, -(-alive_tokens // n_ctx)))
     first = min(saes, key=backbone.block_order)
-    if downstream is None:
-        downstream = [h for h in backbone.resid_hooks_after(first) if h not in saes]
-    ds = downstream
-    weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=ds)
+    downstream = [h for h in backbone.resid_hooks_after(first) if h not in saes]
     device = next(next(iter(saes.values())).parameters()).device
-
-    ce_clean = ce_spliced = kl = 0.0
-    ce_alone = dict.fromkeys(saes, 0.0)
-    ce_zero = dict.fromkeys(saes, 0.0)
-    n_pred = n_tok = 0
-    pooled = {h: _Pooled() for h in saes}
-    down = {h: _Pooled() for h in ds}
-    l0 = dict.fromkeys(saes, 0.0)
-    ratio_sum = {h: torch.zeros(n_ctx, dtype=torch.float64) for h in saes}
-    ratio_n = 0
-    fired = {h: torch.zeros(s.d_sae, dtype=torch.long, device=device) for h, s in saes.items()}
-    prefix_stats = {h: _PrefixStats(s) for h, s in saes.items() if len(getattr(s, "prefixes", ())) > 1}
-    for start in range(0, max(n_eval, n_alive), batch_size):
-        stop = min(start + batch_size, max(n_eval, n_alive))
-        x = sequences[start:stop].to(device)
-        out = splice_forward(backbone, saes, x, weights, full=True)
-        for h in saes:
-            fired[h] += (out.codes[h][: max(0, min(stop, n_alive) - start)] != 0).flatten(0, 1).sum(0)
-        keep = max(0, min(stop, n_eval) - start)
-        if keep == 0:
-            continue
-        x = x[:keep]
-        ce_clean += next_token_ce(out.logits_clean[:keep], x).sum().item()
-        ce_spliced += next_token_ce(out.logits_spliced[:keep], x).sum().item()
-        n_pred += x[:, 1:].numel()
-        kl += kl_loss(out.logits_clean[:keep], out.logits_spliced[:keep]).item() * x.numel()
-        n_tok += x.numel()
-        ratio_n += keep
-        for h in saes:
-            a, a_hat = out.targets[h][:keep], out.recons[h][:keep]
-            pooled[h].add(a, a_hat)
-            l0[h] += (out.codes[h][:keep] != 0).sum().item()
-            ratio = a_hat.double().norm(dim=-1) / a.double().norm(dim=-1).clamp_min(1e-12)
-            ratio_sum[h] += ratio.sum(0).cpu()
-            # CE-loss score: this SAE alone spliced, against ablating what it replaces (`_ablation`)
-            if not ce_score:
-                continue
-            if len(saes) == 1:
-                ce_alone[h] += next_token_ce(out.logits_spliced[:keep], x).sum().item()
+    acc = _Accumulators(backbone, saes, downstream, n_ctx, device, ce_score)
+    n_total = max(n_eval, n_alive)
+    bar = tqdm(total=n_total * n_ctx, unit="tok", desc="evaluating", disable=True if not progress else None, leave=False)
+    with eval_mode(saes), torch.no_grad(), bar:
+        for start in range(0, n_total, batch_size):
+            stop = min(start + batch_size, n_total)
+            x = sequences[start:stop].to(device)
+            keep, alive = max(0, min(stop, n_eval) - start), max(0, min(stop, n_alive) - start)
+            if keep == 0:  # the alive pass alone: codes only
+                acc.firing.add(_codes_only(backbone, saes, x[:alive]))
             else:
-                ce_alone[h] += _ce_with_hooks(backbone, x, _alone(saes, h))
-            ce_zero[h] += _ce_with_hooks(backbone, x, _ablation(saes[h], h))
-        for h in ds:
-            down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
-        for h, ps in prefix_stats.items():
-            ps.add(backbone, saes, h, x, out.codes[h][:keep], out.targets[h][:keep])
+                out = evaluation_forward(backbone, saes, x, downstream)
+                acc.firing.add({h: c[:alive] for h, c in out.codes.items()})
+                acc.add(out, x[:keep], keep)
+            bar.update((stop - start) * n_ctx)
+    return acc.result(n_alive * n_ctx, densities)
 
-    result: dict[str, Any] = {
-        "tokens": n_tok,
-        "alive_tokens": n_alive * n_ctx,
-        "ce_loss_clean": ce_clean / n_pred,
-        "ce_loss_spliced": ce_spliced / n_pred,
-        "ce_loss_increase": (ce_spliced - ce_clean) / n_pred,
-        "kl": kl / n_tok,
-        "saes": {},
-    }
-    for h, sae in saes.items():
-        alive = int((fired[h] > 0).sum().item())
-        by_pos = (ratio_sum[h] / ratio_n).tolist()
-        zero, alone = ce_zero[h] / n_pred, ce_alone[h] / n_pred
+
+evaluate_backbone = evaluate_saes  # the earlier name
+
+
+class _Accumulators:
+    """One accumulator per metric family: the output (CE, KL), each SAE (reconstruction, L0, norm
+    ratio, CE-loss score), the downstream hooks, latents' firing, nested dictionaries."""
+
+    def __init__(self, backbone: Backbone, saes: dict[str, SAE], downstream: list[str], n_ctx: int, device, ce_score: bool):
+        self.backbone, self.saes, self.downstream = backbone, saes, downstream
+        self.output = _OutputStats()
+        self.per_sae = {h: _SAEStats(n_ctx) for h in saes}
+        self.ce = _CEScore(backbone, saes) if ce_score else None
+        self.down = {h: _Pooled() for h in downstream}
+        self.firing = _Firing(saes, device)
+        self.nested = {h: _NestedStats(s) for h, s in saes.items() if s.nested()}
+
+    def add(self, out: SpliceOutput, x: torch.Tensor, keep: int) -> None:
+        self.output.add(out, x, keep)
+        for h in self.saes:
+            self.per_sae[h].add(out.targets[h][:keep], out.recons[h][:keep], out.codes[h][:keep])
+        if self.ce is not None:
+            self.ce.add(x, out.logits_spliced[:keep])
+        for h in self.downstream:
+            self.down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
+        for h, ns in self.nested.items():
+            ns.add(self.backbone, self.saes, h, x, out.codes[h][:keep], out.targets[h][:keep])
+
+    def result(self, alive_tokens: int, densities: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        o = self.output
+        result: dict[str, Any] = {"tokens": o.n_tok, "alive_tokens": alive_tokens, **o.result(), "saes": {}}
         clean = result["ce_loss_clean"]
-        result["saes"][h] = {
-            "kind": sae.kind,
-            **({"hook_name_out": sae.hook_name_out} if sae.hook_name_out else {}),
-            "l0": l0[h] / n_tok,
-            "alive": alive,
-            "dead": sae.d_sae - alive,
-            "d_sae": sae.d_sae,
-            "explained_variance": pooled[h].explained_variance(),
-            "mse": pooled[h].mse(),
-            "ce_loss_alone": alone,
-            ("ce_loss_mean_ablation" if sae.hook_name_out else "ce_loss_zero_ablation"): zero,
-            "ce_loss_score": (zero - alone) / (zero - clean) if ce_score and zero != clean else float("nan"),
+        order = self.backbone.block_order
+        for h, sae in self.saes.items():
+            entry = {
+                "kind": sae.kind,
+                **({"hook_name_out": sae.hook_name_out} if sae.hook_name_out else {}),
+                **self.firing.counts(h, sae.d_sae),
+                **self.per_sae[h].result(o.n_tok),
+                **(self.ce.result(h, sae, o.n_pred, clean) if self.ce is not None else _CEScore.empty(sae)),
+                "downstream_explained_variance": {
+                    k: self.down[k].explained_variance() for k in self.downstream if order(k) > order(h)
+                },
+            }
+            if h in self.nested:
+                entry["prefixes"] = self.nested[h].result(o.n_tok, o.n_pred, clean)
+            density = self.firing.density(h, alive_tokens)
+            entry["log10_feature_density"] = [round(v, 3) for v in log10_density(density).tolist()]
+            if densities is not None:
+                densities[h] = density
+            result["saes"][h] = _ordered(entry)
+        return result
+
+
+_KEY_ORDER = ("kind", "hook_name_out", "l0", "alive", "dead", "d_sae", "explained_variance", "mse", "ce_loss_alone",
+              "ce_loss_zero_ablation", "ce_loss_mean_ablation", "ce_loss_score", "norm_ratio_pos0", "norm_ratio_pos_gt0",
+              "norm_ratio_by_position", "downstream_explained_variance", "prefixes", "log10_feature_density")  # fmt: skip
+
+
+def _ordered(entry: dict[str, Any]) -> dict[str, Any]:
+    """eval.json's per-SAE keys in their documented order."""
+    return {k: entry[k] for k in _KEY_ORDER if k in entry}
+
+
+class _OutputStats:
+    """The model's output: clean and spliced next-token CE, and the KL, over the evaluated tokens."""
+
+    def __init__(self) -> None:
+        self.ce_clean = self.ce_spliced = self.kl = 0.0
+        self.n_pred = self.n_tok = 0
+
+    def add(self, out: SpliceOutput, x: torch.Tensor, keep: int) -> None:
+        clean, spliced = out.logits_clean[:keep], out.logits_spliced[:keep]
+        self.ce_clean += next_token_ce(clean, x).sum().item()
+        self.ce_spliced += next_token_ce(spliced, x).sum().item()
+        self.n_pred += x[:, 1:].numel()
+        self.kl += kl_loss(clean, spliced).item() * x.numel()
+        self.n_tok += x.numel()
+
+    def result(self) -> dict[str, float]:
+        return {
+            "ce_loss_clean": self.ce_clean / self.n_pred,
+            "ce_loss_spliced": self.ce_spliced / self.n_pred,
+            "ce_loss_increase": (self.ce_spliced - self.ce_clean) / self.n_pred,
+            "kl": self.kl / self.n_tok,
+        }
+
+
+class _SAEStats:
+    """One SAE's reconstruction (pooled explained variance, MSE), L0, and the norm ratio
+    ``||a_hat|| / ||a||`` by position."""
+
+    def __init__(self, n_ctx: int) -> None:
+        self.pooled = _Pooled()
+        self.l0 = 0.0
+        self.ratio_sum = torch.zeros(n_ctx, dtype=torch.float64)
+        self.ratio_n = 0
+
+    def add(self, target: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor) -> None:
+        self.pooled.add(target, recon)
+        self.l0 += (codes != 0).sum().item()
+        ratio = recon.double().norm(dim=-1) / target.double().norm(dim=-1).clamp_min(1e-12)
+        self.ratio_sum += ratio.sum(0).cpu()
+        self.ratio_n += len(target)
+
+    def result(self, n_tok: int) -> dict[str, Any]:
+        by_pos = (self.ratio_sum / self.ratio_n).tolist()
+        return {
+            "l0": self.l0 / n_tok,
+            "explained_variance": self.pooled.explained_variance(),
+            "mse": self.pooled.mse(),
             "norm_ratio_pos0": by_pos[0],
             "norm_ratio_pos_gt0": sum(by_pos[1:]) / max(1, len(by_pos) - 1),
             "norm_ratio_by_position": by_pos,
-            "downstream_explained_variance": {
-                k: down[k].explained_variance() for k in ds if backbone.block_order(k) > backbone.block_order(h)
-            },
         }
-        if h in prefix_stats:
-            result["saes"][h]["prefixes"] = prefix_stats[h].result(n_tok, n_pred, result["ce_loss_clean"])
-        density = (fired[h].double() / (n_alive * n_ctx)).cpu()
-        result["saes"][h]["log10_feature_density"] = [round(v, 3) for v in log10_density(density).tolist()]
-        if densities is not None:
-            densities[h] = density
-    return result
 
 
-class _PrefixStats:
-    """A Matryoshka SAE's prefixes, each judged alone: its L0 (active latents among its first m),
-    the explained variance of its reconstruction, and the CE loss with it alone spliced in."""
+class _CEScore:
+    """The CE-loss score per SAE: the CE with this SAE alone spliced in, against ablating what it
+    replaces (`_ablation`): ``(zero - alone) / (zero - clean)``."""
+
+    def __init__(self, backbone: Backbone, saes: dict[str, SAE]) -> None:
+        self.backbone, self.saes = backbone, saes
+        self.alone = dict.fromkeys(saes, 0.0)
+        self.zero = dict.fromkeys(saes, 0.0)
+
+    def add(self, x: torch.Tensor, logits_spliced: torch.Tensor) -> None:
+        for h, sae in self.saes.items():
+            if len(self.saes) == 1:  # the spliced run is this SAE alone
+                self.alone[h] += next_token_ce(logits_spliced, x).sum().item()
+            else:
+                self.alone[h] += _ce_with_hooks(self.backbone, x, _alone(self.saes, h))
+            self.zero[h] += _ce_with_hooks(self.backbone, x, _ablation(sae, h))
+
+    def result(self, h: str, sae: SAE, n_pred: int, clean: float) -> dict[str, float]:
+        zero, alone = self.zero[h] / n_pred, self.alone[h] / n_pred
+        return {
+            "ce_loss_alone": alone,
+            _ablation_key(sae): zero,
+            "ce_loss_score": (zero - alone) / (zero - clean) if zero != clean else float("nan"),
+        }
+
+    @staticmethod
+    def empty(sae: SAE) -> dict[str, float]:
+        return {"ce_loss_alone": 0.0, _ablation_key(sae): 0.0, "ce_loss_score": float("nan")}
+
+
+def _ablation_key(sae: SAE) -> str:
+    return "ce_loss_mean_ablation" if sae.hook_name_out else "ce_loss_zero_ablation"
+
+
+class _Firing:
+    """How often each latent fired, over the alive tokens (on the device until the end)."""
+
+    def __init__(self, saes: dict[str, SAE], device) -> None:
+        self.fired = {h: torch.zeros(s.d_sae, dtype=torch.long, device=device) for h, s in saes.items()}
+
+    def add(self, codes: dict[str, torch.Tensor]) -> None:
+        for h, c in codes.items():
+            self.fired[h] += (c != 0).reshape(-1, c.shape[-1]).sum(0)
+
+    def counts(self, h: str, d_sae: int) -> dict[str, int]:
+        alive = int((self.fired[h] > 0).sum().item())
+        return {"alive": alive, "dead": d_sae - alive, "d_sae": d_sae}
+
+    def density(self, h: str, alive_tokens: int) -> torch.Tensor:
+        return (self.fired[h].double() / alive_tokens).cpu()
+
+
+def _codes_only(backbone: Backbone, saes: dict[str, SAE], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every SAE's code on the spliced run, which stops at the last hook the SAEs need: no clean
+    run, no logits (what the firing counts of the alive pass need)."""
+    if len(x) == 0:
+        return {}
+    out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
+    outputs = {h: s.hook_name_out for h, s in saes.items() if s.hook_name_out}
+    hooks = splice_hooks(saes, outputs, out)
+    last = backbone.last_position([*saes, *outputs.values()])
+    hooks[last] = _then_stop(hooks[last])
+    layer = min(backbone.block_of(h) for h in saes)
+    backbone.run_from(backbone.embed_to(x, layer), layer, hooks, logits=False)
+    return out.codes
+
+
+def _then_stop(fn):
+    def hook(act: torch.Tensor):
+        fn(act)
+        raise StopForward
+
+    return hook
+
+
+class _NestedStats:
+    """An SAE's nested sub-dictionaries (Matryoshka prefixes, `SAE.nested`), each judged alone:
+    its L0 (active latents among its first m), the explained variance of its reconstruction, and
+    the CE loss with it alone spliced in."""
 
     def __init__(self, sae: SAE) -> None:
-        self.sizes = list(sae.prefixes)
+        self.sizes = sae.nested()
         self.l0 = [0.0] * len(self.sizes)
         self.ce = [0.0] * len(self.sizes)
         self.pooled = [_Pooled() for _ in self.sizes]
@@ -186,12 +301,9 @@ class _PrefixStats:
         D = sae.normalized_decoder()
         for i, m in enumerate(self.sizes):
             self.l0[i] += (codes[..., :m] != 0).sum().item()
-            self.pooled[i].add(target, sae.decode_prefix(codes, i, D))
-            sae.prefix_mode = i
-            try:
+            self.pooled[i].add(target, sae.decode_nested(codes, i, D))
+            with sae.using_nested(i):
                 self.ce[i] += _ce_with_hooks(backbone, x, _alone(saes, h))
-            finally:
-                sae.prefix_mode = None
 
     def result(self, n_tok: int, n_pred: int, ce_clean: float) -> list[dict[str, Any]]:
         return [

@@ -4,7 +4,6 @@ the backbone, the SAE positions and widths, the downstream hooks, the token data
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +63,10 @@ class RunSetup:
         if self.init_from is not None:
             import copy
 
-            return {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
+            saes = {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
+            for sae in saes.values():
+                sae.configure_training(self.cfg.saes)
+            return saes
         s = self.cfg.saes
         cls = registry[s.architecture]
         saes = {}
@@ -74,6 +76,7 @@ class RunSetup:
                 out = self.outputs[h]
                 d_out = self.backbone.hook_shapes()[out][0]
                 sae.make_transcoder(d_out, out, skip=s.kind == "skip_transcoder", orthogonal_init=s.orthogonal_init)
+            sae.configure_training(s)
             saes[h] = sae.to(self.cfg.model.device)
         return saes
 
@@ -108,20 +111,7 @@ def setup_run(cfg: Config) -> RunSetup:
             downstream = backbone.resid_hooks_after(backbone.last_position([*positions, *outputs.values()]))
         if not downstream:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
-    if cfg.saes.architecture not in registry:
-        raise E2EDictError(f"saes.architecture: unknown {cfg.saes.architecture!r}; known: {', '.join(sorted(registry))}")
-    d_sae = {h: dictionary_size(cfg, shapes[h][0]) for h in positions}
-    if cfg.saes.architecture == "matryoshka_batchtopk":
-        from e2edict.saes.matryoshka import resolve_prefixes
-
-        for h in positions:  # sizes checked against each dictionary before anything is written
-            resolve_prefixes(cfg.saes.matryoshka_prefixes, d_sae[h])
-    if cfg.saes.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
-        if cfg.saes.k is None:
-            raise E2EDictError(f"saes.k is required for saes.architecture={cfg.saes.architecture!r}")
-        too_big = [h for h in positions if cfg.saes.k > d_sae[h]]
-        if too_big:
-            raise E2EDictError(f"saes.k={cfg.saes.k} exceeds the dictionary size at {too_big[0]!r}")
+    registry[cfg.saes.architecture].check_sizes(cfg.saes, {h: dictionary_size(cfg, shapes[h][0]) for h in positions})
     train_data, eval_seqs = build_data(cfg, backbone)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     if not isinstance(train_data, SequenceStream) and len(train_data) < per_step:
@@ -139,10 +129,6 @@ def setup_run(cfg: Config) -> RunSetup:
 def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str], dict[str, str]]:
     """Each position's input hook (mapped to the position as written) and, for transcoders, its output hook."""
     kind = cfg.saes.kind
-    if kind != "sae" and cfg.saes.architecture not in ("relu", "topk", "batchtopk", "jumprelu"):
-        raise E2EDictError(
-            f"saes.kind={kind!r}: transcoders take relu, topk, batchtopk or jumprelu, not {cfg.saes.architecture!r}"
-        )
     if kind != "sae" and cfg.saes.auxk_coeff > 0:
         raise E2EDictError(f"saes.auxk_coeff: AuxK is for SAEs (it reconstructs the input's error), not saes.kind={kind!r}")
     written: dict[str, str] = {}
@@ -162,7 +148,7 @@ def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str],
 
 def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str]) -> dict[str, SAE]:
     """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture and kind."""
-    from e2edict import load_saes
+    from e2edict.rundir import load_saes
 
     loaded = load_saes(cfg.saes.init_from)
     missing = [h for h in positions if h not in loaded]
@@ -178,17 +164,7 @@ def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outpu
                 f"saes.init_from SAE at {h!r} is a {sae.kind} writing {sae.hook_name_out or h!r}, but the config asks for a "
                 f"{cfg.saes.kind} writing {outputs.get(h, h)!r}"
             )
-        if sae.architecture != cfg.saes.architecture:
-            raise E2EDictError(
-                f"saes.init_from SAE at {h!r} is a {sae.architecture} SAE but saes.architecture is {cfg.saes.architecture!r}"
-            )
-        if sae.architecture == "matryoshka_batchtopk" and cfg.saes.matryoshka_prefixes is not None:
-            from e2edict.saes.matryoshka import resolve_prefixes
-
-            if resolve_prefixes(cfg.saes.matryoshka_prefixes, sae.d_sae) != sae.prefixes:
-                raise E2EDictError(f"saes.init_from SAE at {h!r} has prefixes {sae.prefixes}, not saes.matryoshka_prefixes")
-        if getattr(sae, "k", None) is not None and cfg.saes.k is not None and sae.k != cfg.saes.k:
-            raise E2EDictError(f"saes.init_from SAE at {h!r} has k={sae.k} but saes.k is {cfg.saes.k}")
+        sae.check_config(cfg.saes, f"saes.init_from SAE at {h!r}")
     return picked
 
 
@@ -202,17 +178,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: flo
     if schedule == "cosine":
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
     return 1.0 - (1.0 - min_factor) * frac
-
-
-def prepare_run_dir(path: Path, overwrite: bool) -> None:
-    """Refuse to reuse a non-empty run directory unless ``overwrite``."""
-    if path.exists() and not path.is_dir():
-        raise E2EDictError(f"run directory {str(path)!r} exists and is not a directory")
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise E2EDictError(f"run directory {str(path)!r} exists and is not empty (use --overwrite to replace it)")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass
@@ -229,16 +194,35 @@ class LoadedRun:
 def load_run_dir(run_dir: str | Path, data: str | None = None, tokens: int | None = None) -> LoadedRun:
     """A run directory's config, model and SAEs, with its eval data (or ``data``, read up to
     ``tokens`` or the run's eval amounts)."""
-    from e2edict import load_saes
-    from e2edict.config import load_config
+    from e2edict.rundir import RunDir
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise E2EDictError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    rundir = RunDir(run_dir).require()
+    cfg = rundir.read_config()
     backbone = build_backbone(cfg)
-    saes = load_saes(run_dir, device=cfg.model.device)
+    saes = rundir.load_saes(device=cfg.model.device)
     backbone.check_saes(saes)
     need = max(tokens or 0, cfg.eval.tokens, cfg.eval.alive_tokens)
     seqs = eval_sequences(data or cfg.data.eval, cfg, backbone, need)
-    return LoadedRun(run_dir, cfg, backbone, saes, seqs)
+    return LoadedRun(rundir.path, cfg, backbone, saes, seqs)
+
+
+def evaluate_and_record(rundir, cfg: Config, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor,
+                        tokens: int | None = None, alive_tokens: int | None = None, progress: bool = False):  # fmt: skip
+    """The run's evaluation (its ``eval`` settings, or ``tokens`` / ``alive_tokens``), written to
+    its directory (eval.json and each SAE's sparsity file); returns the result and the densities.
+    The one evaluate-and-write that training's end, ``e2edict eval`` and ``report`` share."""
+    from e2edict.evaluation import evaluate_saes
+
+    densities: dict[str, torch.Tensor] = {}
+    result = evaluate_saes(
+        backbone,
+        saes,
+        seqs,
+        tokens=tokens or cfg.eval.tokens,
+        alive_tokens=alive_tokens or cfg.eval.alive_tokens,
+        batch_size=cfg.eval.batch_size,
+        densities=densities,
+        progress=progress,
+    )
+    rundir.record_evaluation(result, densities)
+    return result, densities

@@ -1,7 +1,7 @@
 """Data sources: a config's ``data.train`` / ``data.eval`` -> records -> packed sequences.
 
 A source is one of
-- ``tiny`` / ``tiny-val``: the embedded corpus (see `e2edict.data.embedded_stream`);
+- ``tiny`` / ``tiny-val``: the embedded corpus (`embedded_stream`);
 - a ``.npy`` file: one 1-D token stream;
 - a folder made by ``e2edict tokenize`` (``manifest.json``): pretokenized shards, random access;
 - text files: ``.txt`` / ``.txt.xz`` (one document per file), ``.jsonl`` (one record per line),
@@ -21,8 +21,10 @@ column). Packing turns them into ``[n_ctx]`` sequences:
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -195,20 +197,110 @@ def record_factory(spec: Any, what: str) -> tuple[Callable[[], Iterator[str | np
     raise E2EDictError(f"{what}: {fields['path']!r} is a {kind} source, not a record source")
 
 
-def separator_id(tokenizer, config=None) -> int | None:
-    """The token that starts a sequence and separates documents: BOS, else EOS."""
-    for holder in (tokenizer, config):
-        for attr in ("bos_token_id", "eos_token_id"):
-            v = getattr(holder, attr, None) if holder is not None else None
-            if isinstance(v, int):
-                return v
+BOS_TOKEN = "<|endoftext|>"  # the embedded tokenizer's BOS (and GPT-2's)
+
+
+def bos_id(tokenizer) -> int | None:
+    """The token that starts a sequence and separates documents: BOS, else EOS; for a raw
+    `tokenizers.Tokenizer` (no such attributes) the id of `BOS_TOKEN`."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None) if tokenizer is not None else None
+        if isinstance(v, int):
+            return v
+    if hasattr(tokenizer, "token_to_id"):
+        return tokenizer.token_to_id(BOS_TOKEN)
     return None
 
 
 def tokenize_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
         return [e.ids for e in tokenizer.encode_batch(texts)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # documents longer than the model's context are cut into windows on purpose: no length warning
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def encode_texts(tokenizer, texts: list[str]) -> np.ndarray:
+    """Tokenize texts into one stream, each text preceded by the BOS token (`bos_id`)."""
+    bos = bos_id(tokenizer)
+    parts = []
+    for ids in tokenize_batch(tokenizer, list(texts)):
+        parts.append(np.array([bos], dtype=np.int64))
+        parts.append(np.asarray(ids, dtype=np.int64))
+    return np.concatenate(parts)
+
+
+def _windows(stream: np.ndarray, n_ctx: int, bos: int) -> tuple[np.ndarray, np.ndarray]:
+    """``bos`` packing of one stream: ``[n, n_ctx]`` windows (BOS, then ``n_ctx - 1`` tokens,
+    without overlap) and the tokens left over."""
+    body = n_ctx - 1
+    n = len(stream) // body
+    out = np.empty((n, n_ctx), dtype=np.int64)
+    out[:, 0] = bos
+    out[:, 1:] = np.asarray(stream[: n * body], dtype=np.int64).reshape(n, body)
+    return out, stream[n * body :]
+
+
+def pack_stream(stream: np.ndarray, n_ctx: int, bos: int):
+    """One token stream as ``[N, n_ctx]`` sequences (a tensor): `pack`'s ``bos`` packing."""
+    import torch
+
+    if n_ctx < 2:
+        raise E2EDictError(f"data.n_ctx must be at least 2, got {n_ctx}")
+    seqs, _ = _windows(np.asarray(stream), n_ctx, bos)
+    if len(seqs) == 0:
+        raise E2EDictError(f"token stream of {len(stream)} tokens is shorter than one sequence of {n_ctx}")
+    return torch.from_numpy(seqs)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("E2EDICT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "e2edict"
+    )
+    return Path(base)
+
+
+def embedded_stream(split: str, tokenizer, tokenizer_key: str) -> np.ndarray:
+    """The embedded corpus's token stream for ``split`` ("train" or "val").
+
+    The held-out stream ships with the tiny model; the training stream is rebuilt from the
+    shipped text once and cached (a plain .npy, loaded without pickle)."""
+    from e2edict.assets import TINY_MODEL_DIR
+    from e2edict.corpus import corpus_split
+
+    shipped = TINY_MODEL_DIR / "val_tokens.npy"
+    if split == "val" and tokenizer_key == "tiny" and shipped.exists():
+        return np.load(shipped, allow_pickle=False).astype(np.int64)
+    key = hashlib.sha256(f"{split}:{tokenizer_key}".encode()).hexdigest()[:16]
+    path = _cache_dir() / f"embedded-{split}-{key}.npy"
+    if path.exists():
+        try:
+            return np.load(path, allow_pickle=False).astype(np.int64)
+        except (ValueError, OSError):
+            pass  # a damaged cache file is rebuilt below
+    stream = encode_texts(tokenizer, corpus_split(split))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, stream.astype(np.int32 if stream.max() >= 2**16 else np.uint16), allow_pickle=False)
+    os.replace(tmp, path)
+    return stream
+
+
+def load_token_array(path: str, what: str) -> np.ndarray:
+    """A ``.npy`` file holding one 1-D integer token stream (read without pickle), as int64."""
+    try:
+        stream = np.load(Path(path).expanduser(), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise E2EDictError(f"{what}: {path!r} is not a readable .npy array ({e})") from None
+    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+        raise E2EDictError(f"{what}: {path!r} must hold a 1-D integer token array, got {stream.dtype} {stream.shape}")
+    return stream.astype(np.int64)
+
+
+def stream_source(kind: str, path: str, tokenizer, tokenizer_key: str, what: str) -> np.ndarray:
+    """The token stream of an ``embedded`` or ``npy`` source (`source_kind`)."""
+    if kind == "embedded":
+        return embedded_stream("val" if path == "tiny-val" else "train", tokenizer, tokenizer_key)
+    return load_token_array(path, what)
 
 
 def pack(
@@ -237,7 +329,6 @@ def pack(
         return
     if bos is None:
         raise E2EDictError(f"{what}: the tokenizer has neither a BOS nor an EOS token to start sequences with")
-    body = n_ctx - 1
     carry = np.zeros(0, dtype=np.int64)
     while True:
         chunk: list[str | np.ndarray] = []
@@ -258,14 +349,8 @@ def pack(
                 parts.append(np.asarray(next(ids), dtype=np.int64))
             else:
                 parts.append(r)
-        stream = np.concatenate(parts)
-        n = len(stream) // body
-        for i in range(n):
-            seq = np.empty(n_ctx, dtype=np.int64)
-            seq[0] = bos
-            seq[1:] = stream[i * body : (i + 1) * body]
-            yield seq
-        carry = stream[n * body :]
+        windows, carry = _windows(np.concatenate(parts), n_ctx, bos)
+        yield from windows
 
 
 def resolve_packing(packing: str, first_record: str | np.ndarray | None) -> str:
@@ -313,3 +398,41 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = tokenizer.get_vocab()
     text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def user_sequences(data: Any, n_ctx: int, bos: int | None, tokenizer=None) -> np.ndarray:
+    """``[N, n_ctx]`` int64 sequences from what a user has at hand, packed as runs pack
+    (``bos``: each text after a BOS token, windows of ``n_ctx - 1`` tokens each after BOS):
+
+    - a 2-D tensor or array of token ids (any integer dtype): the sequences as they are;
+    - a 1-D tensor or array: a token stream (a ``.npy`` file's), packed;
+    - a string or a list of strings: texts, tokenized with ``tokenizer`` and packed."""
+    import torch
+
+    if isinstance(data, str):
+        data = [data]
+    if isinstance(data, list | tuple) and data and all(isinstance(t, str) for t in data):
+        if tokenizer is None:
+            raise E2EDictError("evaluate: texts need a tokenizer (pass tokenizer=..., or token ids)")
+        records: list[str | np.ndarray] = list(data)
+    else:
+        arr = (
+            data.detach().cpu().numpy()
+            if isinstance(data, torch.Tensor)
+            else np.asarray(data)
+            if isinstance(data, list | tuple | np.ndarray)
+            else None
+        )
+        if arr is None or arr.dtype.kind not in "iu" or arr.ndim not in (1, 2) or arr.size == 0:
+            what = f"{type(data).__name__}" + (f" of {arr.dtype} with shape {arr.shape}" if arr is not None else "")
+            raise E2EDictError(
+                "evaluate: tokens must be [N, n_ctx] or [T] integer token ids (tensor or numpy array) "
+                f"or a list of texts, not {what}"
+            )
+        if arr.ndim == 2:
+            return arr.astype(np.int64)
+        records = [arr.astype(np.int64)]
+    seqs = list(pack(records, n_ctx, "bos", bos, tokenizer, what="evaluate"))
+    if not seqs:
+        raise E2EDictError(f"evaluate: the tokens make no sequence of n_ctx={n_ctx} (BOS + {n_ctx - 1} tokens)")
+    return np.stack(seqs)

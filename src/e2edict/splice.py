@@ -10,6 +10,7 @@ unembedding fused in (`e2edict.losses.head_kl_loss`): no [tokens, vocab] logits 
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -30,15 +31,11 @@ class LossWeights:
     kl: float = 0.0
     downstream: float = 0.0
     downstream_positions: list[str] = field(default_factory=list)
-    matryoshka: str = "drawn"  # e2e over Matryoshka prefixes: "all" (stacked along the batch) or "drawn" (one per step)
 
     @classmethod
-    def from_config(
-        cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str], matryoshka: str = "drawn"
-    ) -> LossWeights:
+    def from_config(cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str]) -> LossWeights:
         """``positions``: each SAE's (input) hook mapped to the position as the config wrote it."""
         return cls(
-            matryoshka=matryoshka,
             sparsity={h: loss_cfg.sparsity_coeff(h, raw) for h, raw in positions.items()},
             p=loss_cfg.sparsity.p,
             local=loss_cfg.local.coeff,
@@ -80,79 +77,132 @@ def unwrap(module: torch.nn.Module) -> SAE:
 def splice_forward(
     backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights, full: bool = False
 ) -> SpliceOutput:
-    """One training (or, with ``full``, evaluation) forward.
+    """One training forward (`training_forward`), or with ``full`` one evaluation forward
+    (`evaluation_forward`, which reads ``weights.downstream_positions``).
 
-    ``full`` runs the whole model even for local training, and returns logits and the clean and
-    spliced activations at every downstream hook (what evaluation needs). A transcoder (an SAE
-    with ``hook_name_out``) reads its input hook and its output replaces the activation at its
-    output hook; its local target is the clean activation there."""
-    positions = list(saes)
-    outputs = {h: out for h in positions if (out := unwrap(saes[h]).hook_name_out) is not None}
-    first = min(backbone.block_of(h) for h in positions)
-    ds_hooks = weights.downstream_positions
-    resid = backbone.embed_to(tokens, first)
-    out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
-    head = backbone.head() if weights.kl > 0 and not full else None
-    want_logits = weights.kl > 0 or full
-    if full or weights.needs_output:
-        hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values(), *ds_hooks)}
-        with torch.no_grad():
-            out.logits_clean = backbone.run_from(resid, first, hooks, logits=want_logits, hidden=head is not None)
-        hooks = splice_hooks(saes, outputs, out)
-        for h in ds_hooks:
-            _add_hook(hooks, h, _capture(out.spliced_acts, h))
-        copies = _prefix_modes(saes, weights.matryoshka if not full else None)
-        try:  # Matryoshka "all": the spliced run takes one copy of the batch per prefix
-            spliced_resid = resid.repeat(copies, *([1] * (resid.dim() - 1))) if copies > 1 else resid
-            out.logits_spliced = backbone.run_from(spliced_resid, first, hooks, logits=want_logits, hidden=head is not None)
-        finally:
-            _prefix_modes(saes, None)
-        if copies > 1:
-            _stack_clean(out, copies, ds_hooks)
-    else:
-        # Local: each SAE reads the clean activation; the run stops at the last hook it needs.
-        needed = [*positions, *outputs.values()]
-        last = backbone.last_position(needed)
-        hooks = {h: _capture(out.clean_acts, h, stop=(h == last)) for h in needed}
-        with torch.no_grad():
-            backbone.run_from(resid, first, hooks, logits=False)
-        for h in positions:
-            out.recons[h], out.codes[h] = saes[h](out.clean_acts[h])
-            out.inputs[h] = out.clean_acts[h]
-    for h in positions:  # an SAE's target is its input; a transcoder's the activation it replaced
-        out.targets.setdefault(h, out.clean_acts[outputs[h]] if h in outputs else out.inputs[h])
-    out.terms, out.loss = _sae_terms(saes, out, weights, full)
-    prefixes = out.copies  # Matryoshka "all": the output terms are summed over the prefixes
-    if out.logits_spliced is not None and want_logits:
-        if head is not None:  # final hidden states, not logits
-            out.terms["kl"] = prefixes * head_kl_loss(head, out.logits_clean, out.logits_spliced)
-            out.logits_clean = out.logits_spliced = None
-        else:
-            out.terms["kl"] = prefixes * kl_loss(out.logits_clean, out.logits_spliced)
-        out.loss = out.loss + weights.kl * out.terms["kl"]
-    if ds_hooks and (weights.downstream > 0 or full):
-        # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.
-        clean = {h: out.clean_acts[h] for h in ds_hooks}
-        out.terms["downstream"] = prefixes * downstream_loss(out.spliced_acts, clean, 1.0)
-        out.loss = out.loss + weights.downstream * out.terms["downstream"]
+    A transcoder (an SAE with ``hook_name_out``) reads its input hook and its output replaces the
+    activation at its output hook; its local target is the clean activation there."""
+    if full:
+        return evaluation_forward(backbone, saes, tokens, weights.downstream_positions, weights)
+    return training_forward(backbone, saes, tokens, weights)
+
+
+def training_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights) -> SpliceOutput:
+    """The loss of one step. e2e and e2e+ds: the clean run (no graph) and the spliced run, with
+    the KL from the final hidden states where the backbone has a fused head; each SAE in its
+    training behaviour (`SAE.training_splice`, e.g. one stacked copy of the batch per Matryoshka
+    prefix). Local: each SAE reads the clean activation, and nothing past the last SAE runs."""
+    out = _new_output()
+    if not weights.needs_output:
+        _local_run(backbone, saes, tokens, out)
+        out.terms, out.loss = _sae_terms(saes, out, weights, full=False)
+        return out
+    head = backbone.head() if weights.kl > 0 else None
+    copies = _training_copies(saes)
+    with ExitStack() as modes:
+        for s in saes.values():
+            modes.enter_context(unwrap(s).training_splice())
+        _two_runs(
+            backbone,
+            saes,
+            tokens,
+            weights.downstream_positions,
+            out,
+            logits=weights.kl > 0,
+            hidden=head is not None,
+            copies=copies,
+        )
+    if copies > 1:
+        _stack_clean(out, copies, weights.downstream_positions)
+    out.terms, out.loss = _sae_terms(saes, out, weights, full=False)
+    _output_terms(out, weights, head, full=False)
     return out
 
 
-def _prefix_modes(saes: dict[str, SAE], matryoshka: str | None) -> int:
-    """Put every Matryoshka SAE in the e2e prefix mode (None: back to the whole dictionary);
-    return how many copies of the batch the spliced run takes (the number of prefixes for "all")."""
-    counts = set()
-    for s in saes.values():
-        core = unwrap(s)
-        if len(getattr(core, "prefixes", ())) > 1:
-            core.prefix_mode = {"all": "batched", "drawn": "drawn"}.get(matryoshka) if matryoshka else None
-            counts.add(len(core.prefixes))
-    if matryoshka != "all" or not counts:
-        return 1
-    if len(counts) > 1:  # one copy of the batch per prefix must mean the same for every SAE
-        _prefix_modes(saes, None)
-        raise E2EDictError(f"Matryoshka SAEs trained together with 'all' need equally many prefixes, not {sorted(counts)}")
-    return counts.pop()
+def evaluation_forward(
+    backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, downstream: list[str], weights: LossWeights | None = None
+) -> SpliceOutput:
+    """Everything evaluation reads: clean and spliced logits, every SAE's input, code, output and
+    target, and both runs' activations at the ``downstream`` hooks; each SAE with its whole
+    dictionary. Every loss term is computed (its value before its coefficient), and the loss with
+    ``weights``' coefficients (none by default)."""
+    out = _new_output()
+    _two_runs(backbone, saes, tokens, downstream, out, logits=True, hidden=False, copies=1)
+    weights = weights or LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=downstream)
+    out.terms, out.loss = _sae_terms(saes, out, weights, full=True)
+    _output_terms(out, weights, None, full=True)
+    return out
+
+
+def _new_output() -> SpliceOutput:
+    return SpliceOutput(torch.zeros(()), {}, {}, {}, {})
+
+
+def _transcoder_outputs(saes: dict[str, SAE]) -> dict[str, str]:
+    return {h: out for h in saes if (out := unwrap(saes[h]).hook_name_out) is not None}
+
+
+def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int) -> None:
+    """The shared prefix once, then the clean run (no graph) and the spliced run from the first
+    SAE's block; ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
+    positions, outputs = list(saes), _transcoder_outputs(saes)
+    first = min(backbone.block_of(h) for h in positions)
+    resid = backbone.embed_to(tokens, first)
+    hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values(), *ds_hooks)}
+    with torch.no_grad():
+        out.logits_clean = backbone.run_from(resid, first, hooks, logits=logits, hidden=hidden)
+    hooks = splice_hooks(saes, outputs, out)
+    for h in ds_hooks:
+        _add_hook(hooks, h, _capture(out.spliced_acts, h))
+    spliced_resid = resid.repeat(copies, *([1] * (resid.dim() - 1))) if copies > 1 else resid
+    out.logits_spliced = backbone.run_from(spliced_resid, first, hooks, logits=logits, hidden=hidden)
+    for h in positions:  # an SAE's target is its input; a transcoder's the activation it replaced
+        out.targets.setdefault(h, out.clean_acts[outputs[h]] if h in outputs else out.inputs[h])
+
+
+def _local_run(backbone, saes, tokens, out: SpliceOutput) -> None:
+    """Each SAE reads the clean activation; the run stops at the last hook it needs."""
+    positions, outputs = list(saes), _transcoder_outputs(saes)
+    first = min(backbone.block_of(h) for h in positions)
+    needed = [*positions, *outputs.values()]
+    last = backbone.last_position(needed)
+    hooks = {h: _capture(out.clean_acts, h, stop=(h == last)) for h in needed}
+    with torch.no_grad():
+        backbone.run_from(backbone.embed_to(tokens, first), first, hooks, logits=False)
+    for h in positions:
+        out.recons[h], out.codes[h] = saes[h](out.clean_acts[h])
+        out.inputs[h] = out.clean_acts[h]
+        out.targets[h] = out.clean_acts[outputs[h]] if h in outputs else out.inputs[h]
+
+
+def _output_terms(out: SpliceOutput, weights: LossWeights, head, full: bool) -> None:
+    """The KL and downstream terms (summed over stacked copies), added to the loss."""
+    copies = out.copies
+    if out.logits_spliced is not None and (weights.kl > 0 or full):
+        if head is not None:  # final hidden states, not logits
+            out.terms["kl"] = copies * head_kl_loss(head, out.logits_clean, out.logits_spliced)
+            out.logits_clean = out.logits_spliced = None
+        else:
+            out.terms["kl"] = copies * kl_loss(out.logits_clean, out.logits_spliced)
+        out.loss = out.loss + weights.kl * out.terms["kl"]
+    ds_hooks = weights.downstream_positions
+    if ds_hooks and (weights.downstream > 0 or full):
+        # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.
+        clean = {h: out.clean_acts[h] for h in ds_hooks}
+        out.terms["downstream"] = copies * downstream_loss(out.spliced_acts, clean, 1.0)
+        out.loss = out.loss + weights.downstream * out.terms["downstream"]
+
+
+def _training_copies(saes: dict[str, SAE]) -> int:
+    """How many stacked copies of the batch the training spliced run takes (`SAE.spliced_copies`):
+    one per Matryoshka prefix under "all", else 1; SAEs asking for different numbers are refused."""
+    counts = sorted({unwrap(s).spliced_copies() for s in saes.values()} - {1})
+    if len(counts) > 1:
+        raise E2EDictError(
+            "SAEs trained together in one stacked spliced run need equally many copies of the batch "
+            f"(Matryoshka 'all': equally many prefixes, not {counts})"
+        )
+    return counts[0] if counts else 1
 
 
 def _stack_clean(out: SpliceOutput, copies: int, ds_hooks: list[str]) -> None:

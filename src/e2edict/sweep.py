@@ -25,29 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from e2edict.config import RUN_NAME_RE, StrictModel
 from e2edict.errors import E2EDictError
+from e2edict.rundir import RunDir
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GridEntry(_Strict):
+class GridEntry(StrictModel):
     name: str = Field(description="run name template; {dotted.key} is replaced by the value")
     values: dict[str, list[Any]] = Field(min_length=1)
     overrides: list[str] = []
 
 
-class RunEntry(_Strict):
+class RunEntry(StrictModel):
     name: str
     overrides: list[str] = []
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     base: str
     out: str
     compare_out: str | None = None
@@ -73,7 +71,7 @@ def expand(sweep: SweepConfig) -> list[tuple[str, list[str]]]:
     runs += [(r.name, list(r.overrides)) for r in sweep.runs]
     names = [n for n, _ in runs]
     for n in names:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", n):
+        if not RUN_NAME_RE.match(n) or n in (".", ".."):
             raise E2EDictError(f"sweep run name {n!r} is not a safe folder name (letters, digits, . _ + -)")
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -112,10 +110,10 @@ def run_sweep(path: str | Path, dry_run: bool = False, progress: bool = True, lo
         configs.append((name, load_config(base, [*sweep.overrides, *resolved, f"name={name}"])))
     for name, cfg in configs:
         run_dir = dirs[name]
-        if (run_dir / "eval.json").is_file():
+        if RunDir(run_dir).has_eval():
             log(f"sweep: {name}: finished, skipped")
             continue
-        resume = (run_dir / "config.yaml").is_file()
+        resume = RunDir(run_dir).is_run()
         log(f"sweep: {name}: {'resuming' if resume else 'training'} -> {run_dir}")
         if not dry_run:
             train(cfg, out=run_dir, progress=progress, resume=resume, overwrite=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from e2edict.data import embedded_stream, load_token_array, to_sequences
 from e2edict.errors import E2EDictError
 from e2edict.shards import write_shards
 
@@ -28,11 +27,13 @@ def tokenize_to_shards(
 
     from e2edict.backbones.transformer_lens import resolve_model_path
     from e2edict.sources import (
+        bos_id,
+        pack_stream,
         record_factory,
         resolve_packing,
-        separator_id,
         sequence_factory,
         source_kind,
+        stream_source,
         tokenizer_fingerprint,
     )
 
@@ -42,7 +43,7 @@ def tokenize_to_shards(
     except Exception as e:  # unknown names, offline hub, folders without tokenizer files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise E2EDictError(f"cannot load the tokenizer of {model!r}: {first}") from None
-    bos = separator_id(tok)
+    bos = bos_id(tok)
     what = "source"
     kind = source_kind(source["path"], what)
     if kind == "shards":
@@ -50,12 +51,8 @@ def tokenize_to_shards(
     if kind in ("embedded", "npy"):
         if packing == "rows":
             raise E2EDictError(f"packing 'rows' needs token rows; {source['path']!r} is one token stream")
-        if kind == "embedded":
-            split = "val" if source["path"] == "tiny-val" else "train"
-            stream = embedded_stream(split, tok, "tiny" if model == "tiny" else f"{tok.name_or_path}:{len(tok)}")
-        else:
-            stream = load_token_array(source["path"], what)
-        seqs = iter(to_sequences(stream, n_ctx, bos).numpy())
+        key = "tiny" if model == "tiny" else f"{tok.name_or_path}:{len(tok)}"
+        seqs = iter(pack_stream(stream_source(kind, source["path"], tok, key, what), n_ctx, bos).numpy())
         mode = "bos"
     else:
         records, _ = record_factory(source, what)

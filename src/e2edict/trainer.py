@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
@@ -23,9 +22,10 @@ from e2edict.config import Config, dump_config
 from e2edict.data import Prefetcher, make_batches
 from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
-from e2edict.evaluation import evaluate_backbone, log10_density
-from e2edict.run import RunSetup, lr_factor, prepare_run_dir, setup_run
-from e2edict.saes import SAE, save_sae
+from e2edict.evaluation import evaluate_backbone
+from e2edict.run import RunSetup, evaluate_and_record, lr_factor, setup_run
+from e2edict.rundir import RunDir
+from e2edict.saes import SAE
 from e2edict.splice import LossWeights
 from e2edict.step import NonFinite, StepLog, TrainStep
 
@@ -35,7 +35,7 @@ def keep_freed_memory() -> bool:
 
     By default every allocation above 32 MB (an SAE's gradient: 141 MB for GPT-2 small at
     dictionary ratio 60) is a fresh mapping that the kernel zero-fills page by page on first touch
-    and unmaps when it is freed, every step; on CPU that was ~18% of a local step. This is the
+    and unmaps when it is freed, every step; on CPU a large share of a local step (`docs/performance.md`). This is the
     effect PyTorch's CPU tuning guide gets by swapping in jemalloc or tcmalloc, applied in process
     (process-wide: the resident set stays at its peak). Returns False, changing nothing, where
     the C library is not glibc (macOS, musl)."""
@@ -56,15 +56,6 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.O
         return torch.optim.Adam(params, lr=lr)
 
 
-def sae_folder(run_dir: Path, hook: str) -> Path:
-    """``RUN_DIR/saes/<hook>``, refusing any name that would leave the run directory."""
-    base = (run_dir / "saes").resolve()
-    folder = (base / hook).resolve()
-    if folder.parent != base or hook in ("", ".", ".."):
-        raise E2EDictError(f"hook name {hook!r} cannot name a folder inside the run directory")
-    return folder
-
-
 def sae_metadata(cfg: Config, hook: str, tokens: int) -> dict[str, Any]:
     return {
         "model_name": cfg.model.name,
@@ -83,11 +74,6 @@ def sae_metadata(cfg: Config, hook: str, tokens: int) -> dict[str, Any]:
         "e2edict_tokens_trained": tokens,
         "e2edict_run_name": cfg.name,
     }
-
-
-def save_saes(run_dir: Path, cfg: Config, saes: dict[str, SAE], tokens: int) -> None:
-    for h, sae in saes.items():
-        save_sae(sae, sae_folder(run_dir, h), sae_metadata(cfg, h, tokens))
 
 
 class MetricsLog:
@@ -231,15 +217,17 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     if ctx.enabled and ctx.device != cfg.model.device:
         cfg = cfg.model_copy(deep=True)
         cfg.model.device = ctx.device  # cuda:LOCAL_RANK
-    setup = setup_run(cfg)  # every check before anything is written (the same on every rank)
+    run_dir = Path(out) if out is not None else Path("out") / "runs" / cfg.name
+    if not resume:  # the checks that need no model answer before it loads
+        RunDir(run_dir).check_free(overwrite)
     if cfg.wandb.project:
         _import_wandb()
-    run_dir = Path(out) if out is not None else Path("out") / "runs" / cfg.name
+    setup = setup_run(cfg)  # every check before anything is written (the same on every rank)
     if not resume:
 
         def prepare() -> None:
-            prepare_run_dir(run_dir, overwrite)
-            (run_dir / "config.yaml").write_text(config_text)
+            RunDir(run_dir).prepare(overwrite)
+            RunDir(run_dir).write_config(config_text)
 
         _on_main(ctx, prepare)
     t = cfg.train
@@ -248,11 +236,13 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     if total_steps == 0:
         raise E2EDictError(f"train.tokens={t.tokens} is less than one step of {tokens_per_step} tokens over {ctx.world} ranks")
     saes = setup.build_saes()
+    for s in saes.values():  # loaded SAEs (saes.init_from) come in eval mode
+        s.train()
     opt = make_optimizer([p for s in saes.values() for p in s.parameters()], t.lr)
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
     step_saes = _speed_settings(cfg, setup, saes, ctx)
-    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream, cfg.saes.matryoshka_e2e)
+    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream)
     step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm)
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
@@ -260,7 +250,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     on_gpu = str(cfg.model.device).startswith("cuda")
     prefetch = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
     wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(RunDir(run_dir).metrics_file)
     return _Run(cfg, ctx, setup, run_dir, saes, step, prefetch, metrics, tokens_per_step, total_steps, first_step, wandb_run)
 
 
@@ -278,7 +268,7 @@ def _resume(run_dir: Path, ctx: DistContext, saes, opt, sched, batches) -> int:
         if ctx.is_main:
             print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
     if ctx.is_main:
-        _truncate_metrics(run_dir / "metrics.jsonl", first_step)
+        _truncate_metrics(RunDir(run_dir).metrics_file, first_step)
     ctx.barrier()
     return first_step
 
@@ -371,20 +361,11 @@ def _finish(run: _Run) -> None:
     """Save the SAEs, evaluate them, write eval.json, the densities and the final metrics row."""
     cfg = run.cfg
     final_tokens = run.total_steps * run.tokens_per_step
-    save_saes(run.run_dir, cfg, run.saes, final_tokens)
+    rundir = RunDir(run.run_dir)
+    rundir.save_saes(run.saes, {h: sae_metadata(cfg, h, final_tokens) for h in run.saes})
     run.setup.backbone.restore_dtype()  # the final evaluation sees the model as configured
-    densities: dict[str, torch.Tensor] = {}
-    result = evaluate_backbone(
-        run.setup.backbone,
-        run.saes,
-        run.setup.eval_seqs,
-        tokens=cfg.eval.tokens,
-        alive_tokens=cfg.eval.alive_tokens,
-        batch_size=cfg.eval.batch_size,
-        densities=densities,
-    )
-    write_eval(run.run_dir, result)
-    write_sparsity(run.run_dir, densities)
+    progress = not run.bar.disable
+    result, _ = evaluate_and_record(rundir, cfg, run.setup.backbone, run.saes, run.setup.eval_seqs, progress=progress)
     keys = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")
     run.metrics.write({"step": run.total_steps, "tokens": final_tokens, "split": "final_eval", **{k: result[k] for k in keys}})
     if run.wandb_run is not None:
@@ -422,7 +403,7 @@ def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: Dis
 
 
 def _non_finite(run_dir: Path, what: str, step: int) -> None:
-    found = latest_checkpoint(run_dir, warn=lambda m: None) if (run_dir / "checkpoints").is_dir() else None
+    found = latest_checkpoint(run_dir, warn=lambda m: None) if RunDir(run_dir).checkpoints.is_dir() else None
     kept = f"the last good checkpoint is {found[0]}" if found else "no checkpoint was written yet"
     raise E2EDictError(f"NaN or Inf in the {what} at step {step}; training stopped ({kept})")
 
@@ -440,21 +421,6 @@ def _install_signal_handlers(flag: list[int]):
 def _restore_signal_handlers(old) -> None:
     for sig, h in (old or {}).items():
         signal.signal(sig, h)
-
-
-def write_sparsity(run_dir: Path, densities: dict[str, torch.Tensor]) -> None:
-    """Each latent's log10 firing density, as SAELens stores it (``sparsity.safetensors``, key ``sparsity``)."""
-    for h, d in densities.items():
-        path = sae_folder(run_dir, h) / "sparsity.safetensors"
-        tmp = path.with_name(".sparsity.safetensors.tmp")
-        save_file({"sparsity": log10_density(d)}, str(tmp))
-        tmp.replace(path)
-
-
-def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
-    tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(run_dir / "eval.json")
 
 
 def _wandb(cfg: Config, run_dir: Path):

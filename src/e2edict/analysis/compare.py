@@ -201,14 +201,14 @@ def compare_with_geometry(runs: list[Run], out: Path) -> dict[str, Path]:
     """`compare` plus the dictionary geometry of every SAE of the runs."""
     from e2edict.analysis.geometry import geometry, write_geometry
     from e2edict.errors import E2EDictError
-    from e2edict.trainer import sae_folder
+    from e2edict.rundir import RunDir
 
     written = compare(runs, out)
     folders = {}
     for r in runs:
         for hook in r.eval["saes"]:
             label = r.name if len(r.eval["saes"]) == 1 else f"{r.name}:{hook}"
-            folders[label] = sae_folder(r.path, hook)
+            folders[label] = RunDir(r.path).sae_folder(hook)
     missing = [str(f) for f in folders.values() if not f.is_dir()]
     if missing:
         raise E2EDictError(f"SAE folder(s) missing: {', '.join(missing)}")

@@ -1,7 +1,8 @@
 """`e2edict report RUN_DIR`: a static HTML report that opens from disk (no server, no network).
 
 ``RUN_DIR/report/index.html`` shows the config, the final metrics and training curves; one set of
-paginated pages per SAE is a feature browser: features ordered by firing density, each with its
+paginated pages per SAE is a feature browser: features ordered by firing density (`feature_order`: the
+near-always-on ones last), each with its
 top-activating contexts (token-level highlighting), an activation histogram, and the tokens its
 decoder direction promotes and suppresses most through the unembedding. One pass over the data
 collects everything, so 50k-latent SAEs stay fast (only the top ``features`` are shown).
@@ -21,6 +22,7 @@ import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from e2edict.backbones.base import Backbone
+from e2edict.rundir import RunDir
 from e2edict.saes import SAE
 from e2edict.saes.base import eval_mode
 from e2edict.splice import LossWeights, splice_forward
@@ -108,13 +110,9 @@ def collect_features(
     k: int,
     batch_size: int,
 ) -> dict[str, FeatureStats]:
-    """One pass over ``sequences``: for each SAE, the ``n_features`` densest latents' top-``k``
+    """One pass over ``sequences``: for each SAE, the first ``n_features`` latents of `feature_order`: their top-``k``
     contexts and activation samples (codes from the spliced run with every SAE in place)."""
-    stats = {}
-    for h, d in densities.items():
-        order = torch.argsort(d, descending=True)
-        chosen = order[:n_features][d[order[:n_features]] > 0]
-        stats[h] = FeatureStats(chosen, k)
+    stats = {h: FeatureStats(feature_order(d)[:n_features], k) for h, d in densities.items()}
     weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0))
     n_ctx = sequences.shape[1]
     with torch.no_grad():
@@ -201,6 +199,18 @@ def context_codes(
     return out
 
 
+DENSE = 0.1  # a latent firing on more than this fraction of tokens is near-always-on
+
+
+def feature_order(density: torch.Tensor) -> torch.Tensor:
+    """The browser's order: latents that fired, densest first among those at most `DENSE`, then
+    the near-always-on ones (the last pages), which say little about any one context."""
+    fired = torch.nonzero(density > 0).flatten()
+    by_density = fired[torch.argsort(density[fired], descending=True, stable=True)]
+    dense = density[by_density] > DENSE
+    return torch.cat([by_density[~dense], by_density[dense]])
+
+
 def _curves_png(metrics_path: Path, out: Path) -> bool:
     import matplotlib
 
@@ -221,10 +231,11 @@ def _curves_png(metrics_path: Path, out: Path) -> bool:
     keys = ["loss"] + [k for k in train[0] if k == "kl" or k.startswith(("l0/", "local/", "downstream"))]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        ax.plot([r["tokens"] for r in train if key in r], [r[key] for r in train if key in r], lw=1)
+        ax.plot([r["tokens"] for r in train if key in r], [r[key] for r in train if key in r], lw=1, label="train")
         ev = [r for r in rows if r.get("split") == "eval" and key in r]
         if ev:
-            ax.plot([r["tokens"] for r in ev], [r[key] for r in ev], "o", ms=3, label="eval")
+            ax.plot([r["tokens"] for r in ev], [r[key] for r in ev], "o", ms=3, label="held-out eval")
+            ax.legend(fontsize=7)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("tokens", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -236,7 +247,7 @@ def _curves_png(metrics_path: Path, out: Path) -> bool:
 
 
 def write_report(
-    run_dir: Path,
+    run_dir: Path | RunDir,
     backbone: Backbone,
     saes: dict[str, SAE],
     sequences: torch.Tensor,
@@ -249,11 +260,14 @@ def write_report(
     window: int = 12,
     batch_size: int = 16,
     n_logit_tokens: int = 8,
+    run_name: str | None = None,
 ) -> Path:
     env = Environment(loader=PackageLoader("e2edict.analysis", "templates"), autoescape=select_autoescape(["html"]))
-    out = run_dir / "report"
+    rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    title = run_name or rundir.path.name
+    out = rundir.report
     out.mkdir(exist_ok=True)
-    has_curves = _curves_png(run_dir / "metrics.jsonl", out / "curves.png")
+    has_curves = _curves_png(rundir.metrics_file, out / "curves.png")
     with eval_mode(saes):
         stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size)
         codes = context_codes(backbone, saes, sequences, stats, batch_size)
@@ -264,7 +278,7 @@ def write_report(
         names = [f"sae{si}_features_{p + 1}.html" for p in range(pages)]
         for p in range(pages):
             html = env.get_template("features.html").render(
-                run=run_dir.name,
+                run=title,
                 hook=h,
                 sae=sae,
                 cards=cards[p * per_page : (p + 1) * per_page],
@@ -278,8 +292,6 @@ def write_report(
             (out / names[p]).write_text(html, encoding="utf-8")
         sae_pages.append({"hook": h, "link": names[0], "metrics": eval_result["saes"].get(h, {}), "shown": len(cards)})
     top = {k_: v for k_, v in eval_result.items() if k_ != "saes"}
-    index = env.get_template("index.html").render(
-        run=run_dir.name, config=config_text, top=top, saes=sae_pages, curves=has_curves
-    )
+    index = env.get_template("index.html").render(run=title, config=config_text, top=top, saes=sae_pages, curves=has_curves)
     (out / "index.html").write_text(index, encoding="utf-8")
     return out / "index.html"

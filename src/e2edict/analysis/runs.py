@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2edict.config import Config, load_config
+from e2edict.config import Config
 from e2edict.errors import E2EDictError
+from e2edict.rundir import RunDir
 
 
 @dataclass
@@ -24,19 +24,11 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    for f in ("config.yaml", "eval.json"):
-        if not (path / f).is_file():
-            hint = f" (run `e2edict eval {path}` first)" if f == "eval.json" else ""
-            raise E2EDictError(f"{str(path)!r} is not a finished run directory: no {f}{hint}")
-    cfg = load_config(path / "config.yaml")
-    try:
-        result = json.loads((path / "eval.json").read_text())
-        if not isinstance(result, dict) or not isinstance(result.get("saes"), dict):
-            raise ValueError("no 'saes' mapping")
-    except ValueError as e:
-        raise E2EDictError(f"{str(path / 'eval.json')!r} is not a valid eval.json ({e})") from None
-    return Run(path, cfg.name, cfg, result)
+    rundir = RunDir(path)
+    if not rundir.is_run():
+        raise E2EDictError(f"{str(rundir.path)!r} is not a finished run directory: no config.yaml")
+    result, cfg = rundir.read_eval(), rundir.read_config()
+    return Run(rundir.path, cfg.name, cfg, result)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

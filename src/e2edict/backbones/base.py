@@ -121,6 +121,31 @@ class Backbone(ABC):
                 f"{what}: unknown hook name(s) {', '.join(map(repr, bad))} for model {self.name!r}; valid: {', '.join(shapes)}"
             )
 
+    def foreign_hook(self, name: str) -> str | None:
+        """This backbone's name for a hook written in the other backend's naming (None: none
+        that is unambiguous). Overridden by each backbone; only the residual stream and the MLP
+        output map, which both backends expose at the same place."""
+        return None
+
+    def adopt_saes(self, saes: dict) -> dict:
+        """``saes`` keyed by this backbone's hook names: names of the other backend mapped where
+        the mapping is unambiguous (`foreign_hook`), a one-line error naming both otherwise."""
+        shapes, out = self.hook_shapes(), {}
+        for name, sae in saes.items():
+            if name in shapes:
+                out[name] = sae
+                continue
+            mapped = self.foreign_hook(name)
+            if mapped is None or mapped not in shapes:
+                raise E2EDictError(
+                    f"SAE hook {name!r} is not a hook of model {self.name!r} and has no unambiguous counterpart "
+                    "(residual stream and MLP output hooks map between TransformerLens and Hugging Face names)"
+                )
+            if getattr(sae, "hook_name_out", None) is not None:
+                raise E2EDictError(f"transcoder at {name!r}: its hooks are in the other backend's naming; they are not mapped")
+            out[mapped] = sae
+        return out
+
     def check_saes(self, saes: dict) -> None:
         """SAEs loaded from files must sit at hooks of this model, with matching widths."""
         self.check_hooks(list(saes), "SAE hook")

@@ -102,7 +102,7 @@ class HFBackbone(Backbone):
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
         self.shared_prefix = self._check_block_removal()
-        self._final_norm = self._find_final_norm()
+        self._final_norm = self._find_final_norm()  # the head's input: fp32 under bf16 (`run_from`), named by `e2edict hooks`
         self._head_ok = self._check_head()
 
     @property
@@ -111,6 +111,20 @@ class HFBackbone(Backbone):
 
     def unembed(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.T
+
+    def foreign_hook(self, name: str) -> str | None:
+        """A TransformerLens name: ``blocks.N.hook_resid_pre`` is ``<blocks>.N:input``,
+        ``hook_resid_post`` ``<blocks>.N``, ``hook_mlp_out`` the block's MLP module (where it has one)."""
+        m = re.match(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out)$", name)
+        if m is None:
+            return None
+        block = f"{self.blocks_path}.{m.group(1)}"
+        if m.group(2) != "hook_mlp_out":
+            return block + (INPUT_SUFFIX if m.group(2) == "hook_resid_pre" else "")
+        mlps = [
+            h for h in self.hook_shapes() if h.startswith(block + ".") and _is_mlp(h) and h.count(".") == block.count(".") + 1
+        ]
+        return mlps[0] if len(mlps) == 1 else None
 
     def head(self) -> Head | None:
         return super().head() if self._head_ok else None
@@ -130,8 +144,10 @@ class HFBackbone(Backbone):
             raise E2EDictError(f"model {self.name!r} has no module {path!r}") from None
 
     def hook_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every module activation from the first block on that is [batch, pos, d]: block inputs
-        always, other modules' inputs where they are not already another module's output."""
+        """Every module activation from the first block on that is [batch, pos, d] (dropouts left
+        out): block inputs always, other modules' inputs where they are not already another
+        module's output. The final norm is listed (a downstream hook may read it), though no SAE
+        can sit there (`block_of`)."""
         if self._shapes is not None:
             return self._shapes
         shapes: dict[str, tuple[int, ...]] = {}
@@ -171,7 +187,8 @@ class HFBackbone(Backbone):
             return fn
 
         for name, mod in self.model.named_modules():
-            if not name or isinstance(mod, nn.ModuleList):
+            # no dropout: in eval mode its output is its input, the activation before it
+            if not name or isinstance(mod, nn.ModuleList | nn.Dropout):
                 continue
             handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
             handles.append(mod.register_forward_hook(post(name)))
@@ -276,6 +293,10 @@ class HFBackbone(Backbone):
         if not got:
             return None
         return _fp32_norm(norm, got[0]) if norm is not None else got[0]
+
+    def final_norm_name(self) -> str | None:
+        """The module path of the final norm (the head's input), where one was found."""
+        return next((n for n, m in self.model.named_modules() if m is self._final_norm), None) if self._final_norm else None
 
     def _find_final_norm(self) -> nn.Module | None:
         """The module whose output is the head's input (the final norm), found on a 4-token run;

@@ -2,8 +2,8 @@
 
 TransformerLens computes attention as written: the [batch, heads, pos, pos] scores, a softmax,
 the pattern times the values, each step a tensor in memory and a hook point. Training an SAE never
-reads the scores or the pattern, and on a GPU this unfused attention made TransformerLens's
-step 1.56x slower than the same model through Hugging Face (SDPA). So each attention module's
+reads the scores or the pattern, and on a GPU this unfused attention makes TransformerLens's
+step much slower than the same model through Hugging Face (SDPA; `docs/performance.md`). So each attention module's
 forward is swapped for one that computes q, k and v as TransformerLens does (``hook_q``, ``hook_k``,
 ``hook_v``, ``hook_rot_q``/``hook_rot_k``, ``hook_z`` all still fire), and the scores, softmax and
 weighted sum in one fused kernel.
@@ -58,9 +58,14 @@ def _fused_forward(self, query_input, key_input, value_input, past_kv_cache_entr
         or _hooked(self.hook_attn_scores)
         or _hooked(self.hook_pattern)
     ):
+        _forget_norm(self)
         return type(self).forward(self, query_input, key_input, value_input, past_kv_cache_entry,
                                   additive_attention_mask, attention_mask, position_bias)  # fmt: skip
-    q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
+    _forget_norm(self)
+    if query_input is key_input is value_input and _qkv_fusable(self):
+        q, k, v = _fused_qkv(self, query_input)
+    else:
+        q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
     if self.cfg.positional_embedding_type == "rotary":
         q = self.hook_rot_q(self.apply_rotary(q, 0, None))
         k = self.hook_rot_k(self.apply_rotary(k, 0, None))
@@ -74,6 +79,53 @@ def _fused_forward(self, query_input, key_input, value_input, past_kv_cache_entr
     return torch.matmul(z, W_O) + self.b_O
 
 
+def _qkv_fusable(attn) -> bool:
+    cfg = attn.cfg
+    plain = not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.load_in_4bit or getattr(cfg, "use_qk_norm", False))
+    return plain and all(isinstance(getattr(attn, n, None), torch.Tensor) for n in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V"))
+
+
+def _fused_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v [batch, pos, head, d_head] from one GEMM on [d_model, 3 * heads * d_head]
+    (TransformerLens runs three), with ``hook_q``, ``hook_k`` and ``hook_v`` firing as its own."""
+    W, b = _qkv_weights(attn)
+    n_heads, d_head = attn.W_Q.shape[0], attn.W_Q.shape[2]
+    out = torch.addmm(b, x.reshape(-1, x.shape[-1]).to(W.dtype), W).view(*x.shape[:-1], 3, n_heads, d_head)
+    q, k, v = out.unbind(-3)
+    return attn.hook_q(q), attn.hook_k(k), attn.hook_v(v)
+
+
+def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_Q, W_K, W_V side by side as one [d_model, 3 * heads * d_head] matrix and their biases,
+    built once and again only when a weight changes (a cast, a restore, an edit)."""
+    ws, bs = (attn.W_Q, attn.W_K, attn.W_V), (attn.b_Q, attn.b_K, attn.b_V)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*ws, *bs))
+    cached = attn.__dict__.get("_e2edict_qkv")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            W = torch.cat([w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in ws], dim=1).contiguous()
+            b = torch.cat([t.reshape(-1) for t in bs])
+        attn.__dict__["_e2edict_qkv"] = cached = (key, W, b)
+    return cached[1], cached[2]
+
+
+def _memo_norm_forward(self, x):
+    """The block calls its first norm three times on one tensor (for q, k and v): compute it once.
+    The attention after it forgets the memo (`_forget_norm`), so it holds nothing between calls."""
+    memo = self.__dict__.get("_e2edict_memo")
+    if memo is not None and memo[0] is x:
+        return memo[1]
+    out = type(self).forward(self, x)
+    self.__dict__["_e2edict_memo"] = (x, out)
+    return out
+
+
+def _forget_norm(attn) -> None:
+    norm = attn.__dict__.get("_e2edict_ln1")
+    if norm is not None:
+        norm.__dict__.pop("_e2edict_memo", None)
+
+
 def use_fused_attention(model) -> int:
     """Route every attention module of a `HookedTransformer` through SDPA (see the module
     docstring); returns how many were switched (0 when the model's attention is not supported)."""
@@ -84,6 +136,10 @@ def use_fused_attention(model) -> int:
         attn = getattr(block, "attn", None)
         if attn is not None and hasattr(attn, "calculate_qkv_matrices") and hasattr(attn, "hook_pattern"):
             attn.forward = types.MethodType(_fused_forward, attn)
+            ln1 = getattr(block, "ln1", None)
+            if isinstance(ln1, torch.nn.Module) and not isinstance(ln1, torch.nn.Identity):
+                ln1.forward = types.MethodType(_memo_norm_forward, ln1)
+                attn.__dict__["_e2edict_ln1"] = ln1  # not a submodule: no second path to its parameters
             n += 1
     return n
 
@@ -92,24 +148,27 @@ def use_fused_attention(model) -> int:
 def fused_attention_inside(model):
     """Inside: e2edict's fused attention (a backbone built here switches it on); after: each
     attention module's forward as it was on entry (TransformerLens's own where it was that)."""
-    before = [(attn, attn.__dict__.get("forward")) for attn in _attention_modules(model)]
+    before = [(m, m.__dict__.get("forward"), m.__dict__.get("_e2edict_ln1")) for m in _patchable(model)]
     try:
         yield model
     finally:
-        for attn, fwd in before:
-            if fwd is None:
-                attn.__dict__.pop("forward", None)
-            else:
-                attn.forward = fwd
+        for m, fwd, ln1 in before:
+            for name, value in (("forward", fwd), ("_e2edict_ln1", ln1), ("_e2edict_memo", None), ("_e2edict_qkv", None)):
+                if value is None:
+                    m.__dict__.pop(name, None)
+                else:
+                    m.__dict__[name] = value
 
 
-def _attention_modules(model) -> list:
-    return [b.attn for b in model.blocks if getattr(b, "attn", None) is not None]
+def _patchable(model) -> list:
+    """Each block's attention and first norm: the modules `use_fused_attention` changes."""
+    return [
+        m for b in model.blocks for m in (getattr(b, "attn", None), getattr(b, "ln1", None)) if isinstance(m, torch.nn.Module)
+    ]
 
 
 def use_unfused_attention(model) -> None:
     """Undo `use_fused_attention`: TransformerLens's own forward everywhere."""
-    for block in model.blocks:
-        attn = getattr(block, "attn", None)
-        if attn is not None and "forward" in attn.__dict__:
-            del attn.forward
+    for m in _patchable(model):
+        for name in ("forward", "_e2edict_ln1", "_e2edict_memo", "_e2edict_qkv"):
+            m.__dict__.pop(name, None)

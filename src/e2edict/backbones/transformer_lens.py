@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
-import sys
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,7 @@ from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
 
 EMBEDDED = {"tiny"}
+_HF_HOOK_RE = re.compile(r"^(?:[A-Za-z_][\w]*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
 
 
 def resolve_model_path(name_or_path: str) -> Path | None:
@@ -86,9 +88,10 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
 def load_hooked_transformer(
     name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, process_weights: bool = False
 ):
-    """Load a `HookedTransformer` with frozen weights (TransformerLens's messages go to stderr,
-    so stdout stays machine-readable, e.g. for ``e2edict hooks``)."""
-    with contextlib.redirect_stdout(sys.stderr):
+    """Load a `HookedTransformer` with frozen weights. TransformerLens's messages ("Moving model
+    to device", "Changing model dtype") are dropped: they say nothing a user asked about, and
+    stdout stays machine-readable (``e2edict hooks``)."""
+    with contextlib.redirect_stdout(io.StringIO()):
         return _load_hooked_transformer(name_or_path, device, dtype, process_weights)
 
 
@@ -128,13 +131,26 @@ class TLBackbone(Backbone):
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
 
+    def foreign_hook(self, name: str) -> str | None:
+        """A Hugging Face module path: ``<blocks>.N:input`` is ``blocks.N.hook_resid_pre``,
+        ``<blocks>.N`` ``blocks.N.hook_resid_post``, ``<blocks>.N.mlp`` ``blocks.N.hook_mlp_out``."""
+        m = _HF_HOOK_RE.match(name)
+        if m is None:
+            return None
+        layer, tail = m.group(1), m.group(2)
+        return {
+            ":input": f"blocks.{layer}.hook_resid_pre",
+            "": f"blocks.{layer}.hook_resid_post",
+            ".mlp": f"blocks.{layer}.hook_mlp_out",
+        }[tail]
+
     def _build_head(self) -> Head:
         u = self.model.unembed
         cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
         return Head.padded(u.W_U.detach(), u.b_U.detach(), cap)
 
     def _to_dtype(self, dtype: torch.dtype) -> None:
-        with contextlib.redirect_stdout(sys.stderr):  # TransformerLens prints "Changing model dtype"
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
             self.model.to(dtype)
 
     def hook_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,6 @@
 """Sparse autoencoders: one class per architecture, registered by name, one on-disk format."""
 
-from e2edict.saes.base import SAE, build_sae, load_sae, registry, save_sae
+from e2edict.saes.base import SAE, load_sae, registry, save_sae
 from e2edict.saes.gated import GatedSAE
 from e2edict.saes.jumprelu import JumpReLUSAE
 from e2edict.saes.matryoshka import MatryoshkaBatchTopKSAE
@@ -15,7 +15,6 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "ReLUSAE",
     "TopKSAE",
-    "build_sae",
     "load_sae",
     "registry",
     "save_sae",

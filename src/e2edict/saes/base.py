@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -64,6 +65,9 @@ class SAE(nn.Module, ABC):
 
     architecture: ClassVar[str]  # e2edict's name, used in configs
     saelens_architecture: ClassVar[str]  # the name written to cfg.json
+    transcoder_ok: ClassVar[bool] = False  # whether it can be a transcoder (saes.kind)
+    # the pydantic model of the architecture's own keys (``saes.options``); None: it takes none
+    options_schema: ClassVar[type | None] = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -157,6 +161,73 @@ class SAE(nn.Module, ABC):
         """Build from the ``saes`` block of a run config (`e2edict.config.SAEsConfig`)."""
         return cls(d_in, d_sae, hook_name)
 
+    # --- the architecture's rules for the ``saes`` block: each class checks its own keys ---
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Checks that need no model (run while the config is read); raise ValueError."""
+        cls.options(cfg)
+        if cfg.matryoshka_prefixes is not None:
+            raise ValueError(
+                f"matryoshka_prefixes is for architecture matryoshka_batchtopk; {cls.architecture!r} has no prefixes"
+            )
+        if cfg.kind != "sae" and not cls.transcoder_ok:
+            ok = [a for a, c in registry.items() if c.transcoder_ok]
+            raise ValueError(
+                f"saes.kind={cfg.kind!r}: transcoders take {', '.join(ok[:-1])} or {ok[-1]}, not {cls.architecture!r}"
+            )
+
+    @classmethod
+    def check_sizes(cls, cfg: Any, d_sae: dict[str, int]) -> None:
+        """Checks against each position's dictionary size (once the model is loaded)."""
+
+    @classmethod
+    def options(cls, cfg: Any) -> Any:
+        """``saes.options`` validated by `options_schema` (a model instance; None without a schema)."""
+        given = getattr(cfg, "options", None) or {}
+        if cls.options_schema is None:
+            if given:
+                raise ValueError(f"saes.options: architecture {cls.architecture!r} takes no options, got {sorted(given)}")
+            return None
+        try:
+            return cls.options_schema.model_validate(given)
+        except ValidationError as e:  # reported on one line
+            errors = e.errors()
+            text = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in errors)
+            raise ValueError(f"saes.options for {cls.architecture!r}: {text}") from None
+
+    def configure_training(self, cfg: Any) -> None:
+        """Take the ``saes`` block's training-only settings (built or loaded SAEs alike)."""
+
+    def check_config(self, cfg: Any, where: str) -> None:
+        """An SAE loaded to train on (``saes.init_from``) must agree with the config's keys for its
+        architecture; a one-line error naming both otherwise. The base checks the architecture."""
+        if self.architecture != cfg.architecture:
+            raise E2EDictError(f"{where} is a {self.architecture} SAE but saes.architecture is {cfg.architecture!r}")
+
+    # --- how the splice and evaluation run this SAE: an architecture with several decodings of
+    # one code (Matryoshka's nested prefixes) overrides these; the splice names no architecture.
+    def spliced_copies(self) -> int:
+        """Stacked copies of the batch a training spliced run gives this SAE (1: the batch itself)."""
+        return 1
+
+    @contextmanager
+    def training_splice(self):
+        """This SAE's behaviour inside a training spliced run; the usual one again after."""
+        yield self
+
+    def nested(self) -> list[int]:
+        """Sizes of nested sub-dictionaries that evaluation judges one by one (none: [])."""
+        return []
+
+    @contextmanager
+    def using_nested(self, i: int):
+        """Inside: the SAE decodes with nested sub-dictionary ``i`` alone."""
+        raise E2EDictError(f"a {self.architecture} SAE has no nested dictionaries")
+        yield self
+
+    def decode_nested(self, c: torch.Tensor, i: int, D: torch.Tensor | None = None) -> torch.Tensor:
+        raise E2EDictError(f"a {self.architecture} SAE has no nested dictionaries")
+
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
         """The sparsity term before its coefficient: ``mean_t ||c_t||_p / d_in`` (method §3)."""
         from e2edict.losses import sparsity_loss
@@ -207,12 +278,6 @@ def eval_mode(saes: dict[str, SAE]):
     finally:
         for h, s in saes.items():
             s.train(modes[h])
-
-
-def build_sae(architecture: str, d_in: int, d_sae: int, hook_name: str = "", **kw: Any) -> SAE:
-    if architecture not in registry:
-        raise E2EDictError(f"unknown SAE architecture {architecture!r}; known: {', '.join(sorted(registry))}")
-    return registry[architecture](d_in, d_sae, hook_name, **kw)
 
 
 def _atomic_write(path: Path, write) -> None:

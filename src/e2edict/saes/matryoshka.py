@@ -8,10 +8,12 @@ whole dictionary); only the losses see the prefixes:
 
 - local: the sum over prefixes of each prefix's reconstruction MSE;
 - e2e / e2e+ds: each prefix's reconstruction spliced in and judged by the KL (and the downstream
-  terms), summed over prefixes. How the prefixes share a step is `prefix_mode` (set by the
-  splice, `e2edict.splice`): ``"batched"`` takes an input of P stacked copies of the batch and
-  decodes copy i with prefix i (one spliced suffix over P x the batch, one clean run); an int
-  decodes with that prefix alone; None with the whole dictionary.
+  terms), summed over prefixes. How the prefixes share a step is ``e2e_prefixes``
+  (``saes.matryoshka_e2e``): ``"all"`` asks the splice for P stacked copies of the batch
+  (`spliced_copies`) and decodes copy i with prefix i (one spliced suffix over P x the batch,
+  one clean run); ``"drawn"`` decodes each step with the next prefix in turn. The SAE sets its
+  own ``prefix_mode`` inside `training_splice` and `using_nested` (evaluation's per-prefix
+  figures); outside them it decodes with the whole dictionary.
 
 On disk it is BatchTopK's inference form (a JumpReLU with one threshold), which SAELens loads;
 the prefix sizes travel in the metadata.
@@ -19,6 +21,7 @@ the prefix sizes travel in the metadata.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,10 +59,12 @@ def resolve_prefixes(spec, d_sae: int) -> list[int]:
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
     saelens_architecture = "jumprelu"
+    transcoder_ok = False
 
     def __init__(self, d_in: int, d_sae: int, hook_name: str = "", k: int = 32, prefixes=None, **kw: Any):
         super().__init__(d_in, d_sae, hook_name, k, **kw)
         self.prefix_mode: int | str | None = None
+        self.e2e_prefixes = "drawn"
         # "drawn": one prefix per training forward, in turn (a counter on the device: no read-back,
         # and it is saved with the SAE's state, so a resumed run draws what an uninterrupted one would)
         self.register_buffer("prefix_draws", torch.zeros((), dtype=torch.long))
@@ -74,6 +79,52 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         sae = super().from_config(d_in, d_sae, hook_name, cfg)  # BatchTopK's settings
         sae.set_prefixes(cfg.matryoshka_prefixes)
         return sae
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        prefixes, cfg = cfg.matryoshka_prefixes, cfg.model_copy(update={"matryoshka_prefixes": None})
+        super().validate_config(cfg)  # BatchTopK's rules; the prefixes are this class's key
+        if prefixes is not None and not prefixes:
+            raise ValueError("saes.matryoshka_prefixes is empty")
+
+    @classmethod
+    def check_sizes(cls, cfg: Any, d_sae: dict[str, int]) -> None:
+        for n in d_sae.values():  # sizes checked against each dictionary before anything is written
+            resolve_prefixes(cfg.matryoshka_prefixes, n)
+        super().check_sizes(cfg, d_sae)
+
+    def configure_training(self, cfg: Any) -> None:
+        self.e2e_prefixes = cfg.matryoshka_e2e
+
+    def check_config(self, cfg: Any, where: str) -> None:
+        super().check_config(cfg, where)
+        if cfg.matryoshka_prefixes is not None and resolve_prefixes(cfg.matryoshka_prefixes, self.d_sae) != self.prefixes:
+            raise E2EDictError(f"{where} has prefixes {self.prefixes}, not saes.matryoshka_prefixes")
+
+    def spliced_copies(self) -> int:
+        return len(self.prefixes) if self.e2e_prefixes == "all" else 1
+
+    @contextmanager
+    def training_splice(self):
+        self.prefix_mode = "batched" if self.e2e_prefixes == "all" else "drawn"
+        try:
+            yield self
+        finally:
+            self.prefix_mode = None
+
+    def nested(self) -> list[int]:
+        return list(self.prefixes) if len(self.prefixes) > 1 else []
+
+    @contextmanager
+    def using_nested(self, i: int):
+        self.prefix_mode = i
+        try:
+            yield self
+        finally:
+            self.prefix_mode = None
+
+    def decode_nested(self, c: torch.Tensor, i: int, D: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode_prefix(c, i, D)
 
     def decode_prefix(self, c: torch.Tensor, i: int, D: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstruction of prefix ``i``: its latents alone (``c[..., :m] D[:m] + b_dec``);

@@ -28,6 +28,7 @@ class ReLUSAE(SAE):
 
     architecture = "relu"
     saelens_architecture = "standard"
+    transcoder_ok = True
 
     def __init__(
         self, d_in: int, d_sae: int, hook_name: str = "", orthogonal_init: bool = True, apply_b_dec_to_input: bool = False

@@ -59,6 +59,23 @@ class TopKSAE(ReLUSAE):
             dead_tokens=cfg.dead_tokens,
         )
 
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
+        if cfg.k is None:
+            raise ValueError(f"saes.k is required for saes.architecture={cls.architecture!r}")
+
+    @classmethod
+    def check_sizes(cls, cfg: Any, d_sae: dict[str, int]) -> None:
+        too_big = [h for h, n in d_sae.items() if cfg.k > n]
+        if too_big:
+            raise E2EDictError(f"saes.k={cfg.k} exceeds the dictionary size at {too_big[0]!r}")
+
+    def check_config(self, cfg: Any, where: str) -> None:
+        super().check_config(cfg, where)
+        if cfg.k is not None and self.k != cfg.k:
+            raise E2EDictError(f"{where} has k={self.k} but saes.k is {cfg.k}")
+
     def _track_dead(self, c: torch.Tensor) -> None:
         if self.training and self.auxk_coeff > 0:  # only AuxK reads the counts
             with torch.no_grad():

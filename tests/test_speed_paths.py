@@ -1,4 +1,4 @@
-"""The GPU-speed code paths, run on the CPU against independent computations: the fused head KL,
+"""The speed code paths (GPU-oriented, run on the CPU) against independent computations: the fused head KL,
 SDPA attention for TransformerLens models, the model held in bf16, the step without host reads
 (on the meta device, where any read back raises), and the on-device NaN/Inf guard."""
 
@@ -229,3 +229,46 @@ def test_gradient_clipping_matches_torch(small_backbone):
         torch.testing.assert_close(p.grad, g * coef)
         torch.testing.assert_close(p.grad, t.grad)
     assert norm_ref.item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_fused_block_norms_once_and_projects_qkv_in_one_gemm(small_backbone):
+    """With the fused path each block computes its first norm once (not three times) and q, k, v
+    with one GEMM; logits and an SAE's gradients equal TransformerLens's own forward's, and the
+    q/k/v hooks still fire with TransformerLens's shapes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from e2edict.backbones import tl_attention
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.gemms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.gemms += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+            return func(*args, **(kwargs or {}))
+
+    model, h = small_backbone.model, "blocks.1.hook_resid_pre"
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    sae = registry["relu"](32, 64, h)
+    w = LossWeights(sparsity={h: 1.0}, kl=1.0)
+    results = {}
+    for fused in (False, True):
+        (tl_attention.use_fused_attention if fused else tl_attention.use_unfused_attention)(model)
+        norms, shapes, count = [], [], Count()
+        hooks = [("blocks.2.ln1.hook_normalized", lambda a, hook, norms=norms: norms.append(1))]
+        hooks += [(f"blocks.2.attn.hook_{n}", lambda a, hook, shapes=shapes: shapes.append(tuple(a.shape))) for n in "qkv"]
+        with model.hooks(fwd_hooks=hooks), count:
+            out = splice_forward(small_backbone, {h: sae}, tokens, w, full=True)
+            grads = torch.autograd.grad(out.loss, [sae.W_enc_T, sae.W_dec])
+        results[fused] = (out.logits_spliced.detach(), grads, len(norms), shapes, count.gemms)
+    tl_attention.use_fused_attention(model)
+    (ref, g_ref, n_ref, s_ref, gemm_ref), (got, g_got, n_got, s_got, gemm_got) = results[False], results[True]
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert n_ref == 6 and n_got == 2  # clean and spliced runs: three norms each before, one each now
+    assert s_got == s_ref and len(s_got) == 6
+    blocks_run = 2 * 2  # blocks 1 and 2, in the clean and the spliced run
+    assert gemm_ref - gemm_got >= 2 * blocks_run  # two GEMMs fewer per block forward
