@@ -130,15 +130,15 @@ def train_case(name: str, shape: tuple, device: str, steps: int) -> dict:
     sae = make_sae(bb, hook, arch, k, batches[0], device)
     if precision == "bf16":
         bb.cast(torch.bfloat16)  # what the trainer does under train.precision: bf16
-    step_saes = {hook: torch.compile(sae, dynamic=False) if compile_ else sae}
-    if compile_:
+    step_saes = {hook: sae}
+    if compile_:  # the whole forward compiled, as under train.compile
         sae.sparse_decode = False
     t = PRESETS[preset]
     ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
     w = LossWeights({hook: 1.0}, local=t["local"], kl=t["kl"], downstream=t["downstream"], downstream_positions=ds)
     opt = make_optimizer(list(sae.parameters()), 5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = TrainStep(bb, {hook: sae}, step_saes, w, opt, sched, DistContext(device=device), 1.0)
+    step = TrainStep(bb, {hook: sae}, step_saes, w, opt, sched, DistContext(device=device), 1.0, compile=compile_)
     log = StepLog()
     t0 = time.perf_counter()
     log.push(0, step([batches[0]]))

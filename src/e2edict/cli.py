@@ -66,7 +66,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         from e2edict.analysis.compare import compare_with_geometry
 
-        written = compare_with_geometry(runs, Path(args.out))
+        written = compare_with_geometry(runs, Path(args.out), progress=not args.quiet)
         print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {args.out}")
     return 0
 
@@ -162,8 +162,9 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
     }
     m = tokenize_to_shards(
-        source, args.model, args.ctx, Path(args.out), args.packing, args.shard_rows, args.overwrite, args.trust_remote_code
-    )
+        source, args.model, args.ctx, Path(args.out), args.packing, args.shard_rows, args.overwrite, args.trust_remote_code,
+        progress=not args.quiet,
+    )  # fmt: skip
     print(
         f"wrote {m['sequences']} sequences of {m['n_ctx']} tokens ({m['tokens']} tokens, {len(m['shards'])} shards) to {args.out}"
     )
@@ -205,7 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="e2edict", description="End-to-end sparse dictionary learning.")
     ap.add_argument("--version", action="version", version=f"e2edict {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    _run_commands(sub)
+    _analysis_commands(sub)
+    _data_commands(sub)
+    return ap
 
+
+def _run_commands(sub) -> None:
+    """train, eval, import-e2e-sae, sweep."""
     t = sub.add_parser("train", help="train SAEs from a YAML config", description="Train SAEs from a YAML config.")
     t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
@@ -227,16 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_eval)
 
-    c = sub.add_parser(
-        "compare",
-        help="compare runs: table, Pareto plots, dictionary geometry",
-        description="Print finished runs side by side; with --out, write runs.md/csv, Pareto plots "
-        "(L0 and alive vs CE-loss increase), downstream EV and norm-ratio plots, and geometry tables.",
-    )
-    c.add_argument("run_dirs", nargs="+")
-    c.add_argument("--out", help="folder for the tables and plots")
-    c.set_defaults(fn=_cmd_compare)
-
     im = sub.add_parser(
         "import-e2e-sae",
         help="convert a checkpoint of the reference e2e_sae code to SAELens-layout folders",
@@ -247,7 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("config")
     im.add_argument("--out", required=True)
     im.set_defaults(fn=_cmd_import)
-
     w = sub.add_parser(
         "sweep",
         help="run a grid of configs, then compare them",
@@ -259,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(fn=_cmd_sweep)
 
+
+def _analysis_commands(sub) -> None:
+    """compare, report."""
     r = sub.add_parser(
         "report",
         help="write a static HTML report with a feature browser",
@@ -277,7 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--contexts", type=int, default=8, help="top contexts per feature")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_report)
+    c = sub.add_parser(
+        "compare",
+        help="compare runs: table, Pareto plots, dictionary geometry",
+        description="Print finished runs side by side; with --out, write runs.md/csv, Pareto plots "
+        "(L0 and alive vs CE-loss increase), downstream EV and norm-ratio plots, and geometry tables.",
+    )
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", help="folder for the tables and plots")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=_cmd_compare)
 
+
+def _data_commands(sub) -> None:
+    """tokenize, hooks."""
     tk = sub.add_parser("tokenize", help="pack a text or token source into shards for random-access training data")
     tk.add_argument("source", help="a file, glob, folder, dataset name, tiny or tiny-val")
     tk.add_argument("--model", required=True, help="whose tokenizer: tiny, a model folder, or a hub name")
@@ -292,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--shard-rows", type=int, default=65_536, help="sequences per shard file")
     tk.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     tk.add_argument("--trust-remote-code", action="store_true", help="run the tokenizer repository's own code")
+    tk.add_argument("--quiet", action="store_true", help="no progress bar")
     tk.set_defaults(fn=_cmd_tokenize)
     h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")
     h.add_argument("model", nargs="?", default="tiny", help="tiny, a model folder, or a hub name")
@@ -299,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--trust-remote-code", action="store_true", help="huggingface: run the repository's own model code")
     h.add_argument("--transcoders", action="store_true", help="list the MLPs a transcoder can replace: short name, hooks, widths")
     h.set_defaults(fn=_cmd_hooks)
-    return ap
 
 
 def _quiet_third_party() -> None:

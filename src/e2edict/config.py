@@ -200,7 +200,9 @@ class TrainConfig(StrictModel):
         "fp32", description="bf16: the model held in bf16, SAEs computed in bf16 from fp32 master weights; KL and losses fp32"
     )
     tf32: bool = Field(True, description="allow TF32 matmuls on CUDA")
-    compile: bool = Field(False, description="torch.compile each SAE")
+    compile: bool = Field(
+        False, description="torch.compile the whole step's forward (one graph on TransformerLens with residual-stream positions)"
+    )
     reuse_cpu_memory: bool = Field(
         True, description="CPU on Linux: keep freed memory in the process (no page faults on SAE-sized tensors each step)"
     )

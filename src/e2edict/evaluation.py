@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from e2edict.backbones.base import Backbone, StopForward
+from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.losses import kl_loss, next_token_ce
 from e2edict.saes.base import SAE, eval_mode
@@ -269,20 +269,10 @@ def _codes_only(backbone: Backbone, saes: dict[str, SAE], x: torch.Tensor) -> di
         return {}
     out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
     outputs = {h: s.hook_name_out for h, s in saes.items() if s.hook_name_out}
-    hooks = splice_hooks(saes, outputs, out)
-    last = backbone.last_position([*saes, *outputs.values()])
-    hooks[last] = _then_stop(hooks[last])
+    hooks = splice_hooks(saes, outputs, out)  # without logits the run ends at the last hook
     layer = min(backbone.block_of(h) for h in saes)
     backbone.run_from(backbone.embed_to(x, layer), layer, hooks, logits=False)
     return out.codes
-
-
-def _then_stop(fn):
-    def hook(act: torch.Tensor):
-        fn(act)
-        raise StopForward
-
-    return hook
 
 
 class _NestedStats:

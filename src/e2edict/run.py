@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from e2edict.backbones import Backbone
@@ -88,6 +89,30 @@ class RunSetup:
 def dictionary_size(cfg: Config, d_in: int) -> int:
     """Latents of an SAE reading ``d_in`` wide activations: ``saes.dict_ratio x d_in``, at least 1."""
     return max(1, round(cfg.saes.dict_ratio * d_in))
+
+
+def check_before_model(cfg: Config) -> None:
+    """Checks that need no model, run before it loads: the training data's size where its file
+    says it without reading it (a ``.npy`` token stream) against one step's sequences."""
+    from e2edict.sources import source_fields, source_kind
+
+    path = source_fields(cfg.data.train)["path"]
+    try:
+        if source_kind(path, "data.train") != "npy":
+            return
+        shape = np.load(Path(path).expanduser(), mmap_mode="r", allow_pickle=False).shape
+    except (E2EDictError, ValueError, OSError):
+        return  # the full check after the model loads names what is wrong with the file
+    if len(shape) != 1:
+        return
+    d, t = cfg.data, cfg.train
+    n = shape[0] // max(1, d.n_ctx - 1) - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0)
+    per_step = t.batch_size * t.grad_accum
+    if n < per_step:
+        raise E2EDictError(
+            f"data.train has {max(0, n)} sequences of {d.n_ctx} tokens, fewer than one step's "
+            f"{per_step} (train.batch_size x train.grad_accum)"
+        )
 
 
 def setup_run(cfg: Config) -> RunSetup:

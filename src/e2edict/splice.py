@@ -10,12 +10,11 @@ unembedding fused in (`e2edict.losses.head_kl_loss`): no [tokens, vocab] logits 
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
-from e2edict.backbones.base import Backbone, StopForward
+from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.losses import downstream_loss, head_kl_loss, kl_loss
 from e2edict.saes.base import SAE
@@ -99,19 +98,15 @@ def training_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Ten
         return out
     head = backbone.head() if weights.kl > 0 else None
     copies = _training_copies(saes)
-    with ExitStack() as modes:
-        for s in saes.values():
-            modes.enter_context(unwrap(s).training_splice())
-        _two_runs(
-            backbone,
-            saes,
-            tokens,
-            weights.downstream_positions,
-            out,
-            logits=weights.kl > 0,
-            hidden=head is not None,
-            copies=copies,
-        )
+    cores = [unwrap(s) for s in saes.values()]
+    for core in cores:
+        core.training_splice(True)
+    try:
+        logits, hidden = weights.kl > 0, head is not None
+        _two_runs(backbone, saes, tokens, weights.downstream_positions, out, logits=logits, hidden=hidden, copies=copies)
+    finally:
+        for core in cores:
+            core.training_splice(False)
     if copies > 1:
         _stack_clean(out, copies, weights.downstream_positions)
     out.terms, out.loss = _sae_terms(saes, out, weights, full=False)
@@ -139,7 +134,13 @@ def _new_output() -> SpliceOutput:
 
 
 def _transcoder_outputs(saes: dict[str, SAE]) -> dict[str, str]:
-    return {h: out for h in saes if (out := unwrap(saes[h]).hook_name_out) is not None}
+    """Each transcoder's input hook mapped to the output hook it writes."""
+    outputs = {}
+    for h, s in saes.items():
+        out = unwrap(s).hook_name_out
+        if out is not None:
+            outputs[h] = out
+    return outputs
 
 
 def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int) -> None:
@@ -164,10 +165,8 @@ def _local_run(backbone, saes, tokens, out: SpliceOutput) -> None:
     """Each SAE reads the clean activation; the run stops at the last hook it needs."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
     first = min(backbone.block_of(h) for h in positions)
-    needed = [*positions, *outputs.values()]
-    last = backbone.last_position(needed)
-    hooks = {h: _capture(out.clean_acts, h, stop=(h == last)) for h in needed}
-    with torch.no_grad():
+    hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values())}
+    with torch.no_grad():  # without logits the run ends at the last hook
         backbone.run_from(backbone.embed_to(tokens, first), first, hooks, logits=False)
     for h in positions:
         out.recons[h], out.codes[h] = saes[h](out.clean_acts[h])
@@ -218,11 +217,9 @@ def _stack_clean(out: SpliceOutput, copies: int, ds_hooks: list[str]) -> None:
         out.clean_acts[h] = rep(out.clean_acts[h])
 
 
-def _capture(store: dict[str, torch.Tensor], name: str, stop: bool = False):
+def _capture(store: dict[str, torch.Tensor], name: str):
     def fn(act: torch.Tensor):
         store[name] = act
-        if stop:
-            raise StopForward
 
     return fn
 

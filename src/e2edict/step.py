@@ -46,11 +46,24 @@ class TrainStep:
     sched: torch.optim.lr_scheduler.LRScheduler
     ctx: DistContext
     max_grad_norm: float | None = None
+    compile: bool = False  # torch.compile the whole forward (model, SAEs, losses, fused head); backward follows
     names: list[str] = field(default_factory=list)  # the entries of the returned vector, after the first call
 
     def __post_init__(self) -> None:
         self.named = [(f"{h}.{n}", p) for h, s in self.saes.items() for n, p in s.named_parameters()]
         self.params = [p for _, p in self.named]
+        self.forward = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one micro-batch and the logged terms: each loss term, the loss, and L0 (mean
+        active latents per token; one count over the whole tensor is ~7x cheaper than per token).
+        One graph under compile where the backbone runs its hooks as a plain function
+        (TransformerLens with residual-stream positions: `TLBackbone._run_plain`)."""
+        out = splice_forward(self.backbone, self.step_saes, x, self.weights)
+        terms = {**out.terms, "loss": out.loss}
+        for h, c in out.codes.items():
+            terms[f"l0/{h}"] = torch.count_nonzero(c) / max(1, c.numel() // c.shape[-1])
+        return out.loss, terms
 
     def __call__(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         terms = self.forward_backward(micro_batches)
@@ -75,11 +88,8 @@ class TrainStep:
                 if self.ctx.enabled and i < n - 1:  # DDP averages once, after the last micro-batch
                     for m in self.step_saes.values():
                         no_sync.enter_context(m.no_sync())
-                out = splice_forward(self.backbone, self.step_saes, x, self.weights)
-                (out.loss / n).backward()
-            terms = {**out.terms, "loss": out.loss}
-            # mean active latents per token; one count over the whole tensor is ~7x cheaper than per token
-            terms.update({f"l0/{h}": torch.count_nonzero(c) / max(1, c.numel() // c.shape[-1]) for h, c in out.codes.items()})
+                loss, terms = self.forward(x)
+                (loss / n).backward()
             for k, v in terms.items():
                 acc[k] = acc.get(k, 0.0) + v.detach().float() / n
         return acc

@@ -21,6 +21,7 @@ def tokenize_to_shards(
     shard_rows: int = 65_536,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """``e2edict tokenize``: pack a source with a model's tokenizer and write shards."""
     from transformers import AutoTokenizer
@@ -68,4 +69,8 @@ def tokenize_to_shards(
         "tokenizer_sha256": tokenizer_fingerprint(tok),
         "source": source,
     }
-    return write_shards(seqs, out, n_ctx, len(tok), info, shard_rows=shard_rows, overwrite=overwrite)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(seqs, unit="seq", desc="tokenizing", disable=True if not progress else None, leave=False)
+    with bar:  # a bar on a terminal; nothing in a log
+        return write_shards(bar, out, n_ctx, len(tok), info, shard_rows=shard_rows, overwrite=overwrite)

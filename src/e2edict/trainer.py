@@ -23,7 +23,7 @@ from e2edict.data import Prefetcher, make_batches
 from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_backbone
-from e2edict.run import RunSetup, evaluate_and_record, lr_factor, setup_run
+from e2edict.run import RunSetup, check_before_model, evaluate_and_record, lr_factor, setup_run
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
 from e2edict.splice import LossWeights
@@ -159,7 +159,7 @@ def _on_main(ctx: DistContext, fn) -> None:
 
 
 @dataclass
-class _Run:
+class _Training:
     """What the loop works with: the run's setup, its step, data, logs and position."""
 
     cfg: Config
@@ -210,7 +210,7 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
     return run.run_dir
 
 
-def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool) -> _Run:
+def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool) -> _Training:
     """Check everything, prepare the run directory, build the SAEs, optimizer and data, and restore
     the newest checkpoint when resuming."""
     config_text = dump_config(cfg)
@@ -220,6 +220,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     run_dir = Path(out) if out is not None else Path("out") / "runs" / cfg.name
     if not resume:  # the checks that need no model answer before it loads
         RunDir(run_dir).check_free(overwrite)
+    check_before_model(cfg)
     if cfg.wandb.project:
         _import_wandb()
     setup = setup_run(cfg)  # every check before anything is written (the same on every rank)
@@ -243,7 +244,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
     step_saes = _speed_settings(cfg, setup, saes, ctx)
     weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream)
-    step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm)
+    step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm, compile=t.compile)
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
     first_step = _resume(run_dir, ctx, saes, opt, sched, batches) if resume else 0
@@ -251,7 +252,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     prefetch = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
     wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
     metrics = MetricsLog(RunDir(run_dir).metrics_file)
-    return _Run(cfg, ctx, setup, run_dir, saes, step, prefetch, metrics, tokens_per_step, total_steps, first_step, wandb_run)
+    return _Training(cfg, ctx, setup, run_dir, saes, step, prefetch, metrics, tokens_per_step, total_steps, first_step, wandb_run)
 
 
 def _resume(run_dir: Path, ctx: DistContext, saes, opt, sched, batches) -> int:
@@ -273,7 +274,7 @@ def _resume(run_dir: Path, ctx: DistContext, saes, opt, sched, batches) -> int:
     return first_step
 
 
-def _loop(run: _Run) -> None:
+def _loop(run: _Training) -> None:
     """The steps; values are read back only at log, evaluation and checkpoint steps."""
     t = run.cfg.train
     run.start = time.perf_counter()
@@ -301,7 +302,7 @@ def _loop(run: _Run) -> None:
     _read_values(run)
 
 
-def _report_first_step(run: _Run) -> None:
+def _report_first_step(run: _Training) -> None:
     """Under ``train.compile`` the first step includes compiling: say how long it took."""
     if str(run.cfg.model.device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -309,7 +310,7 @@ def _report_first_step(run: _Run) -> None:
         print(f"e2edict: first step, with torch.compile, took {time.perf_counter() - run.start:.1f} s", file=sys.stderr)
 
 
-def _should_stop(run: _Run, step: int, last: bool) -> bool:
+def _should_stop(run: _Training, step: int, last: bool) -> bool:
     """Whether a signal arrived: checked every step by one process; across ranks (a collective,
     which waits for the device) only at log steps."""
     if not run.ctx.enabled:
@@ -319,7 +320,7 @@ def _should_stop(run: _Run, step: int, last: bool) -> bool:
     return run.ctx.broadcast_flag(bool(run.stop_signal))
 
 
-def _read_values(run: _Run) -> dict[str, float] | None:
+def _read_values(run: _Training) -> dict[str, float] | None:
     """Read the pending step values back (one transfer); stop on the first NaN or Inf."""
     try:
         return run.log.read(run.step.names)
@@ -327,13 +328,13 @@ def _read_values(run: _Run) -> dict[str, float] | None:
         _non_finite(run.run_dir, e.what, e.step)
 
 
-def _write_row(run: _Run, row: dict[str, Any]) -> None:
+def _write_row(run: _Training, row: dict[str, Any]) -> None:
     run.metrics.write(row)
     if run.wandb_run is not None:
         run.wandb_run.log(row, step=row["step"])
 
 
-def _log_step(run: _Run, step: int, tokens: int, lr: float) -> None:
+def _log_step(run: _Training, step: int, tokens: int, lr: float) -> None:
     sums = _read_values(run)
     if not run.ctx.is_main or sums is None:
         return
@@ -348,7 +349,7 @@ def _log_step(run: _Run, step: int, tokens: int, lr: float) -> None:
     run.bar.set_postfix(post, refresh=False)
 
 
-def _checkpoint(run: _Run, step: int, tokens: int) -> None:
+def _checkpoint(run: _Training, step: int, tokens: int) -> None:
     """Write a checkpoint (rank 0), after checking every step since the last read was finite."""
     _read_values(run)
     if run.ctx.is_main:
@@ -357,7 +358,7 @@ def _checkpoint(run: _Run, step: int, tokens: int) -> None:
         save_checkpoint(run.run_dir, step, run.saes, run.step.opt, run.step.sched, state, keep=t.keep_checkpoints)
 
 
-def _finish(run: _Run) -> None:
+def _finish(run: _Training) -> None:
     """Save the SAEs, evaluate them, write eval.json, the densities and the final metrics row."""
     cfg = run.cfg
     final_tokens = run.total_steps * run.tokens_per_step
@@ -394,11 +395,10 @@ def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: Dis
 
         ids = [ctx.local_rank] if device_type == "cuda" else None
         step_saes = {h: DistributedDataParallel(s, device_ids=ids) for h, s in step_saes.items()}
-    if cfg.train.compile:
+    if cfg.train.compile:  # the whole forward is compiled by `TrainStep`
         for s in saes.values():  # static shapes: the ragged sparse paths would recompile every step
             if hasattr(s, "sparse_decode"):
                 s.sparse_decode = False
-        step_saes = {h: torch.compile(s, dynamic=False) for h, s in step_saes.items()}
     return step_saes
 
 

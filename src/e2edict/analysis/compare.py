@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from e2edict.analysis.runs import COLUMNS, Run, rows  # noqa: E402
+from e2edict.analysis.runs import COLUMNS, FinishedRun, rows  # noqa: E402
 
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
 LINE_STYLES = ["-", "--", ":", "-."]  # runs of one type: one colour, a style each
@@ -90,7 +90,7 @@ def _layer_key(hook: str) -> tuple[int, int]:
     return (int(m.group(1)) if m else 0, 1 if hook.endswith("resid_post") else 0)
 
 
-def _downstream_plot(runs: list[Run], path: Path) -> None:
+def _downstream_plot(runs: list[FinishedRun], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for i, r in enumerate(runs):
         for hook, m in r.eval["saes"].items():
@@ -115,7 +115,7 @@ def _downstream_plot(runs: list[Run], path: Path) -> None:
     _finish(fig, ax, path, fontsize=7)
 
 
-def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
+def _norm_ratio_plot(runs: list[FinishedRun], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for i, r in enumerate(runs):
         for hook, m in r.eval["saes"].items():
@@ -136,7 +136,7 @@ def _norm_ratio_plot(runs: list[Run], path: Path) -> None:
     _finish(fig, ax, path, fontsize=7)
 
 
-def _prefix_plot(runs: list[Run], path: Path) -> None:
+def _prefix_plot(runs: list[FinishedRun], path: Path) -> None:
     """CE-loss increase with each Matryoshka prefix alone spliced in, against the prefix's size."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for i, r in enumerate(runs):
@@ -159,7 +159,7 @@ def _prefix_plot(runs: list[Run], path: Path) -> None:
     _finish(fig, ax, path, fontsize=7)
 
 
-def per_run(runs: list[Run]) -> list[dict[str, Any]]:
+def per_run(runs: list[FinishedRun]) -> list[dict[str, Any]]:
     """One row per run, its SAEs spliced in together: mean L0 and explained variance over them."""
     out = []
     for r in runs:
@@ -169,7 +169,7 @@ def per_run(runs: list[Run]) -> list[dict[str, Any]]:
     return out
 
 
-def compare(runs: list[Run], out: Path) -> dict[str, Path]:
+def compare(runs: list[FinishedRun], out: Path) -> dict[str, Path]:
     """Write runs.md, runs.csv and the PNG plots into ``out``; return what was written."""
     out.mkdir(parents=True, exist_ok=True)
     table = rows(runs)
@@ -197,7 +197,7 @@ def compare(runs: list[Run], out: Path) -> dict[str, Path]:
     return written
 
 
-def compare_with_geometry(runs: list[Run], out: Path) -> dict[str, Path]:
+def compare_with_geometry(runs: list[FinishedRun], out: Path, progress: bool = False) -> dict[str, Path]:
     """`compare` plus the dictionary geometry of every SAE of the runs."""
     from e2edict.analysis.geometry import geometry, write_geometry
     from e2edict.errors import E2EDictError
@@ -212,6 +212,6 @@ def compare_with_geometry(runs: list[Run], out: Path) -> dict[str, Path]:
     missing = [str(f) for f in folders.values() if not f.is_dir()]
     if missing:
         raise E2EDictError(f"SAE folder(s) missing: {', '.join(missing)}")
-    geo_rows, dists = geometry(folders)
+    geo_rows, dists = geometry(folders, progress=progress)
     written.update(write_geometry(geo_rows, dists, out))
     return written

@@ -58,7 +58,7 @@ def summarize(values: torch.Tensor) -> dict[str, Any]:
     return {"n": len(v), "mean": float(v.mean()), "median": float(np.median(v)), "ci95_low": lo, "ci95_high": hi}
 
 
-def geometry(sae_folders: dict[str, Path]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+def geometry(sae_folders: dict[str, Path], progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Within-SAE and cross-SAE max cosine similarity for SAEs at the same hook.
 
     ``sae_folders`` maps a label to an SAE folder. Returns table rows and the raw distributions."""
@@ -69,7 +69,9 @@ def geometry(sae_folders: dict[str, Path]) -> tuple[list[dict[str, Any]], dict[s
         dirs[label] = unit_directions(sae, alive_mask(folder, sae))
         hooks[label] = sae.hook_name
     rows, dists = [], {}
-    for a in dirs:
+    from tqdm.auto import tqdm
+
+    for a in tqdm(list(dirs), desc="geometry", unit="SAE", disable=True if not progress else None, leave=False):
         if len(dirs[a]) < 2:
             continue
         within = max_cosine(dirs[a])

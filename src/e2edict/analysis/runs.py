@@ -12,7 +12,7 @@ from e2edict.rundir import RunDir
 
 
 @dataclass
-class Run:
+class FinishedRun:
     path: Path
     name: str
     config: Config
@@ -23,15 +23,15 @@ class Run:
         return self.config.loss.preset
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path) -> FinishedRun:
     rundir = RunDir(path)
     if not rundir.is_run():
         raise E2EDictError(f"{str(rundir.path)!r} is not a finished run directory: no config.yaml")
     result, cfg = rundir.read_eval(), rundir.read_config()
-    return Run(rundir.path, cfg.name, cfg, result)
+    return FinishedRun(rundir.path, cfg.name, cfg, result)
 
 
-def load_runs(paths: list[str | Path]) -> list[Run]:
+def load_runs(paths: list[str | Path]) -> list[FinishedRun]:
     runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
     for r in runs:  # disambiguate equal names (e.g. the same config with other seeds)
@@ -72,7 +72,7 @@ def _lambda(cfg: Config, hook: str) -> float | None:
     return c.get(hook) if isinstance(c, dict) else c
 
 
-def rows(runs: list[Run]) -> list[dict[str, Any]]:
+def rows(runs: list[FinishedRun]) -> list[dict[str, Any]]:
     """One row per (run, SAE) with the columns of `COLUMNS`."""
     out = []
     for r in runs:

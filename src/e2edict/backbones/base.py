@@ -46,8 +46,9 @@ class Backbone(ABC):
         """Run blocks ``layer..`` (and the unembedding when ``logits``) with forward hooks.
 
         With ``hidden`` (only where `head` is not None) it returns the final hidden states, the
-        head's input, instead of the logits. A hook may return a tensor to replace the
-        activation, or raise `StopForward`."""
+        head's input, instead of the logits. With neither, the run stops after the last hooked
+        activation (`stop_after_last`) and returns None. A hook may return a tensor to replace
+        the activation, or raise `StopForward`."""
 
     def head(self) -> Head | None:
         """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
@@ -98,6 +99,19 @@ class Backbone(ABC):
     def unembed(self) -> torch.Tensor:
         """The unembedding matrix [d_model, d_vocab] (for the logit effect of a direction)."""
 
+    def stop_after_last(self, hooks: dict[str, HookFn]) -> dict[str, HookFn]:
+        """``hooks`` with the one latest in the forward pass ending the run after it has run."""
+        if not hooks:
+            return hooks
+        last = self.last_position(list(hooks))
+        fn = hooks[last]
+
+        def then_stop(act: torch.Tensor):
+            fn(act)
+            raise StopForward
+
+        return {**hooks, last: then_stop}
+
     def block_of(self, hook_name: str) -> int:
         """The block whose input the shared prefix stops at for this hook."""
         m = _BLOCK_RE.match(hook_name)
@@ -110,7 +124,12 @@ class Backbone(ABC):
         return list(self.hook_shapes()).index(hook_name)
 
     def last_position(self, hooks: list[str]) -> str:
-        return max(hooks, key=self.block_order)
+        order = self.block_order
+        best = hooks[0]
+        for h in hooks[1:]:
+            if order(h) > order(best):
+                best = h
+        return best
 
     def check_hooks(self, names: list[str], what: str = "saes.positions") -> None:
         """Raise a one-line error naming every unknown hook and listing the valid ones."""

@@ -275,6 +275,8 @@ class HFBackbone(Backbone):
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
         if not hidden:
+            if not logits:
+                hooks = self.stop_after_last(hooks)
             return self._run_from(resid, layer, hooks, logits, self.shared_prefix)
         got: list[torch.Tensor] = []
 

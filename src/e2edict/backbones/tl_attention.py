@@ -61,9 +61,16 @@ def _fused_forward(self, query_input, key_input, value_input, past_kv_cache_entr
         _forget_norm(self)
         return type(self).forward(self, query_input, key_input, value_input, past_kv_cache_entry,
                                   additive_attention_mask, attention_mask, position_bias)  # fmt: skip
-    _forget_norm(self)
-    if query_input is key_input is value_input and _qkv_fusable(self):
-        q, k, v = _fused_qkv(self, query_input)
+    normed = _forget_norm(self)
+    # One q/k/v GEMM in low precision, where it pays on a GPU (fp32 keeps TransformerLens's three,
+    # so fp32 results are bit for bit its own). The three inputs are one tensor: the block passes
+    # its first norm's output (computed once, `normed`) as the values, and that plus 0.0 (a
+    # shortformer position term it does not have) as queries and keys.
+    one_input = query_input is key_input is value_input or (
+        value_input is normed and self.cfg.positional_embedding_type != "shortformer"
+    )
+    if one_input and value_input.dtype not in (torch.float32, torch.float64) and _qkv_fusable(self):
+        q, k, v = _fused_qkv(self, value_input)
     else:
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
     if self.cfg.positional_embedding_type == "rotary":
@@ -110,8 +117,13 @@ def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _memo_norm_forward(self, x):
-    """The block calls its first norm three times on one tensor (for q, k and v): compute it once.
-    The attention after it forgets the memo (`_forget_norm`), so it holds nothing between calls."""
+    """The block calls its first norm three times on one tensor (for q, k and v): in low precision
+    compute it once. The attention after it forgets the memo (`_forget_norm`), so it holds nothing
+    between calls."""
+    if x.dtype in (torch.float32, torch.float64):
+        # fp32 keeps TransformerLens's three norms: one shared output would sum the q, k and v
+        # gradients before the norm's backward, a different rounding than TransformerLens's own
+        return type(self).forward(self, x)
     memo = self.__dict__.get("_e2edict_memo")
     if memo is not None and memo[0] is x:
         return memo[1]
@@ -120,10 +132,11 @@ def _memo_norm_forward(self, x):
     return out
 
 
-def _forget_norm(attn) -> None:
+def _forget_norm(attn) -> torch.Tensor | None:
+    """Drop the block's norm memo; return the norm output it held (None: none)."""
     norm = attn.__dict__.get("_e2edict_ln1")
-    if norm is not None:
-        norm.__dict__.pop("_e2edict_memo", None)
+    memo = norm.__dict__.pop("_e2edict_memo", None) if norm is not None else None
+    return memo[1] if memo is not None else None
 
 
 def use_fused_attention(model) -> int:

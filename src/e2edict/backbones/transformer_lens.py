@@ -18,6 +18,18 @@ from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
 
 EMBEDDED = {"tiny"}
+_RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def _residual_only(hooks: dict) -> bool:
+    return bool(hooks) and all(_RESID_RE.match(h) for h in hooks)
+
+
+def _replaced(fn, act: torch.Tensor) -> torch.Tensor:
+    new = fn(act)
+    return act if new is None else new
+
+
 _HF_HOOK_RE = re.compile(r"^(?:[A-Za-z_][\w]*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
 
 
@@ -172,9 +184,14 @@ class TLBackbone(Backbone):
             return self.model(tokens, stop_at_layer=layer)
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
+        if _residual_only(hooks):
+            return self._run_plain(resid, layer, hooks, logits, hidden)
+
         def wrap(fn, act, hook):
             return fn(act)
 
+        if not (logits or hidden):
+            hooks = self.stop_after_last(hooks)
         fwd = [(name, partial(wrap, fn)) for name, fn in hooks.items()]
         try:
             with self.model.hooks(fwd_hooks=fwd):
@@ -184,6 +201,35 @@ class TLBackbone(Backbone):
                 return self._head(out) if logits else None
         except StopForward:
             return None
+
+    def _run_plain(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, hidden: bool):
+        """`run_from` for hooks on the residual stream alone: the blocks are called one after the
+        other and each hook is applied between them, with none of TransformerLens's hook machinery
+        (no hook registered and removed per call, no exception to stop early), which a compiler
+        sees as one straight function. Without logits or hidden states the run ends after the
+        last hooked block."""
+        pre, post = {}, {}
+        for name, fn in hooks.items():
+            m = _RESID_RE.match(name)
+            (pre if m.group(2) == "pre" else post)[int(m.group(1))] = fn
+        # positions in forward order: block i's input is 2i, its output 2i + 1
+        stop = None if logits or hidden else max([*(2 * i for i in pre), *(2 * i + 1 for i in post)])
+        try:
+            for i in range(layer, self.n_layers):
+                if i in pre:
+                    resid = _replaced(pre[i], resid)
+                if stop == 2 * i:
+                    return None
+                resid = self.model.blocks[i](resid)
+                if i in post:
+                    resid = _replaced(post[i], resid)
+                if stop == 2 * i + 1:
+                    return None
+        except StopForward:
+            return None
+        if hidden:
+            return self._final_hidden(resid)
+        return self._head(resid) if logits else None
 
     def _final_norm(self, residual: torch.Tensor) -> torch.Tensor:
         m = self.model

@@ -44,7 +44,11 @@ def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> t
     weights are cast to bf16 here (the gradient flows back to the fp32 master through the cast)
     and the bias joins the GEMM (`torch.addmm`): adding an fp32 bias to a bf16 product would
     promote every [tokens, d_sae] code and [tokens, d] reconstruction to fp32. Explicit casts,
-    not autocast, so the step computes the same dtypes on every device."""
+    not autocast, so the step computes the same dtypes on every device. In fp32 and fp64 it is
+    ``x @ W + b`` as written, so those results are bit for bit what they always were."""
+    if x.dtype in (torch.float32, torch.float64) and W.dtype == x.dtype:
+        out = x @ W
+        return out if b is None else out + b
     x2 = x.reshape(-1, x.shape[-1])
     W = W.to(x.dtype)
     out = x2 @ W if b is None else torch.addmm(b.to(x.dtype), x2, W)
@@ -82,6 +86,10 @@ class SAE(nn.Module, ABC):
         # A transcoder (`make_transcoder`) writes another activation than it reads: d_out wide, at hook_name_out.
         self.d_out, self.hook_name_out, self.kind = d_in, None, "sae"
         self.register_parameter("W_skip", None)
+        # A fixed length per dictionary row (None: unit rows, the paper's dictionary). Set where a
+        # loaded file's rows have other norms that cannot be folded into the encoder (TopK: the
+        # selection would change), so the SAE computes exactly the latents its source does.
+        self.register_buffer("decoder_scale", None)
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -98,7 +106,9 @@ class SAE(nn.Module, ABC):
         self.b_dec = nn.Parameter(torch.empty(self.d_out).uniform_(-bound, bound))
 
     def decoder_row_norms(self) -> torch.Tensor:
-        return self.W_dec.norm(dim=1)
+        """What each raw row is divided by to give the dictionary: its norm (over `decoder_scale`)."""
+        norms = self.W_dec.norm(dim=1)
+        return norms if self.decoder_scale is None else norms / self.decoder_scale
 
     def gather_decode(self, vals: torch.Tensor, idx: torch.Tensor, zero_is_inactive: bool = False) -> torch.Tensor:
         """``sum_i vals_i D[idx_i]`` for [..., k] values and latent ids, reading only those rows
@@ -111,11 +121,15 @@ class SAE(nn.Module, ABC):
 
     def decode_pairs(self, vals: torch.Tensor, pairs: Pairs, with_bias: bool = True) -> torch.Tensor:
         """[tokens, d_out] reconstructions from a sparse code held as (token, latent) pairs."""
+        if self.decoder_scale is not None:
+            vals = vals * self.decoder_scale[pairs.lat].to(vals.dtype)
         out = GatherDecode.apply(vals, pairs, self.W_dec)
         return out + self.b_dec if with_bias else out
 
     def normalized_decoder(self) -> torch.Tensor:
-        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        """The dictionary ``D``: unit rows (times `decoder_scale` where one is set)."""
+        D = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        return D if self.decoder_scale is None else D * self.decoder_scale[:, None]
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
         """``c D + b_dec``. With fewer tokens than ``d_out`` the codes are scaled by the inverse
@@ -210,10 +224,9 @@ class SAE(nn.Module, ABC):
         """Stacked copies of the batch a training spliced run gives this SAE (1: the batch itself)."""
         return 1
 
-    @contextmanager
-    def training_splice(self):
-        """This SAE's behaviour inside a training spliced run; the usual one again after."""
-        yield self
+    def training_splice(self, on: bool) -> None:
+        """Switch this SAE's behaviour for a training spliced run on, or back to the usual one
+        (plain calls, not a context manager, so a compiled step traces them)."""
 
     def nested(self) -> list[int]:
         """Sizes of nested sub-dictionaries that evaluation judges one by one (none: [])."""

@@ -104,13 +104,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     def spliced_copies(self) -> int:
         return len(self.prefixes) if self.e2e_prefixes == "all" else 1
 
-    @contextmanager
-    def training_splice(self):
-        self.prefix_mode = "batched" if self.e2e_prefixes == "all" else "drawn"
-        try:
-            yield self
-        finally:
-            self.prefix_mode = None
+    def training_splice(self, on: bool) -> None:
+        self.prefix_mode = ("batched" if self.e2e_prefixes == "all" else "drawn") if on else None
 
     def nested(self) -> list[int]:
         return list(self.prefixes) if len(self.prefixes) > 1 else []
@@ -130,7 +125,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         """The reconstruction of prefix ``i``: its latents alone (``c[..., :m] D[:m] + b_dec``);
         ``D``: the normalised dictionary, when the caller has it already."""
         m = self.prefixes[i]
-        D = self.W_dec[:m] / self.W_dec[:m].norm(dim=1, keepdim=True) if D is None else D[:m]
+        D = self.normalized_decoder()[:m] if D is None else D[:m]
         return affine(c[..., :m], D, self.b_dec)
 
     def prefix_recons(self, c: torch.Tensor) -> list[torch.Tensor]:
