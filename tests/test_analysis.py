@@ -134,13 +134,19 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
         subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1000,800", url], capture_output=True, timeout=120)
         assert shot.read_bytes()[:8] == PNG and shot.stat().st_size > 10_000
         shot.unlink()
-    # features come in order of density, as on disk
+    # features come in the browser's order of the densities on disk: densest first, the
+    # near-always-on ones (above 10% of tokens) last
     from safetensors.torch import load_file
 
-    dens = load_file(str(run / "saes/blocks.1.hook_resid_pre/sparsity.safetensors"))["sparsity"]
+    from e2edict.analysis.report import DENSE, feature_order
+    from e2edict.evaluation import density_from_log10
+
+    dens = density_from_log10(load_file(str(run / "saes/blocks.1.hook_resid_pre/sparsity.safetensors"))["sparsity"])
     first = (report / "sae0_features_1.html").read_text()
     shown = [int(x.split('"')[0]) for x in first.split('id="f')[1:]]
-    assert shown == torch.argsort(dens, descending=True)[:5].tolist()
+    expected = [i for i in torch.argsort(dens, descending=True, stable=True).tolist() if 0 < dens[i] <= DENSE]
+    expected += [i for i in torch.argsort(dens, descending=True, stable=True).tolist() if dens[i] > DENSE]
+    assert shown == expected[:5] == feature_order(dens)[:5].tolist()
 
 
 def test_report_escapes_tokens():

@@ -23,6 +23,7 @@ from torch import nn
 
 from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.errors import E2EDictError
+from e2edict.sources import bos_id  # the one BOS lookup
 
 log = logging.getLogger(__name__)
 INPUT_SUFFIX = ":input"
@@ -96,9 +97,8 @@ class HFBackbone(Backbone):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.n_ctx = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
         self.d_vocab = model.get_output_embeddings().weight.shape[0]
-        ids = [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
-        ids += [getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None)]
-        self.bos_token_id = next((int(i) for i in ids if isinstance(i, int)), 0)
+        found = bos_id(tokenizer)
+        self.bos_token_id = int(found if found is not None else (bos_id(cfg) or 0))
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
         self.shared_prefix = self._check_block_removal()

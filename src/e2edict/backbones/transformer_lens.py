@@ -16,6 +16,7 @@ import torch
 from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
+from e2edict.sources import bos_id  # the one BOS lookup
 
 EMBEDDED = {"tiny"}
 _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -137,7 +138,7 @@ class TLBackbone(Backbone):
         self.n_ctx = model.cfg.n_ctx
         tok = self.tokenizer = model.tokenizer
         self.d_vocab = model.cfg.d_vocab
-        self.bos_token_id = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 0
+        self.bos_token_id = int(bos_id(tok) or 0)
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def unembed(self) -> torch.Tensor:
