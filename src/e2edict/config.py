@@ -365,4 +365,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML; ``saes.options`` only where an architecture uses it, so the
+    file of a run without options reads as it always did."""
+    raw = cfg.to_dict()
+    if not raw["saes"].get("options"):
+        raw["saes"].pop("options", None)
+    return yaml.safe_dump(raw, sort_keys=False)
