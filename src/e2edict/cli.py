@@ -107,6 +107,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         k=args.contexts,
         batch_size=cfg.eval.batch_size,
         run_name=cfg.name,
+        progress=not args.quiet,
     )
     print(f"report: {index}")
     return 0

@@ -291,7 +291,9 @@ def _loop(run: _Training) -> None:
         if _crossed(tokens, run.tokens_per_step, t.eval_every_tokens) and not last:
             _read_values(run)
             if run.ctx.is_main:
+                run.bar.set_description(f"{run.cfg.name} (evaluating)")  # a few seconds: said on the bar
                 row = _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1)
+                run.bar.set_description(run.cfg.name)
                 _write_row(run, row)
         stopping = _should_stop(run, step, last)
         if stopping or (_crossed(tokens, run.tokens_per_step, t.checkpoint_every_tokens) and not last):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
+from tqdm.auto import tqdm
 
 from e2edict.backbones.base import Backbone
 from e2edict.rundir import RunDir
@@ -109,14 +110,16 @@ def collect_features(
     n_features: int,
     k: int,
     batch_size: int,
+    progress: bool = False,
 ) -> dict[str, FeatureStats]:
     """One pass over ``sequences``: for each SAE, the first ``n_features`` latents of `feature_order`: their top-``k``
     contexts and activation samples (codes from the spliced run with every SAE in place)."""
     stats = {h: FeatureStats(feature_order(d)[:n_features], k) for h, d in densities.items()}
     weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0))
     n_ctx = sequences.shape[1]
+    starts = range(0, len(sequences), batch_size)
     with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
+        for start in tqdm(starts, desc="finding top contexts", unit="batch", disable=True if not progress else None, leave=False):
             x = sequences[start : start + batch_size].to(_device(saes))
             out = splice_forward(backbone, saes, x, weights, full=True)
             for h, s in stats.items():
@@ -261,6 +264,7 @@ def write_report(
     batch_size: int = 16,
     n_logit_tokens: int = 8,
     run_name: str | None = None,
+    progress: bool = False,
 ) -> Path:
     env = Environment(loader=PackageLoader("e2edict.analysis", "templates"), autoescape=select_autoescape(["html"]))
     rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -269,7 +273,7 @@ def write_report(
     out.mkdir(exist_ok=True)
     has_curves = _curves_png(rundir.metrics_file, out / "curves.png")
     with eval_mode(saes):
-        stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size)
+        stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size, progress)
         codes = context_codes(backbone, saes, sequences, stats, batch_size)
     sae_pages = []
     for si, (h, sae) in enumerate(saes.items()):
