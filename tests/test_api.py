@@ -209,3 +209,28 @@ def test_report_order_puts_near_always_on_features_last():
 
     d = torch.tensor([0.0, 0.5, 0.01, 0.9, 0.05, 0.0, 0.8 * DENSE])
     assert feature_order(d).tolist() == [6, 4, 2, 3, 1]  # 0.08, 0.05, 0.01; then the dense ones, 0.9 and 0.5
+
+
+@pytest.mark.parametrize("kind", ["npy", "shards"])
+def test_too_little_data_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, kind):
+    """A .npy stream's shape or a shard folder's manifest says how many sequences there are:
+    fewer than one step is answered without building the model."""
+    import e2edict.run as run_mod
+    from e2edict.cli import main as cli_main
+
+    path = tmp_path / "data.npy"
+    np.save(path, np.arange(127 * 3, dtype=np.int64) % 100)  # 3 sequences of 128
+    if kind == "shards":
+        shard = tmp_path / "shards"
+        shard.mkdir()
+        (shard / "manifest.json").write_text(json.dumps({"n_ctx": 128, "sequences": 3, "shards": []}))
+        path = shard
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_mod, "build_backbone", no_model)
+    out = tmp_path / "run"
+    assert cli_main(["train", str(ROOT / "configs/tiny/e2e.yaml"), f"data.train={path}", "--out", str(out), "--quiet"]) == 2
+    assert "data.train has 3 sequences of 128 tokens, fewer than one step's 16" in capsys.readouterr().err
+    assert not out.exists()

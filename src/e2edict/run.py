@@ -92,27 +92,46 @@ def dictionary_size(cfg: Config, d_in: int) -> int:
 
 
 def check_before_model(cfg: Config) -> None:
-    """Checks that need no model, run before it loads: the training data's size where its file
-    says it without reading it (a ``.npy`` token stream) against one step's sequences."""
-    from e2edict.sources import source_fields, source_kind
-
-    path = source_fields(cfg.data.train)["path"]
-    try:
-        if source_kind(path, "data.train") != "npy":
-            return
-        shape = np.load(Path(path).expanduser(), mmap_mode="r", allow_pickle=False).shape
-    except (E2EDictError, ValueError, OSError):
-        return  # the full check after the model loads names what is wrong with the file
-    if len(shape) != 1:
-        return
+    """Checks that need no model, run before it loads: the training data's size where its files
+    say it without reading the data (a ``.npy`` token stream's shape, a shard folder's manifest)
+    against one step's sequences."""
     d, t = cfg.data, cfg.train
-    n = shape[0] // max(1, d.n_ctx - 1) - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0)
+    n = _known_sequences(_train_path(cfg), d.n_ctx)
+    if n is None:
+        return
+    n -= -(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0
     per_step = t.batch_size * t.grad_accum
     if n < per_step:
         raise E2EDictError(
             f"data.train has {max(0, n)} sequences of {d.n_ctx} tokens, fewer than one step's "
             f"{per_step} (train.batch_size x train.grad_accum)"
         )
+
+
+def _train_path(cfg: Config) -> str:
+    from e2edict.sources import source_fields
+
+    return source_fields(cfg.data.train)["path"]
+
+
+def _known_sequences(path: str, n_ctx: int) -> int | None:
+    """Sequences of ``n_ctx`` a source holds where its files say so cheaply; None otherwise (the
+    full check after the model loads names whatever is wrong with the files)."""
+    import json
+
+    from e2edict.sources import MANIFEST, source_kind
+
+    try:
+        kind = source_kind(path, "data.train")
+        if kind == "npy":
+            shape = np.load(Path(path).expanduser(), mmap_mode="r", allow_pickle=False).shape
+            return shape[0] // max(1, n_ctx - 1) if len(shape) == 1 else None
+        if kind == "shards":
+            m = json.loads((Path(path).expanduser() / MANIFEST).read_text())
+            return int(m["sequences"]) if int(m["n_ctx"]) == n_ctx else None
+    except (E2EDictError, ValueError, OSError, KeyError, TypeError):
+        return None
+    return None
 
 
 def setup_run(cfg: Config) -> RunSetup:
