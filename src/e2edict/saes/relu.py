@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +29,11 @@ class ReLUSAE(SAE):
     architecture = "relu"
     saelens_architecture = "standard"
     transcoder_ok = True
+    # A foreign file's decoder rows may have any norm. ReLU (and a JumpReLU threshold) commutes
+    # with a positive scale, so the norms fold into the encoder: the same reconstruction with a
+    # unit-norm dictionary. Where a selection depends on the pre-activations' sizes (TopK) they
+    # stay a fixed `decoder_scale` instead, and the encoder is kept as it is.
+    folds_decoder_norms: ClassVar[bool] = True
 
     def __init__(
         self, d_in: int, d_sae: int, hook_name: str = "", orthogonal_init: bool = True, apply_b_dec_to_input: bool = False
@@ -119,13 +124,14 @@ class ReLUSAE(SAE):
         b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
         W_dec = check_tensor(tensors, "W_dec", (d_sae, sae.d_out)).float()
         b_dec = check_tensor(tensors, "b_dec", (sae.d_out,)).float()
-        # A foreign SAE may have decoder rows of any norm: ReLU commutes with a positive scale, so
-        # folding the norms into the encoder gives the same reconstruction with a unit-norm dictionary.
         norms = decoder_norms(W_dec)
+        fold = norms if cls.folds_decoder_norms else torch.ones_like(norms)
         with torch.no_grad():
-            sae.W_enc.copy_(W_enc * norms)
-            sae.b_enc.copy_(b_enc * norms)
+            sae.W_enc.copy_(W_enc * fold)
+            sae.b_enc.copy_(b_enc * fold)
             sae.W_dec.copy_(W_dec / norms[:, None])
             sae.b_dec.copy_(b_dec)
-        sae._folded_norms = norms
+        if not cls.folds_decoder_norms and not torch.all(norms == 1):
+            sae.decoder_scale = norms.clone()
+        sae._folded_norms = fold
         return sae

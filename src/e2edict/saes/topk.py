@@ -14,14 +14,7 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import (
-    SPARSE_DECODE_FRACTION,
-    affine,
-    check_tensor,
-    decoder_norms,
-    sparse_path_allowed,
-    transcoder_from_saelens,
-)
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, affine, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
@@ -29,6 +22,7 @@ from e2edict.saes.sparse import Pairs
 class TopKSAE(ReLUSAE):
     architecture = "topk"
     saelens_architecture = "topk"
+    folds_decoder_norms = False  # rescaled pre-activations would pick other latents: a fixed decoder_scale instead
 
     def __init__(
         self,
@@ -135,25 +129,6 @@ class TopKSAE(ReLUSAE):
 
     def saelens_cfg(self) -> dict[str, Any]:
         return {**super().saelens_cfg(), "k": self.k, "rescale_acts_by_decoder_norm": False}
-
-    @classmethod
-    def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> TopKSAE:
-        """The file's encoder as it is (folding decoder norms into it would change which latents
-        win the top-k); rows of other norms than 1 become a fixed `decoder_scale`, so latents
-        and reconstructions are exactly the source library's."""
-        sae = cls._empty_from_saelens(cfg)
-        transcoder_from_saelens(sae, tensors, cfg)
-        d_in, d_sae = cfg["d_in"], cfg["d_sae"]
-        W_dec = check_tensor(tensors, "W_dec", (d_sae, sae.d_out)).float()
-        norms = decoder_norms(W_dec)
-        with torch.no_grad():
-            sae.W_enc.copy_(check_tensor(tensors, "W_enc", (d_in, d_sae)).float())
-            sae.b_enc.copy_(check_tensor(tensors, "b_enc", (d_sae,)).float())
-            sae.W_dec.copy_(W_dec / norms[:, None])
-            sae.b_dec.copy_(check_tensor(tensors, "b_dec", (sae.d_out,)).float())
-        if not torch.all(norms == 1):
-            sae.decoder_scale = norms.clone()
-        return sae
 
     @classmethod
     def _empty_from_saelens(cls, cfg: dict[str, Any]) -> TopKSAE:
