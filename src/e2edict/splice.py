@@ -281,6 +281,7 @@ def _sae_terms(saes, out: SpliceOutput, weights: LossWeights, full: bool) -> tup
             aux = core.aux_loss(out.inputs[h], out.recons[h], out.codes[h]) if weights.local > 0 else None
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 parts[f"aux/{h}"] = (weights.local, aux)
+        core.release_forward()  # every term of this forward is computed
         for name, (coeff, value) in parts.items():
             terms[name] = value
             total = coeff * value if total is None else total + coeff * value

@@ -218,6 +218,15 @@ class SAE(nn.Module, ABC):
         if self.architecture != cfg.architecture:
             raise E2EDictError(f"{where} is a {self.architecture} SAE but saes.architecture is {cfg.architecture!r}")
 
+    # What the last training forward kept for its own loss terms (JumpReLU's and Gated's
+    # pre-activations, so the encoder GEMM runs once per step): ``(input, tensors)`` or None.
+    _pre_cache: tuple | None = None
+
+    def release_forward(self) -> None:
+        """Drop what the last forward kept for its loss terms; the splice calls it once they are
+        computed, so nothing of one step stays alive into the next."""
+        self._pre_cache = None
+
     # --- how the splice and evaluation run this SAE: an architecture with several decodings of
     # one code (Matryoshka's nested prefixes) overrides these; the splice names no architecture.
     def spliced_copies(self) -> int:

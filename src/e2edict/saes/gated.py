@@ -47,13 +47,13 @@ class GatedSAE(SAE):
         pre = affine(self.centered(x), self.W_enc)
         gate = pre + self.b_gate.to(pre.dtype)
         mag = torch.addcmul(self.b_mag.to(pre.dtype), pre, self.r_mag.exp().to(pre.dtype))
-        self._pre_cache = (x, (gate, mag)) if torch.is_grad_enabled() else None
+        self._pre_cache = (x, gate) if torch.is_grad_enabled() else None
         return gate, mag
 
     def gate_pre(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's pre-activations: those of the last training forward when ``x`` is its input."""
-        cached = getattr(self, "_pre_cache", None)
-        return cached[1][0] if cached is not None and cached[0] is x else self._pre(x)[0]
+        cached = self._pre_cache
+        return cached[1] if cached is not None and cached[0] is x else self._pre(x)[0]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         gate, mag = self._pre(x)
@@ -63,9 +63,7 @@ class GatedSAE(SAE):
         return sparsity_loss(torch.relu(self.gate_pre(x)), self.d_in, p)
 
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_pre(x)
-        self._pre_cache = None  # the last term that reads it
-        recon = affine(torch.relu(gate), self.normalized_decoder().detach(), self.b_dec.detach())
+        recon = affine(torch.relu(self.gate_pre(x)), self.normalized_decoder().detach(), self.b_dec.detach())
         return mse_loss(recon, x)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:

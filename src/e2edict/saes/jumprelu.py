@@ -123,7 +123,7 @@ class JumpReLUSAE(ReLUSAE):
         return self.decode_pairs(vals, pairs).view(*x.shape[:-1], self.d_out), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:
-        cached, self._pre_cache = getattr(self, "_pre_cache", None), None
+        cached = self._pre_cache
         z = cached[1] if cached is not None and cached[0] is x else self._pre(x)
         l0 = _Step.apply(z, self.threshold, self.bandwidth).sum(-1, dtype=torch.promote_types(z.dtype, torch.float32))
         return l0.mean() / self.d_in
