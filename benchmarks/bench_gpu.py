@@ -14,7 +14,7 @@ and read-back cadence), and reports:
 - FLOPs per token (``torch.utils.flop_counter``) and the achieved fraction of this card's
   measured bf16 matmul peak;
 - ``compile``: the first step's time (compiling) and the steady rate under ``torch.compile``;
-- ``eval`` / ``report``: `evaluate_backbone` over 65,536 tokens (alive over 500k) and the HTML
+- ``eval`` / ``report``: `evaluate_saes` over 65,536 tokens (alive over 500k) and the HTML
   report on 64 sequences, with the host's resident-memory growth (nothing [tokens, d_sae] on it).
 
     python benchmarks/bench_gpu.py --device cuda --json out/bench_gpu.json
@@ -182,7 +182,7 @@ def rss_kb() -> int:
 
 def eval_report_case(shape: tuple, device: str) -> dict:
     from e2edict.analysis.report import write_report
-    from e2edict.evaluation import evaluate_backbone
+    from e2edict.evaluation import evaluate_saes
 
     bb, hook = build_backbone("tl", shape, device)
     n_ctx, vocab = shape[5], shape[4]
@@ -193,7 +193,7 @@ def eval_report_case(shape: tuple, device: str) -> dict:
     rss0 = rss_kb()
     sync(device)
     t0 = time.perf_counter()
-    result = evaluate_backbone(bb, {hook: sae}, seqs, tokens=65_536, alive_tokens=500_000, batch_size=8, densities=densities)
+    result = evaluate_saes(bb, {hook: sae}, seqs, tokens=65_536, alive_tokens=500_000, batch_size=8, densities=densities)
     sync(device)
     out = {"case": "eval-report", "eval_s": time.perf_counter() - t0, "eval_rss_growth_mb": (rss_kb() - rss0) / 1024}
     out["eval_l0"] = result["saes"][hook]["l0"]

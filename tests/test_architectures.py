@@ -319,7 +319,7 @@ def test_warm_start_from_a_local_run(tmp_path, small_gpt2_dir, capsys):
 
 
 def test_batchtopk_evaluates_with_its_threshold(small_backbone):
-    from e2edict.evaluation import evaluate_backbone
+    from e2edict.evaluation import evaluate_saes
 
     torch.manual_seed(0)
     sae = BatchTopKSAE(32, 128, "blocks.1.hook_resid_pre", k=4)
@@ -327,7 +327,7 @@ def test_batchtopk_evaluates_with_its_threshold(small_backbone):
     sae.train()
     sae(torch.randn(64, 32) * 0.05)
     thr = sae.threshold.clone()
-    evaluate_backbone(small_backbone, {"blocks.1.hook_resid_pre": sae}, seqs)
+    evaluate_saes(small_backbone, {"blocks.1.hook_resid_pre": sae}, seqs)
     assert sae.training and torch.equal(sae.threshold, thr)  # evaluation neither trains nor moves the threshold
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2edict.evaluation import evaluate_backbone
+from e2edict.evaluation import evaluate_saes
 from e2edict.saes import ReLUSAE
 
 HOOK = "blocks.1.hook_resid_pre"
@@ -23,7 +23,7 @@ def test_metrics_match_direct_computation(small_backbone):
         sae.b_enc[48:] = -1.0  # these never fire
     seqs = torch.randint(0, 4096, (10, 16), generator=torch.Generator().manual_seed(3))
     dens = {}
-    res = evaluate_backbone(small_backbone, {HOOK: sae}, seqs, tokens=6 * 16, alive_tokens=10 * 16, batch_size=4, densities=dens)
+    res = evaluate_saes(small_backbone, {HOOK: sae}, seqs, tokens=6 * 16, alive_tokens=10 * 16, batch_size=4, densities=dens)
 
     x = seqs[:6]
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_two_saes_scores_use_each_sae_alone(small_backbone):
     hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_pre"]
     saes = {h: ReLUSAE(32, 64, h) for h in hooks}
     seqs = torch.randint(0, 4096, (4, 16))
-    res = evaluate_backbone(small_backbone, saes, seqs)
+    res = evaluate_saes(small_backbone, saes, seqs)
     model = small_backbone.model
     with torch.no_grad():
         clean = model(seqs)

@@ -87,14 +87,11 @@ def evaluate_saes(
             if keep == 0:  # the alive pass alone: codes only
                 acc.firing.add(_codes_only(backbone, saes, x[:alive]))
             else:
-                out = evaluation_forward(backbone, saes, x, downstream)
+                out = evaluation_forward(backbone, saes, x, downstream, terms=False)
                 acc.firing.add({h: c[:alive] for h, c in out.codes.items()})
                 acc.add(out, x[:keep], keep)
             bar.update((stop - start) * n_ctx)
     return acc.result(n_alive * n_ctx, densities)
-
-
-evaluate_backbone = evaluate_saes  # the earlier name
 
 
 class _Accumulators:

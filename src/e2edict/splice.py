@@ -115,14 +115,22 @@ def training_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Ten
 
 
 def evaluation_forward(
-    backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, downstream: list[str], weights: LossWeights | None = None
+    backbone: Backbone,
+    saes: dict[str, SAE],
+    tokens: torch.Tensor,
+    downstream: list[str],
+    weights: LossWeights | None = None,
+    terms: bool = True,
 ) -> SpliceOutput:
     """Everything evaluation reads: clean and spliced logits, every SAE's input, code, output and
     target, and both runs' activations at the ``downstream`` hooks; each SAE with its whole
-    dictionary. Every loss term is computed (its value before its coefficient), and the loss with
-    ``weights``' coefficients (none by default)."""
+    dictionary. With ``terms`` every loss term too (its value before its coefficient) and the loss
+    with ``weights``' coefficients (none by default); the metrics (`e2edict.evaluation`) and the
+    report compute what they need from the outputs and ask for none."""
     out = _new_output()
     _two_runs(backbone, saes, tokens, downstream, out, logits=True, hidden=False, copies=1)
+    if not terms:
+        return out
     weights = weights or LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=downstream)
     out.terms, out.loss = _sae_terms(saes, out, weights, full=True)
     _output_terms(out, weights, None, full=True)

@@ -22,7 +22,7 @@ from e2edict.config import Config, dump_config
 from e2edict.data import Prefetcher, make_batches
 from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
-from e2edict.evaluation import evaluate_backbone
+from e2edict.evaluation import evaluate_saes
 from e2edict.run import RunSetup, check_before_model, evaluate_and_record, lr_factor, setup_run
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
@@ -88,7 +88,7 @@ class MetricsLog:
 
 
 def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: int, step: int) -> dict[str, Any]:
-    res = evaluate_backbone(
+    res = evaluate_saes(
         setup.backbone,
         saes,
         setup.eval_seqs,

@@ -26,7 +26,7 @@ from e2edict.backbones.base import Backbone
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
 from e2edict.saes.base import eval_mode
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import evaluation_forward
 
 
 @dataclass
@@ -115,13 +115,12 @@ def collect_features(
     """One pass over ``sequences``: for each SAE, the first ``n_features`` latents of `feature_order`: their top-``k``
     contexts and activation samples (codes from the spliced run with every SAE in place)."""
     stats = {h: FeatureStats(feature_order(d)[:n_features], k) for h, d in densities.items()}
-    weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0))
     n_ctx = sequences.shape[1]
     starts = range(0, len(sequences), batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="finding top contexts", unit="batch", disable=True if not progress else None, leave=False):
             x = sequences[start : start + batch_size].to(_device(saes))
-            out = splice_forward(backbone, saes, x, weights, full=True)
+            out = evaluation_forward(backbone, saes, x, [], terms=False)
             for h, s in stats.items():
                 if len(s.ids):
                     s.add(out.codes[h].flatten(0, 1), start * n_ctx)
@@ -190,11 +189,10 @@ def context_codes(
     n_ctx = sequences.shape[1]
     wanted = sorted({int(w) // n_ctx for s in stats.values() for w in s.top_where.flatten().tolist() if w >= 0})
     out: dict[str, dict[int, torch.Tensor]] = {h: {} for h in stats}
-    weights = LossWeights(sparsity=dict.fromkeys(saes, 0.0))
     with torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             idx = wanted[start : start + batch_size]
-            res = splice_forward(backbone, saes, sequences[idx].to(_device(saes)), weights, full=True)
+            res = evaluation_forward(backbone, saes, sequences[idx].to(_device(saes)), [], terms=False)
             for h, s in stats.items():
                 sel = res.codes[h][:, :, s.ids].float().cpu()
                 for row, seq in enumerate(idx):
