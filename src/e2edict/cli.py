@@ -52,7 +52,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run_dir(args.run_dir, args.data, max(args.tokens or 0, args.alive_tokens or 0) or None)
     result, _ = evaluate_and_record(
-        RunDir(run.path), run.cfg, run.backbone, run.saes, run.eval_seqs, args.tokens, args.alive_tokens, progress=not args.quiet
+        run.rundir, run.cfg, run.backbone, run.saes, run.eval_seqs, args.tokens, args.alive_tokens, progress=not args.quiet
     )
     print(format_table({run.cfg.name: result}))
     return 0
@@ -87,7 +87,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from e2edict.run import evaluate_and_record, load_run_dir
 
     run = load_run_dir(args.run_dir, tokens=args.tokens)
-    rundir, cfg, backbone, saes = RunDir(run.path), run.cfg, run.backbone, run.saes
+    rundir, cfg, backbone, saes = run.rundir, run.cfg, run.backbone, run.saes
     densities = rundir.read_densities(list(saes)) if rundir.has_eval() else None
     if densities is not None:
         result = rundir.read_eval()

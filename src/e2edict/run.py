@@ -14,6 +14,7 @@ from e2edict.backbones import Backbone
 from e2edict.config import Config
 from e2edict.data import SequenceStream, build_data, eval_sequences
 from e2edict.errors import E2EDictError
+from e2edict.rundir import RunDir, load_saes
 from e2edict.saes import SAE, registry
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -66,6 +67,7 @@ class RunSetup:
 
             saes = {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
             for sae in saes.values():
+                sae.train()  # loaded in eval mode (`load_saes`)
                 sae.configure_training(self.cfg.saes)
             return saes
         s = self.cfg.saes
@@ -95,15 +97,19 @@ def check_before_model(cfg: Config) -> None:
     """Checks that need no model, run before it loads: the training data's size where its files
     say it without reading the data (a ``.npy`` token stream's shape, a shard folder's manifest)
     against one step's sequences."""
-    d, t = cfg.data, cfg.train
+    d = cfg.data
     n = _known_sequences(_train_path(cfg), d.n_ctx)
     if n is None:
         return
-    n -= -(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0
-    per_step = t.batch_size * t.grad_accum
-    if n < per_step:
+    _check_one_step(cfg, n - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0))
+
+
+def _check_one_step(cfg: Config, n_sequences: int) -> None:
+    """Training data must hold at least one step's sequences (train.batch_size x train.grad_accum)."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if n_sequences < per_step:
         raise E2EDictError(
-            f"data.train has {max(0, n)} sequences of {d.n_ctx} tokens, fewer than one step's "
+            f"data.train has {max(0, n_sequences)} sequences of {cfg.data.n_ctx} tokens, fewer than one step's "
             f"{per_step} (train.batch_size x train.grad_accum)"
         )
 
@@ -157,12 +163,9 @@ def setup_run(cfg: Config) -> RunSetup:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
     registry[cfg.saes.architecture].check_sizes(cfg.saes, {h: dictionary_size(cfg, shapes[h][0]) for h in positions})
     train_data, eval_seqs = build_data(cfg, backbone)
+    if not isinstance(train_data, SequenceStream):
+        _check_one_step(cfg, len(train_data))
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    if not isinstance(train_data, SequenceStream) and len(train_data) < per_step:
-        raise E2EDictError(
-            f"data.train has {len(train_data)} sequences of {cfg.data.n_ctx} tokens, fewer than one step's "
-            f"{per_step} (train.batch_size x train.grad_accum)"
-        )
     if cfg.train.tokens < per_step * cfg.data.n_ctx:
         raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
     init = _load_init(cfg, backbone, resolved, outputs) if cfg.saes.init_from else None
@@ -192,7 +195,6 @@ def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str],
 
 def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str]) -> dict[str, SAE]:
     """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture and kind."""
-    from e2edict.rundir import load_saes
 
     loaded = load_saes(cfg.saes.init_from)
     missing = [h for h in positions if h not in loaded]
@@ -228,18 +230,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: flo
 class LoadedRun:
     """A run directory read back for evaluation or reports: its config, model, SAEs and eval data."""
 
-    path: Path
+    rundir: RunDir
     cfg: Config
     backbone: Backbone
     saes: dict[str, SAE]
     eval_seqs: torch.Tensor
 
+    @property
+    def path(self) -> Path:
+        return self.rundir.path
+
 
 def load_run_dir(run_dir: str | Path, data: str | None = None, tokens: int | None = None) -> LoadedRun:
     """A run directory's config, model and SAEs, with its eval data (or ``data``, read up to
     ``tokens`` or the run's eval amounts)."""
-    from e2edict.rundir import RunDir
-
     rundir = RunDir(run_dir).require()
     cfg = rundir.read_config()
     backbone = build_backbone(cfg)
@@ -247,7 +251,7 @@ def load_run_dir(run_dir: str | Path, data: str | None = None, tokens: int | Non
     backbone.check_saes(saes)
     need = max(tokens or 0, cfg.eval.tokens, cfg.eval.alive_tokens)
     seqs = eval_sequences(data or cfg.data.eval, cfg, backbone, need)
-    return LoadedRun(rundir.path, cfg, backbone, saes, seqs)
+    return LoadedRun(rundir, cfg, backbone, saes, seqs)
 
 
 def evaluate_and_record(rundir, cfg: Config, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor,

@@ -237,8 +237,6 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     if total_steps == 0:
         raise E2EDictError(f"train.tokens={t.tokens} is less than one step of {tokens_per_step} tokens over {ctx.world} ranks")
     saes = setup.build_saes()
-    for s in saes.values():  # loaded SAEs (saes.init_from) come in eval mode
-        s.train()
     opt = make_optimizer([p for s in saes.values() for p in s.parameters()], t.lr)
     warmup = t.warmup_tokens // tokens_per_step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))

@@ -124,6 +124,7 @@ class Backbone(ABC):
         return list(self.hook_shapes()).index(hook_name)
 
     def last_position(self, hooks: list[str]) -> str:
+        """The hook latest in the forward pass (a loop, not ``max(key=)``, which breaks a compiled graph)."""
         order = self.block_order
         best = hooks[0]
         for h in hooks[1:]:
