@@ -113,9 +113,9 @@ def train_case(name: str, shape: tuple, device: str, steps: int) -> dict:
 
     from e2edict.distributed import DistContext
     from e2edict.losses import PRESETS
+    from e2edict.optim import make_optimizer
     from e2edict.splice import LossWeights
     from e2edict.step import StepLog, TrainStep
-    from e2edict.trainer import make_optimizer
 
     backend, arch, preset, k, precision, mult, compile_ = CASES[name]
     on_gpu = device.startswith("cuda")

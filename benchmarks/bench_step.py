@@ -109,9 +109,10 @@ def worker(spec: dict) -> dict:
     from e2edict.backbones import TLBackbone
     from e2edict.backbones.tl_attention import use_fused_attention, use_unfused_attention
     from e2edict.losses import PRESETS
+    from e2edict.optim import make_optimizer
     from e2edict.saes import registry
     from e2edict.splice import LossWeights, splice_forward
-    from e2edict.trainer import keep_freed_memory, make_optimizer
+    from e2edict.trainer import keep_freed_memory
 
     torch.set_num_threads(spec["threads"])
     device, bf16 = spec["device"], spec["precision"] == "bf16"

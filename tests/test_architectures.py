@@ -154,7 +154,7 @@ def test_fused_adam_steps_equal_the_plain_adam_steps(arch):
     """torch's fused CPU Adam treats a parameter, its gradient and its state as flat memory (a
     strided parameter is slow, and wrong once its state is restored contiguous). Every parameter
     and gradient is contiguous, and the trainer's optimizer takes the same steps as plain Adam."""
-    from e2edict.trainer import make_optimizer
+    from e2edict.optim import make_optimizer
 
     kw = {"topk": {"k": 4}, "jumprelu": {"init_threshold": 0.1}}.get(arch, {})
     torch.manual_seed(0)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from e2edict.distributed import DistContext
+from e2edict.optim import make_optimizer
 from e2edict.saes import registry
 from e2edict.splice import LossWeights
 from e2edict.step import TrainStep
-from e2edict.trainer import make_optimizer
 
 H = "blocks.1.hook_resid_pre"
 ARCH_KW = {"topk": {"k": 4}, "batchtopk": {"k": 4}, "matryoshka_batchtopk": {"k": 4, "prefixes": [16, 64, 128]}}

@@ -32,12 +32,24 @@ def overrides(model_dir):
     ]
 
 
-@pytest.mark.parametrize("preset", ["e2e", "local"])
-def test_sigkill_and_resume_is_bitwise_identical(tmp_path, small_gpt2_dir, preset):
+# Every optimizer's state (AdamW's; schedule-free AdamW's z, its weight sum and step count in the
+# param groups) and the new-SAE options (tied encoder, b_dec from the data, projected decoder)
+# come back exactly; evaluations during training (under schedule-free: the averaged weights) leave
+# the trajectory as it was.
+SCHEDULE_FREE = ["train.optimizer=schedulefree", "train.schedule=constant", "saes.init=tied", "saes.b_dec_init=mean",
+                 "saes.apply_b_dec_to_input=true", "saes.decoder_norm=project"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "preset, extra",
+    [("e2e", []), ("local", []), ("e2e", ["train.optimizer=adamw", "train.weight_decay=0.01"]), ("e2e", SCHEDULE_FREE)],
+    ids=["e2e-adam", "local-adam", "e2e-adamw", "e2e-schedulefree"],
+)
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, small_gpt2_dir, preset, extra):
     config = ROOT / f"configs/tiny/{preset}.yaml"
     ref = tmp_path / "ref"
     r = subprocess.run(
-        cli("train", config, *overrides(small_gpt2_dir), "--out", ref, "--quiet"),
+        cli("train", config, *overrides(small_gpt2_dir), *extra, "--out", ref, "--quiet"),
         env=ENV,
         capture_output=True,
         text=True,
@@ -47,7 +59,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, small_gpt2_dir, prese
 
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        cli("train", config, *overrides(small_gpt2_dir), "--out", run, "--quiet"),
+        cli("train", config, *overrides(small_gpt2_dir), *extra, "--out", run, "--quiet"),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -164,8 +176,8 @@ def test_restore_refuses_optimizer_state_of_another_shape(tmp_path):
 
     from e2edict.checkpoint import read_checkpoint, restore, save_checkpoint
     from e2edict.errors import E2EDictError
+    from e2edict.optim import make_optimizer
     from e2edict.saes import registry
-    from e2edict.trainer import make_optimizer
 
     def setup():
         torch.manual_seed(0)

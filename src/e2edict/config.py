@@ -90,7 +90,20 @@ class SAEsConfig(StrictModel):
     architecture: str = "relu"
     dict_ratio: float = Field(16.0, gt=0)
     k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk)")
-    orthogonal_init: bool = True
+    init: Literal["orthogonal", "uniform", "tied"] = Field(
+        "orthogonal",
+        description="new SAEs' weights: orthogonal decoder (the paper's); uniform (Kaiming, nn.Linear's); "
+        "tied: uniform decoder, encoder = its transpose, encoder bias 0 (sparsify's)",
+    )
+    b_dec_init: Literal["uniform", "zero", "mean", "geometric_median"] = Field(
+        "uniform", description="new SAEs' b_dec: drawn (the paper's), zero, or the mean / geometric median of the first batch"
+    )
+    apply_b_dec_to_input: bool = Field(False, description="subtract b_dec from the input before encoding (SAELens's key)")
+    decoder_norm: Literal["reparam", "project"] = Field(
+        "reparam",
+        description="unit dictionary rows: normalised in the forward (the paper's), or also kept unit by projecting "
+        "the gradient and renormalising after each step (sparsify's, SAELens's)",
+    )
     bandwidth: float = Field(0.001, gt=0, description="jumprelu: width of the rectangle kernel of the STE")
     init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold")
     threshold_momentum: float = Field(0.99, ge=0, lt=1, description="batchtopk: EMA momentum of the inference threshold")
@@ -107,6 +120,24 @@ class SAEsConfig(StrictModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="the architecture's own keys, checked by its class (`SAE.options_schema`)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, raw: Any) -> Any:
+        """``orthogonal_init: true|false`` (the config.yaml of earlier runs) is ``init: orthogonal|uniform``."""
+        if isinstance(raw, dict) and "orthogonal_init" in raw:
+            raw = dict(raw)
+            legacy = raw.pop("orthogonal_init")
+            if not isinstance(legacy, bool):
+                raise ValueError("orthogonal_init must be true or false (it is the older spelling of init)")
+            if "init" in raw and raw["init"] != ("orthogonal" if legacy else "uniform"):
+                raise ValueError(f"orthogonal_init={legacy} contradicts init={raw['init']!r}; give init only")
+            raw.setdefault("init", "orthogonal" if legacy else "uniform")
+        return raw
+
+    @property
+    def orthogonal_init(self) -> bool:
+        return self.init == "orthogonal"
 
     @field_validator("positions")
     @classmethod
@@ -130,7 +161,18 @@ class SAEsConfig(StrictModel):
         from e2edict.saes import registry
 
         registry[self.architecture].validate_config(self)
+        if self.init_from is not None:
+            given = [f"{k}={getattr(self, k)!r}" for k, v in _NEW_SAE_DEFAULTS.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join(given)} describe new SAEs; saes.init_from loads SAEs with their own weights")
+        if self.kind != "sae" and (self.init == "tied" or self.apply_b_dec_to_input):
+            what = "init='tied'" if self.init == "tied" else "apply_b_dec_to_input"
+            raise ValueError(f"saes.{what} is for SAEs: a {self.kind}'s decoder writes another activation than it reads")
         return self
+
+
+# `saes` keys that only say how a new SAE starts
+_NEW_SAE_DEFAULTS = {"init": "orthogonal", "b_dec_init": "uniform", "apply_b_dec_to_input": False}
 
 
 class SparsityLoss(StrictModel):
@@ -188,6 +230,11 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, gt=0, description="sequences per step per process")
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "schedulefree"] = Field(
+        "adam", description="adam (the reference's), adamw, or schedulefree: schedule-free AdamW (needs schedule: constant)"
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's beta1, beta2")
+    weight_decay: float = Field(0.0, ge=0, description="adamw and schedulefree: decoupled weight decay")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_tokens: int = Field(0, ge=0)
     min_lr_factor: float = Field(0.1, ge=0, le=1)
@@ -208,6 +255,24 @@ class TrainConfig(StrictModel):
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torchrun: nccl on GPU, gloo on CPU")
     dist_timeout_s: int = Field(600, gt=0, description="torchrun: how long a collective may wait for a rank")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must lie in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _optimizer_rules(self) -> TrainConfig:
+        if self.optimizer == "schedulefree" and self.schedule != "constant":
+            raise ValueError(
+                f"optimizer=schedulefree takes no decay schedule (it averages its iterates instead); "
+                f"set train.schedule: constant, not {self.schedule!r} (warmup_tokens still applies)"
+            )
+        if self.optimizer == "adam" and self.weight_decay > 0:
+            raise ValueError("weight_decay is decoupled weight decay: use optimizer=adamw or schedulefree, not adam")
+        return self
 
 
 class EvalConfig(StrictModel):

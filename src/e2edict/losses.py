@@ -117,14 +117,20 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 HEAD_CHUNK_ELEMENTS_CUDA = 1 << 26  # 256 MB of fp32 logits per chunk on a GPU
 HEAD_CHUNK_ELEMENTS_CPU = 1 << 24  # 64 MB: a few hundred rows, so the CPU's GEMMs are not starved
+# ... and at most this many rows: the chunk's elementwise passes (two log-softmaxes, exp, the KL's
+# product, the gradient) then run from the CPU's caches. At the embedded model's vocabulary (4,096)
+# the fused head takes 63 ms for 2,048 tokens at 512 rows against 129 ms in one 2,048-row chunk;
+# GPT-2's (50,257) stays at the budget's 333 rows (benchmarks in docs/performance.md).
+HEAD_CHUNK_ROWS_CPU = 512
 
 
 def _head_chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows per chunk of the fused head, by a memory budget per [rows, vocab] tensor: larger than
     the logits path's (`KL_CHUNK_ELEMENTS`), because each chunk runs the head's GEMMs, which a
-    chunk of a few dozen rows would starve."""
-    budget = HEAD_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else HEAD_CHUNK_ELEMENTS_CPU
-    return max(1, budget // max(1, vocab))
+    chunk of a few dozen rows would starve; on a CPU capped at `HEAD_CHUNK_ROWS_CPU`."""
+    if device.type == "cuda":
+        return max(1, HEAD_CHUNK_ELEMENTS_CUDA // max(1, vocab))
+    return max(1, min(HEAD_CHUNK_ROWS_CPU, HEAD_CHUNK_ELEMENTS_CPU // max(1, vocab)))
 
 
 class _HeadKL(torch.autograd.Function):
@@ -132,7 +138,7 @@ class _HeadKL(torch.autograd.Function):
 
     Each chunk of rows computes the clean and spliced logits (fp32, padding masked), adds its
     share of the KL, and, when a gradient is wanted, its share of the gradient with respect to the
-    spliced hidden states, ``((p_s - p_c) / n) W^T`` (times the cap's derivative under a soft cap),
+    spliced hidden states, ``(p_s - p_c) W^T / n`` (times the cap's derivative under a soft cap),
     while the logits are at hand. So the step runs three unembedding GEMMs (clean, spliced,
     gradient), keeps nothing of size tokens x vocab, and backward only scales a [tokens, d] tensor."""
 
@@ -161,10 +167,12 @@ class _HeadKL(torch.autograd.Function):
             pc = lc.exp()
             total += torch.linalg.vecdot(pc, lc.sub_(ls)).sum().double()  # sum_v p_c (log p_c - log p_s)
             if want_grad:
-                g = ls.exp_().sub_(pc).div_(n_tok)  # (p_s - p_c) / n, in ls's memory
+                g = ls.exp_().sub_(pc)  # p_s - p_c, in ls's memory
                 if cap is not None:
                     g.mul_(cap)
                 grad[i : i + n] = g.to(head.W.dtype) @ head.W.T
+        if want_grad:
+            grad.div_(n_tok)  # on [tokens, d], not on [tokens, vocab]
         ctx.save_for_backward(grad if want_grad else None)
         ctx.shape, ctx.dtype = h_spliced.shape, h_spliced.dtype
         return (total / n_tok).to(torch.promote_types(h_spliced.dtype, torch.float32))

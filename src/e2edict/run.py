@@ -3,7 +3,6 @@ the backbone, the SAE positions and widths, the downstream hooks, the token data
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from e2edict.backbones import Backbone
 from e2edict.config import Config
 from e2edict.data import SequenceStream, build_data, eval_sequences
 from e2edict.errors import E2EDictError
+from e2edict.initialization import initialize
 from e2edict.rundir import RunDir, load_saes
 from e2edict.saes import SAE, registry
 
@@ -81,6 +81,7 @@ class RunSetup:
                 sae.make_transcoder(d_out, out, skip=s.kind == "skip_transcoder", orthogonal_init=s.orthogonal_init)
             sae.configure_training(s)
             saes[h] = sae.to(self.cfg.model.device)
+        initialize(saes, s)  # saes.init, b_dec_init, apply_b_dec_to_input (the data-free part)
         return saes
 
     @property
@@ -212,18 +213,6 @@ def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outpu
             )
         sae.check_config(cfg.saes, f"saes.init_from SAE at {h!r}")
     return picked
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine or linear decay to ``min_factor``, or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
-    return 1.0 - (1.0 - min_factor) * frac
 
 
 @dataclass

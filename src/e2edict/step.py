@@ -47,6 +47,7 @@ class TrainStep:
     ctx: DistContext
     max_grad_norm: float | None = None
     compile: bool = False  # torch.compile the whole forward (model, SAEs, losses, fused head); backward follows
+    project_decoders: bool = False  # saes.decoder_norm=project: rows kept unit by gradient projection + renormalisation
     names: list[str] = field(default_factory=list)  # the entries of the returned vector, after the first call
 
     def __post_init__(self) -> None:
@@ -68,8 +69,14 @@ class TrainStep:
     def __call__(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         terms = self.forward_backward(micro_batches)
         values = self.ctx.mean(torch.stack(list(terms.values())))  # logged values: the mean over ranks
+        if self.project_decoders:  # before clipping, so the clip sees the gradient that is applied
+            for s in self.saes.values():
+                s.project_decoder_grad()
         grad_norms, total = self.clip_gradients()
         self.opt.step()
+        if self.project_decoders:
+            for s in self.saes.values():
+                s.renormalize_decoder()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The training loop: Adam, warmup + decay schedule, gradient clipping (pre-clip norm logged),
+"""The training loop: the optimizer and schedule (`e2edict.optim`), gradient clipping (pre-clip norm logged),
 gradient accumulation, a token budget, periodic evaluation, metrics.jsonl, the final SAEs."""
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from e2edict.data import Prefetcher, make_batches
 from e2edict.distributed import DistContext, close_distributed, init_distributed
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_saes
-from e2edict.run import RunSetup, check_before_model, evaluate_and_record, lr_factor, setup_run
+from e2edict.initialization import b_dec_from_data, needs_data
+from e2edict.optim import averaged_weights, finish_training, make_schedule, optimizer_from_config
+from e2edict.run import RunSetup, check_before_model, evaluate_and_record, setup_run
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
 from e2edict.splice import LossWeights
@@ -45,15 +47,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
-
-
-def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam, fused: one pass over each tensor per step, without the full-size temporaries of the
-    multi-tensor version (which stays where a device has no fused kernel)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.Adam(params, lr=lr)
 
 
 def sae_metadata(cfg: Config, hook: str, tokens: int) -> dict[str, Any]:
@@ -237,14 +230,22 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     if total_steps == 0:
         raise E2EDictError(f"train.tokens={t.tokens} is less than one step of {tokens_per_step} tokens over {ctx.world} ranks")
     saes = setup.build_saes()
-    opt = make_optimizer([p for s in saes.values() for p in s.parameters()], t.lr)
-    warmup = t.warmup_tokens // tokens_per_step
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, t.schedule, t.min_lr_factor))
-    step_saes = _speed_settings(cfg, setup, saes, ctx)
-    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream)
-    step = TrainStep(setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm, compile=t.compile)
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
+    if needs_data(cfg.saes):  # b_dec from the first step's tokens (every rank alike), then rewind
+        start = batches.state()
+        first = [batches.next().to(cfg.model.device) for _ in range(t.grad_accum)]
+        b_dec_from_data(saes, setup.backbone, first, cfg.saes.b_dec_init)
+        batches.load_state(start)
+    warmup = t.warmup_tokens // tokens_per_step
+    opt = optimizer_from_config([p for s in saes.values() for p in s.parameters()], t, warmup)
+    sched = make_schedule(opt, t, total_steps, warmup)
+    step_saes = _speed_settings(cfg, setup, saes, ctx)
+    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream)
+    step = TrainStep(
+        setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm,
+        compile=t.compile, project_decoders=cfg.saes.decoder_norm == "project",
+    )  # fmt: skip
     first_step = _resume(run_dir, ctx, saes, opt, sched, batches) if resume else 0
     on_gpu = str(cfg.model.device).startswith("cuda")
     prefetch = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
@@ -290,7 +291,8 @@ def _loop(run: _Training) -> None:
             _read_values(run)
             if run.ctx.is_main:
                 run.bar.set_description(f"{run.cfg.name} (evaluating)")  # a few seconds: said on the bar
-                row = _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1)
+                with averaged_weights(run.step.opt):  # a schedule-free optimizer's average; the same weights otherwise
+                    row = _eval_row(run.setup, run.saes, tokens, run.cfg.eval.during_training_tokens, step + 1)
                 run.bar.set_description(run.cfg.name)
                 _write_row(run, row)
         stopping = _should_stop(run, step, last)
@@ -363,6 +365,7 @@ def _finish(run: _Training) -> None:
     cfg = run.cfg
     final_tokens = run.total_steps * run.tokens_per_step
     rundir = RunDir(run.run_dir)
+    finish_training(run.step.opt)  # the weights to keep (a schedule-free optimizer's average)
     rundir.save_saes(run.saes, {h: sae_metadata(cfg, h, final_tokens) for h in run.saes})
     run.setup.backbone.restore_dtype()  # the final evaluation sees the model as configured
     progress = not run.bar.disable

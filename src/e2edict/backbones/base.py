@@ -281,7 +281,8 @@ class Head:
             raw = torch.addmm(self.bias, h, self.W) if self.bias is not None else h @ self.W
         if self.softcap > 0:
             raw = torch.tanh(raw.div_(self.softcap)).mul_(self.softcap)
-        return raw.add_(self.mask)
+        # without padding the mask is all zeros: skip a pass over [rows, vocab]
+        return raw.add_(self.mask) if self.W.shape[1] > self.n_vocab else raw
 
     def softcap_grad(self, logits: torch.Tensor) -> torch.Tensor | None:
         """d logits / d raw from the capped logits (``1 - (y / cap)^2``); None without a cap."""

@@ -5,6 +5,7 @@ from e2edict.saes.gated import GatedSAE
 from e2edict.saes.jumprelu import JumpReLUSAE
 from e2edict.saes.matryoshka import MatryoshkaBatchTopKSAE
 from e2edict.saes.relu import ReLUSAE
+from e2edict.saes.sparsify_format import load_sparsify
 from e2edict.saes.topk import BatchTopKSAE, TopKSAE
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ReLUSAE",
     "TopKSAE",
     "load_sae",
+    "load_sparsify",
     "registry",
     "save_sae",
 ]

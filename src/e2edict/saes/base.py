@@ -110,6 +110,24 @@ class SAE(nn.Module, ABC):
         norms = self.W_dec.norm(dim=1)
         return norms if self.decoder_scale is None else norms / self.decoder_scale
 
+    # --- decoder_norm: project (`e2edict.config.SAEsConfig.decoder_norm`) ---
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each raw decoder row's gradient its component along the row:
+        ``g_i <- g_i - (g_i . w_i) w_i / ||w_i||^2``, so a step moves the row along the sphere
+        (to first order) and not its length."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        W = self.W_dec.detach()
+        coef = (g * W).sum(1, keepdim=True) / W.square().sum(1, keepdim=True)
+        g.sub_(coef * W)
+
+    @torch.no_grad()
+    def renormalize_decoder(self) -> None:
+        """Scale each raw decoder row back to unit norm (after an optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+
     def gather_decode(self, vals: torch.Tensor, idx: torch.Tensor, zero_is_inactive: bool = False) -> torch.Tensor:
         """``sum_i vals_i D[idx_i]`` for [..., k] values and latent ids, reading only those rows
         (`e2edict.saes.sparse.GatherDecode`). ``zero_is_inactive``: the values are ReLU outputs,

@@ -1,0 +1,85 @@
+"""How new SAEs start: ``saes.init``, ``saes.b_dec_init``, ``saes.apply_b_dec_to_input``.
+
+The paper's SAE starts from an orthogonal decoder, an independent Kaiming-uniform encoder and
+small random biases; the architectures' constructors draw that. Libraries tuned for short budgets
+start closer to a good solution (sparsify; SAELens's options): the encoder tied to the
+dictionary (each latent first reads the direction it writes, so the first top-k picks are
+meaningful), the encoder bias at 0, and ``b_dec`` at the data's centre, which with
+``apply_b_dec_to_input`` also centres what the encoder reads. The data-dependent part is computed
+once, from the clean activations of the first training step's tokens, before any step is taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from e2edict.backbones import Backbone
+from e2edict.errors import E2EDictError
+from e2edict.saes import SAE
+
+
+def initialize(saes: dict[str, SAE], cfg) -> None:
+    """Apply the ``saes`` block's (`e2edict.config.SAEsConfig`) data-free choices to freshly built SAEs."""
+    for sae in saes.values():
+        sae.apply_b_dec_to_input = cfg.apply_b_dec_to_input
+        if cfg.init == "tied":
+            tie_encoder(sae)
+        if cfg.b_dec_init == "zero":
+            with torch.no_grad():
+                sae.b_dec.zero_()
+        if cfg.decoder_norm == "project":
+            sae.renormalize_decoder()
+
+
+def needs_data(cfg) -> bool:
+    return cfg.init_from is None and cfg.b_dec_init in ("mean", "geometric_median")
+
+
+@torch.no_grad()
+def tie_encoder(sae: SAE) -> None:
+    """``W_enc = D^T`` (the unit-norm dictionary, transposed) and the encoder biases at 0."""
+    W_enc = getattr(sae, "W_enc", None)
+    if W_enc is None or tuple(W_enc.shape) != (sae.d_in, sae.d_sae) or sae.d_out != sae.d_in:
+        raise E2EDictError(f"saes.init=tied: a {sae.architecture} {sae.kind} has no encoder to tie to its dictionary")
+    W_enc.copy_(sae.normalized_decoder().T)
+    for name in ("b_enc", "b_gate", "b_mag"):
+        b = getattr(sae, name, None)
+        if isinstance(b, torch.nn.Parameter):
+            b.zero_()
+
+
+@torch.no_grad()
+def b_dec_from_data(saes: dict[str, SAE], backbone: Backbone, batches: list[torch.Tensor], how: str) -> None:
+    """Set each SAE's ``b_dec`` to the mean or geometric median of the clean activations it
+    reconstructs (a transcoder's: its output hook) over the token ``batches``."""
+    targets = {h: sae.hook_name_out or h for h, sae in saes.items()}
+    first = min(backbone.block_of(h) for h in saes)
+    got: dict[str, list[torch.Tensor]] = {t: [] for t in targets.values()}
+
+    def keep(name: str):
+        def fn(act: torch.Tensor) -> None:
+            got[name].append(act.detach().reshape(-1, act.shape[-1]).double())
+
+        return fn
+
+    for tokens in batches:
+        backbone.run_from(backbone.embed_to(tokens, first), first, {t: keep(t) for t in got}, logits=False)
+    for h, sae in saes.items():
+        x = torch.cat(got[targets[h]])
+        centre = x.mean(0) if how == "mean" else geometric_median(x)
+        sae.b_dec.copy_(centre.to(sae.b_dec.dtype))
+
+
+def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-9) -> torch.Tensor:
+    """The point minimising the sum of Euclidean distances to the rows of ``x`` [n, d], by
+    Weiszfeld's iteration (each step a distance-weighted mean; distances clamped away from 0 so a
+    data point as the iterate does not divide by zero), started from the mean."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * (1.0 + m.norm()):
+            return new
+        m = new
+    return m
