@@ -99,10 +99,11 @@ class SAEsConfig(StrictModel):
         "uniform", description="new SAEs' b_dec: drawn (the paper's), zero, or the mean / geometric median of the first batch"
     )
     apply_b_dec_to_input: bool = Field(False, description="subtract b_dec from the input before encoding (SAELens's key)")
-    decoder_norm: Literal["reparam", "project"] = Field(
-        "reparam",
+    decoder_norm: Literal["reparam", "project"] | None = Field(
+        None,
         description="unit dictionary rows: normalised in the forward (the paper's), or also kept unit by projecting "
-        "the gradient and renormalising after each step (sparsify's, SAELens's)",
+        "the gradient and renormalising after each step (sparsify's, SAELens's); null: project for loss.preset "
+        "finetune, else reparam",
     )
     bandwidth: float = Field(0.001, gt=0, description="jumprelu: width of the rectangle kernel of the STE")
     init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold")
@@ -197,21 +198,30 @@ class DownstreamLoss(Coeff):
 
 
 class LossConfig(StrictModel):
-    preset: Literal["local", "e2e", "e2e+ds"] = "e2e"
+    preset: Literal["local", "e2e", "e2e+ds", "finetune"] = "e2e"
     sparsity: SparsityLoss = SparsityLoss()
     kl: Coeff = Coeff()
     local: Coeff = Coeff()
     downstream: DownstreamLoss = DownstreamLoss()
+    kl_balance: bool | None = Field(
+        None,
+        description="scale the KL by alpha = MSE / KL each step (detached); null: on for preset finetune "
+        "unless kl.coeff or local.coeff is given",
+    )
 
     @model_validator(mode="after")
     def _fill_preset(self) -> LossConfig:
         table = PRESETS[self.preset]
+        if self.kl_balance is None:
+            self.kl_balance = self.preset == "finetune" and self.kl.coeff is None and self.local.coeff is None
         for term in ("kl", "local", "downstream"):
             block = getattr(self, term)
             if block.coeff is None:
                 block.coeff = table[term]
         if self.kl.coeff == 0 and self.local.coeff == 0 and self.downstream.coeff == 0:
             raise ValueError("every reconstruction term (kl, local, downstream) has coeff 0: nothing to train")
+        if self.kl_balance and not (self.kl.coeff > 0 and self.local.coeff > 0):
+            raise ValueError("kl_balance scales the KL to the MSE: it needs kl.coeff > 0 and local.coeff > 0")
         return self
 
     def sparsity_coeff(self, hook: str, *aliases: str) -> float:
@@ -223,6 +233,10 @@ class LossConfig(StrictModel):
                     return c[name]
             raise E2EDictError(f"loss.sparsity.coeff has no lambda for SAE position {hook!r}")
         return c
+
+
+# what loss.preset: finetune sets in `train` where the config does not (`Config._finetune_defaults`)
+FINETUNE_TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 5e-5, "warmup_tokens": 0, "schedule": "linear", "min_lr_factor": 0.0}
 
 
 class TrainConfig(StrictModel):
@@ -304,6 +318,20 @@ class Config(StrictModel):
         if not RUN_NAME_RE.match(v) or v in (".", ".."):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_', '+', '-' (it names a folder)")
         return v
+
+    @model_validator(mode="after")
+    def _finetune_defaults(self) -> Config:
+        """``loss.preset: finetune`` brings the recipe's own defaults for every key not given:
+        AdamW at 5e-5, no warmup, linear decay to 0 (Karvonen 2025's code), and unit decoder rows
+        kept by projection (`saes.decoder_norm`)."""
+        if self.saes.decoder_norm is None:
+            self.saes.decoder_norm = "project" if self.loss.preset == "finetune" else "reparam"
+        if self.loss.preset == "finetune":
+            given = set(self.train.model_fields_set)
+            for key, value in FINETUNE_TRAIN_DEFAULTS.items():
+                if key not in given:
+                    setattr(self.train, key, value)
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -14,8 +14,10 @@ from e2edict.config import Config
 from e2edict.data import SequenceStream, build_data, eval_sequences
 from e2edict.errors import E2EDictError
 from e2edict.initialization import initialize
-from e2edict.rundir import RunDir, load_saes
+from e2edict.rundir import RunDir
 from e2edict.saes import SAE, registry
+from e2edict.saes.pretrained import load_source
+from e2edict.splice import LossWeights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -83,6 +85,19 @@ class RunSetup:
             saes[h] = sae.to(self.cfg.model.device)
         initialize(saes, s)  # saes.init, b_dec_init, apply_b_dec_to_input (the data-free part)
         return saes
+
+    def loss_weights(self) -> LossWeights:
+        """The run's coefficients. Under ``loss.preset: finetune`` each loaded SAE keeps the sparsity
+        term it was trained with: none where k fixes L0 (TopK, BatchTopK, Matryoshka), its own
+        lambda where its file records one, else the configured one."""
+        weights = LossWeights.from_config(self.cfg.loss, self.written, self.downstream)
+        if self.cfg.loss.preset == "finetune" and self.init_from is not None:
+            for h, sae in self.init_from.items():
+                if getattr(sae, "k", None) is not None:
+                    weights.sparsity[h] = 0.0
+                elif sae.source_lambda is not None:
+                    weights.sparsity[h] = sae.source_lambda
+        return weights
 
     @property
     def d_sae(self) -> dict[str, int]:
@@ -196,8 +211,7 @@ def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str],
 
 def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str]) -> dict[str, SAE]:
     """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture and kind."""
-
-    loaded = load_saes(cfg.saes.init_from)
+    loaded = source_saes(cfg.saes.init_from, backbone)
     missing = [h for h in positions if h not in loaded]
     if missing:
         raise E2EDictError(
@@ -213,6 +227,59 @@ def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outpu
             )
         sae.check_config(cfg.saes, f"saes.init_from SAE at {h!r}")
     return picked
+
+
+def source_saes(spec: str, backbone: Backbone) -> dict[str, SAE]:
+    """The SAEs of a source (`e2edict.saes.pretrained.load_source`) keyed by ``backbone``'s input
+    hook names: sparsify's module paths matched to the model's hooks, names in the other
+    backend's naming mapped where that is unambiguous (`Backbone.adopt_saes`)."""
+    loaded, kind = load_source(spec)
+    if kind == "sparsify":
+        return {_sparsify_position(backbone, name, sae): sae for name, sae in loaded.items()}
+    adopted = backbone.adopt_saes(loaded)
+    for h, sae in adopted.items():
+        sae.hook_name = h
+    return adopted
+
+
+def _sparsify_position(backbone: Backbone, name: str, sae: SAE) -> str:
+    """The hook a sparsify hook point (a module path below the model's base, ``h.2``,
+    ``layers.6.mlp``) names in ``backbone``; a transcoder's the MLP's input, its output the MLP's."""
+    shapes = backbone.hook_shapes()
+    ends = [h for h in shapes if h.endswith("." + name)]
+    full = name if name in shapes else ends[0] if len(ends) == 1 else backbone.foreign_hook(name)
+    if full is None or full not in shapes:
+        raise E2EDictError(f"sparsify hook point {name!r} is not a hook of model {backbone.name!r} (nor one unambiguous match)")
+    if sae.kind == "sae":
+        sae.hook_name = full
+        return full
+    by_output = {dst: src for src, dst in backbone.mlp_pairs().values()}
+    if full not in by_output:
+        raise E2EDictError(f"sparsify transcoder at {name!r}: {full!r} is not an MLP's output in model {backbone.name!r}")
+    sae.hook_name, sae.hook_name_out = by_output[full], full
+    return by_output[full]
+
+
+def resolve_from_source(cfg: Config) -> Config:
+    """With ``saes.init_from``, the ``saes`` keys the config leaves out (architecture, k, kind)
+    come from the source's SAEs, so config.yaml records what is trained; keys it gives are kept,
+    and a clash is named by `SAE.check_config` once the SAEs load."""
+    s = cfg.saes
+    if s.init_from is None:
+        return cfg
+    missing = [k for k in ("k", "kind", "architecture") if k not in s.model_fields_set]
+    if not missing:
+        return cfg
+    loaded, _ = load_source(s.init_from)
+    first = next(iter(loaded.values()))
+    found = {"architecture": first.architecture, "k": getattr(first, "k", None), "kind": first.kind}
+    raw = cfg.to_dict()
+    for key in missing:  # k before architecture, so the architecture's own check sees it
+        if found[key] is not None:
+            raw["saes"][key] = found[key]
+    from e2edict.config import config_from_dict
+
+    return config_from_dict(raw)
 
 
 @dataclass

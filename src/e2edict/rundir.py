@@ -3,7 +3,8 @@
     RUN_DIR/
       config.yaml            the resolved config (`e2edict train RUN_DIR/config.yaml` repeats the run)
       metrics.jsonl          one JSON object per log step
-      eval.json              the final evaluation
+      eval.json              the final evaluation (a fine-tune's also holds "init": its source's, before any step)
+      init_eval.json         a run from saes.init_from: the loaded SAEs' evaluation before any step
       saes/<hook>/           cfg.json + sae_weights.safetensors (SAELens v6) + sparsity.safetensors
       checkpoints/step_<S>/  written by `e2edict.checkpoint`
       report/                the HTML report
@@ -28,10 +29,11 @@ from e2edict.errors import E2EDictError
 from e2edict.evaluation import density_from_log10, log10_density
 from e2edict.saes.base import CFG_FILE, SAE, load_sae, save_sae
 
-CONFIG, METRICS, EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT = (
+CONFIG, METRICS, EVAL, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT = (
     "config.yaml",
     "metrics.jsonl",
     "eval.json",
+    "init_eval.json",
     "saes",
     "sparsity.safetensors",
     "checkpoints",
@@ -60,6 +62,10 @@ class RunDir:
     @property
     def eval_file(self) -> Path:
         return self.path / EVAL
+
+    @property
+    def init_eval_file(self) -> Path:
+        return self.path / INIT_EVAL
 
     @property
     def checkpoints(self) -> Path:
@@ -155,8 +161,24 @@ class RunDir:
             return None
         return {h: density_from_log10(load_file(str(f))["sparsity"]) for h, f in files.items()}
 
+    def write_init_eval(self, result: dict[str, Any]) -> None:
+        _write_text(self.init_eval_file, json.dumps(result, indent=2) + "\n")
+
+    def read_init_eval(self) -> dict[str, Any] | None:
+        """The source SAEs' evaluation before any step, or None (not a run from saes.init_from)."""
+        if not self.init_eval_file.is_file():
+            return None
+        try:
+            return json.loads(self.init_eval_file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise E2EDictError(f"{str(self.init_eval_file)!r} is not valid JSON ({e})") from None
+
     def record_evaluation(self, result: dict[str, Any], densities: dict[str, torch.Tensor]) -> None:
-        """What an evaluation leaves: eval.json and each SAE's sparsity file."""
+        """What an evaluation leaves: eval.json (with the source's ``init`` figures where the run
+        started from loaded SAEs) and each SAE's sparsity file."""
+        init = self.read_init_eval()
+        if init is not None:
+            result["init"] = init
         self.write_eval(result)
         self.write_sparsity(densities)
 

@@ -16,7 +16,7 @@ import torch
 
 from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
-from e2edict.losses import downstream_loss, head_kl_loss, kl_loss
+from e2edict.losses import balanced_kl_coeff, downstream_loss, head_kl_loss, kl_loss
 from e2edict.saes.base import SAE
 
 
@@ -30,6 +30,7 @@ class LossWeights:
     kl: float = 0.0
     downstream: float = 0.0
     downstream_positions: list[str] = field(default_factory=list)
+    kl_balance: bool = False  # the KL's coefficient times alpha = MSE / KL of the step, detached (loss.kl_balance)
 
     @classmethod
     def from_config(cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str]) -> LossWeights:
@@ -41,6 +42,7 @@ class LossWeights:
             kl=loss_cfg.kl.coeff,
             downstream=loss_cfg.downstream.coeff,
             downstream_positions=downstream_positions,
+            kl_balance=bool(loss_cfg.kl_balance),
         )
 
     @property
@@ -191,7 +193,12 @@ def _output_terms(out: SpliceOutput, weights: LossWeights, head, full: bool) -> 
             out.logits_clean = out.logits_spliced = None
         else:
             out.terms["kl"] = copies * kl_loss(out.logits_clean, out.logits_spliced)
-        out.loss = out.loss + weights.kl * out.terms["kl"]
+        coeff = weights.kl
+        if weights.kl_balance and not full:
+            mse = sum(v for k, v in out.terms.items() if k.startswith("local/"))
+            coeff = out.terms["kl_alpha"] = balanced_kl_coeff(1.0, mse, out.terms["kl"])
+            coeff = weights.kl * coeff
+        out.loss = out.loss + coeff * out.terms["kl"]
     ds_hooks = weights.downstream_positions
     if ds_hooks and (weights.downstream > 0 or full):
         # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.

@@ -25,10 +25,10 @@ from e2edict.errors import E2EDictError
 from e2edict.evaluation import evaluate_saes
 from e2edict.initialization import b_dec_from_data, needs_data
 from e2edict.optim import averaged_weights, finish_training, make_schedule, optimizer_from_config
-from e2edict.run import RunSetup, check_before_model, evaluate_and_record, setup_run
+from e2edict.run import RunSetup, check_before_model, evaluate_and_record, resolve_from_source, setup_run
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
-from e2edict.splice import LossWeights
+from e2edict.saes.base import eval_mode
 from e2edict.step import NonFinite, StepLog, TrainStep
 
 
@@ -206,6 +206,7 @@ def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, 
 def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool) -> _Training:
     """Check everything, prepare the run directory, build the SAEs, optimizer and data, and restore
     the newest checkpoint when resuming."""
+    cfg = resolve_from_source(cfg)  # architecture, k, kind of saes.init_from where the config leaves them out
     config_text = dump_config(cfg)
     if ctx.enabled and ctx.device != cfg.model.device:
         cfg = cfg.model_copy(deep=True)
@@ -230,6 +231,8 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     if total_steps == 0:
         raise E2EDictError(f"train.tokens={t.tokens} is less than one step of {tokens_per_step} tokens over {ctx.world} ranks")
     saes = setup.build_saes()
+    if cfg.saes.init_from and not (resume and RunDir(run_dir).init_eval_file.is_file()):
+        _on_main(ctx, lambda: _record_init(RunDir(run_dir), setup, saes))
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
     if needs_data(cfg.saes):  # b_dec from the first step's tokens (every rank alike), then rewind
@@ -241,7 +244,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     opt = optimizer_from_config([p for s in saes.values() for p in s.parameters()], t, warmup)
     sched = make_schedule(opt, t, total_steps, warmup)
     step_saes = _speed_settings(cfg, setup, saes, ctx)
-    weights = LossWeights.from_config(cfg.loss, setup.written, setup.downstream)
+    weights = setup.loss_weights()
     step = TrainStep(
         setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm,
         compile=t.compile, project_decoders=cfg.saes.decoder_norm == "project",
@@ -252,6 +255,16 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
     metrics = MetricsLog(RunDir(run_dir).metrics_file)
     return _Training(cfg, ctx, setup, run_dir, saes, step, prefetch, metrics, tokens_per_step, total_steps, first_step, wandb_run)
+
+
+def _record_init(rundir: RunDir, setup: RunSetup, saes: dict[str, SAE]) -> None:
+    """The loaded SAEs' figures on the run's eval tokens before any step (eval.json's ``init``)."""
+    with eval_mode(saes):
+        res = evaluate_saes(setup.backbone, saes, setup.eval_seqs, tokens=setup.cfg.eval.tokens,
+                            alive_tokens=setup.cfg.eval.tokens, batch_size=setup.cfg.eval.batch_size, ce_score=False)  # fmt: skip
+    keep = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl", "tokens")
+    per_sae = {h: {k: m[k] for k in ("l0", "alive", "explained_variance", "mse")} for h, m in res["saes"].items()}
+    rundir.write_init_eval({**{k: res[k] for k in keep if k in res}, "saes": per_sae})
 
 
 def _resume(run_dir: Path, ctx: DistContext, saes, opt, sched, batches) -> int:

@@ -63,6 +63,10 @@ COLUMNS = [
     "norm_ratio_pos0",
     "norm_ratio_pos_gt0",
     "tokens",
+    "init_ce_loss_increase",  # a fine-tune's source before any step (eval.json "init")
+    "init_kl",
+    "init_l0",
+    "init_explained_variance",
 ]
 
 
@@ -70,6 +74,19 @@ def _lambda(cfg: Config, hook: str) -> float | None:
     """The run's sparsity coefficient for the SAE at ``hook`` (None where a mapping does not name it)."""
     c = cfg.loss.sparsity.coeff
     return c.get(hook) if isinstance(c, dict) else c
+
+
+def _init_columns(init: dict[str, Any] | None, hook: str) -> dict[str, Any]:
+    """Before / after for a run that started from loaded SAEs: the source's figures (else empty)."""
+    if not isinstance(init, dict):
+        return dict.fromkeys(("init_ce_loss_increase", "init_kl", "init_l0", "init_explained_variance"))
+    m = (init.get("saes") or {}).get(hook) or {}
+    return {
+        "init_ce_loss_increase": init.get("ce_loss_increase"),
+        "init_kl": init.get("kl"),
+        "init_l0": m.get("l0"),
+        "init_explained_variance": m.get("explained_variance"),
+    }
 
 
 def rows(runs: list[FinishedRun]) -> list[dict[str, Any]]:
@@ -97,6 +114,7 @@ def rows(runs: list[FinishedRun]) -> list[dict[str, Any]]:
                     "norm_ratio_pos0": m.get("norm_ratio_pos0"),
                     "norm_ratio_pos_gt0": m.get("norm_ratio_pos_gt0"),
                     "tokens": r.eval.get("tokens"),
+                    **_init_columns(r.eval.get("init"), hook),
                 }
             )
     return out

@@ -236,6 +236,10 @@ class SAE(nn.Module, ABC):
         if self.architecture != cfg.architecture:
             raise E2EDictError(f"{where} is a {self.architecture} SAE but saes.architecture is {cfg.architecture!r}")
 
+    # The sparsity coefficient the SAE was trained with, where the file it was loaded from says so
+    # (`load_sae`); None for SAEs built here or files that do not say.
+    source_lambda: float | None = None
+
     # What the last training forward kept for its own loss terms (JumpReLU's and Gated's
     # pre-activations, so the encoder GEMM runs once per step): ``(input, tensors)`` or None.
     _pre_cache: tuple | None = None
@@ -444,7 +448,18 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     check_tensor(tensors, "W_dec", (cfg["d_sae"], _file_d_out(cfg) or cfg["d_in"]))
     sae = registry[arch].from_saelens(tensors, cfg)
     sae.hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
+    sae.source_lambda = _trained_lambda(cfg, meta)
     return sae.to(device)
+
+
+def _trained_lambda(cfg: dict[str, Any], meta: dict[str, Any]) -> float | None:
+    """The sparsity coefficient a file's SAE was trained with, where its cfg.json says so
+    (e2edict's metadata, or an ``l1_coefficient`` key): what ``loss.preset: finetune`` keeps."""
+    coeffs = meta.get("e2edict_coefficients")
+    value = coeffs.get("sparsity") if isinstance(coeffs, dict) else meta.get("l1_coefficient", cfg.get("l1_coefficient"))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
 
 
 def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
