@@ -228,13 +228,36 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def speed(a, out: Path) -> int:
+    """Tokens/s of e2edict's and sparsify's training loops, run alternately in this one process
+    (the machine is shared: a ratio of neighbours, not absolute figures), evaluation excluded."""
+    from e2edict.config import load_config
+    from e2edict.run import setup_run
+
+    budget = 204_800
+    for setting in [s for s in a.settings.split(",") if SETTINGS[s]["architecture"] == "topk"]:
+        setup = setup_run(load_config(CONFIGS / "e2e.yaml", base_overrides(setting, budget, a.relu_lambda)))
+        ratios = []
+        for _ in range(a.speed):
+            ours = run_e2edict(setting, "now", [budget], a.relu_lambda, out)[0]["tokens_per_s"]
+            theirs = run_sparsify(setting, [budget], setup, out)[0]["tokens_per_s"]
+            ratios.append(ours / theirs)
+            print(f"{setting}: e2edict {ours:,.0f} tok/s, sparsify {theirs:,.0f} tok/s, ratio {ratios[-1]:.2f}", flush=True)
+        ratios.sort()
+        print(f"{setting}: e2edict / sparsify tokens/s, median of {len(ratios)} pairs: {ratios[len(ratios) // 2]:.2f} "
+              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", default="100000,200000,500000,1000000,2000000")
     ap.add_argument("--settings", default="topk-e2e,topk-local,relu-e2e")
     ap.add_argument("--variants", default="now,before", help="e2edict settings: now (today's defaults), before")
     ap.add_argument("--libraries", default="e2edict,sparsify")
-    ap.add_argument("--relu-lambda", type=float, default=3.0, help="relu-e2e: the sparsity coefficient (L0 34 at 512k tokens, near k=32)")
+    ap.add_argument("--relu-lambda", type=float, default=3.0, help="relu-e2e: λ (L0 34 at 512k tokens, near k=32)")
+    ap.add_argument("--speed", type=int, default=0, metavar="REPS",
+                    help="only the speed: REPS alternating pairs of 204,800-token runs per TopK setting, the ratio of each pair")
     ap.add_argument("--out", default="out/convergence")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -244,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     from e2edict.config import load_config
     from e2edict.run import setup_run
 
+    if a.speed:
+        return speed(a, out)
     rows: list[dict] = []
     for setting in a.settings.split(","):
         if "e2edict" in a.libraries:

@@ -178,3 +178,22 @@ def test_bad_sources_end_in_one_line_exit_2_and_nothing_written(tmp_path, small_
     lines = [x for x in r.stderr.strip().splitlines() if x.startswith("e2edict: error")]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["huggingface", "transformer_lens"])
+def test_sparsify_hook_points_map_to_the_backbone_hooks(tmp_path, backend):
+    sparsify = pytest.importorskip("sparsify")
+    from e2edict.run import open_backbone, source_saes
+
+    for name, cfg in (("h.2", {}), ("h.1.mlp", {"transcode": True})):
+        coder = sparsify.SparseCoder(128, sparsify.SaeConfig(num_latents=256, k=8, **cfg))
+        coder.save_to_disk(tmp_path / name)
+    backbone = open_backbone("tiny", backend)
+    got = source_saes(str(tmp_path), backbone)
+    if backend == "huggingface":
+        sae_hook, mlp_in, mlp_out = "transformer.h.2", "transformer.h.1.mlp:input", "transformer.h.1.mlp"
+    else:
+        sae_hook, mlp_in, mlp_out = "blocks.2.hook_resid_post", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    assert set(got) == {sae_hook, mlp_in}
+    assert got[sae_hook].kind == "sae" and got[sae_hook].hook_name == sae_hook
+    assert got[mlp_in].kind == "transcoder" and (got[mlp_in].hook_name, got[mlp_in].hook_name_out) == (mlp_in, mlp_out)

@@ -50,3 +50,32 @@ def test_sparsify_skip_transcoder_loads_with_its_outputs(tmp_path):
 def test_not_a_sparsify_folder_is_one_line(tmp_path):
     with pytest.raises(E2EDictError, match="not a sparsify SAE folder"):
         load_sparsify(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_a_decoder_row_of_zeros_loads_as_a_latent_that_writes_nothing(tmp_path, arch):
+    """sparsify starts a transcoder's decoder at zero, and a latent that never fired keeps it:
+    such a file loads, and computes exactly what its tensors say."""
+    from e2edict.saes import load_sae, registry, save_sae
+
+    torch.manual_seed(0)
+    sae = registry[arch](8, 16, "h", **({"k": 4} if arch == "topk" else {}))
+    save_sae(sae, tmp_path / "a")
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(tmp_path / "a" / "sae_weights.safetensors"))
+    t["W_dec"][[3, 7]] = 0.0
+    save_file(t, str(tmp_path / "a" / "sae_weights.safetensors"))
+    back = load_sae(tmp_path / "a")
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        pre = x @ t["W_enc"] + t["b_enc"]
+        if arch == "topk":
+            vals, idx = pre.topk(4, dim=-1)
+            c = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        else:
+            c = pre.relu()
+        want = c @ t["W_dec"] + t["b_dec"]
+        x_hat, codes = back(x)
+    assert torch.allclose(x_hat, want, atol=1e-5)
+    assert not back.dictionary[[3, 7]].any()

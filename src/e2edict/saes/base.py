@@ -462,14 +462,25 @@ def _trained_lambda(cfg: dict[str, Any], meta: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
-    """Row norms of a loaded decoder, to fold into the encoder; exactly 1 for e2edict's own files."""
+def decoder_norms(W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row norms of a loaded decoder, to fold into the encoder (exactly 1 for e2edict's own files),
+    and which rows are all zero. A zero row is a latent that writes nothing (sparsify starts a
+    transcoder's decoder at zero; a latent that never fired stays so): its norm is reported as 1
+    and the loader gives it a `decoder_scale` of 0 (`unit_rows`)."""
     norms = W_dec.norm(dim=1)
-    if (norms == 0).any():
-        raise E2EDictError("SAE tensor 'W_dec' has an all-zero row")
+    zero = norms == 0
     if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
-        return torch.ones_like(norms)  # keep the latents exactly as saved
-    return norms
+        return torch.ones_like(norms), zero  # keep the latents exactly as saved
+    return torch.where(zero, torch.ones_like(norms), norms), zero
+
+
+def unit_rows(W_dec: torch.Tensor, norms: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``W_dec`` with unit rows: divided by ``norms``; a zero row becomes the first basis vector
+    (any unit row: its `decoder_scale` of 0 makes it write nothing)."""
+    W = W_dec / norms[:, None]
+    if zero.any():
+        W[zero] = torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long), W.shape[1]).to(W.dtype)
+    return W
 
 
 def check_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from e2edict.saes.base import (
     decoder_norms,
     sparse_path_allowed,
     transcoder_from_saelens,
+    unit_rows,
 )
 from e2edict.saes.sparse import Pairs, SparseEncode
 
@@ -124,14 +125,16 @@ class ReLUSAE(SAE):
         b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
         W_dec = check_tensor(tensors, "W_dec", (d_sae, sae.d_out)).float()
         b_dec = check_tensor(tensors, "b_dec", (sae.d_out,)).float()
-        norms = decoder_norms(W_dec)
+        norms, zero = decoder_norms(W_dec)
         fold = norms if cls.folds_decoder_norms else torch.ones_like(norms)
         with torch.no_grad():
             sae.W_enc.copy_(W_enc * fold)
             sae.b_enc.copy_(b_enc * fold)
-            sae.W_dec.copy_(W_dec / norms[:, None])
+            sae.W_dec.copy_(unit_rows(W_dec, norms, zero))
             sae.b_dec.copy_(b_dec)
-        if not cls.folds_decoder_norms and not torch.all(norms == 1):
-            sae.decoder_scale = norms.clone()
+        scale = torch.ones_like(norms) if cls.folds_decoder_norms else norms.clone()
+        scale[zero] = 0.0  # latents that write nothing
+        if not torch.all(scale == 1):
+            sae.decoder_scale = scale
         sae._folded_norms = fold
         return sae
