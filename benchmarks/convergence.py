@@ -108,13 +108,18 @@ def evaluate(setup, saes) -> dict:
     return metrics_of(res)
 
 
-def run_e2edict(setting: str, variant: str, budgets: list[int], lam: float, out: Path) -> list[dict]:
-    """One `train` per budget."""
+def run_e2edict(
+    setting: str, variant: str, budgets: list[int], lam: float, out: Path, done: list[dict] | None = None
+) -> list[dict]:
+    """One `train` per budget (those not in ``done``, rows of an earlier invocation with the same ``--out``)."""
     from e2edict.config import load_config
     from e2edict.trainer import train
 
     rows = []
+    have = {r["tokens"] for r in done or [] if (r["library"], r["setting"], r["variant"]) == ("e2edict", setting, variant)}
     for tokens in budgets:
+        if tokens in have:
+            continue
         ov = base_overrides(setting, tokens, lam) + VARIANTS[variant]
         cfg = load_config(config_file(setting, variant), ov)
         run_dir = out / f"e2edict-{setting}-{variant}-{tokens}"
@@ -269,14 +274,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.speed:
         return speed(a, out)
-    rows: list[dict] = []
+    # rows an earlier invocation wrote to the same --out are kept and their runs not repeated
+    rows: list[dict] = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     for setting in a.settings.split(","):
         if "e2edict" in a.libraries:
             for variant in a.variants.split(","):
                 if variant == "before" and SETTINGS[setting]["architecture"] == "relu":
                     continue  # the paper's settings: "now" is "before"
-                rows += run_e2edict(setting, variant, budgets, a.relu_lambda, out)
-        if "sparsify" in a.libraries and SETTINGS[setting]["architecture"] == "topk":
+                rows += run_e2edict(setting, variant, budgets, a.relu_lambda, out, rows)
+                (out / "results.json").write_text(json.dumps(rows, indent=1))
+        done = {r["tokens"] for r in rows if (r["library"], r["setting"]) == ("sparsify", setting)}
+        if "sparsify" in a.libraries and SETTINGS[setting]["architecture"] == "topk" and not set(budgets) <= done:
             cfg = load_config(CONFIGS / "e2e.yaml", base_overrides(setting, budgets[-1], a.relu_lambda))
             rows += run_sparsify(setting, budgets, setup_run(cfg), out)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
