@@ -99,12 +99,10 @@ def metrics_of(res: dict) -> dict:
 
 
 def evaluate(setup, saes) -> dict:
-    from e2edict.evaluation import evaluate_saes
-    from e2edict.saes.base import eval_mode
+    from e2edict.evaluation import evaluate_saes  # inference behaviour inside (eval_mode)
 
-    with eval_mode(saes):
-        res = evaluate_saes(setup.backbone, saes, setup.eval_seqs, tokens=65536, alive_tokens=65536, batch_size=16,
-                            ce_score=False, progress=False)  # fmt: skip
+    res = evaluate_saes(setup.backbone, saes, setup.eval_seqs, tokens=65536, alive_tokens=65536, batch_size=16,
+                        ce_score=False, progress=False)  # fmt: skip
     return metrics_of(res)
 
 

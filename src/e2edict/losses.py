@@ -17,16 +17,15 @@ PRESETS: dict[str, dict[str, float]] = {
     "local": {"local": 1.0, "kl": 0.0, "downstream": 0.0},
     "e2e": {"local": 0.0, "kl": 1.0, "downstream": 0.0},
     "e2e+ds": {"local": 0.0, "kl": 0.5, "downstream": 2.5},
-    # Karvonen (2025): ½(α·KL + MSE), α = MSE / KL recomputed each step, detached (`balanced_kl_coeff`)
+    # Karvonen (2025): ½(α·KL + MSE), α = MSE / KL recomputed each step, detached (`kl_alpha`)
     "finetune": {"local": 0.5, "kl": 0.5, "downstream": 0.0},
 }
 
 
-def balanced_kl_coeff(kl_coeff: float, mse: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-    """The KL's coefficient under ``loss.kl_balance``: ``kl_coeff · α`` with ``α = MSE / KL`` of this
-    step, detached (no gradient flows through α), so the KL term weighs as much as the MSE term
-    whatever their scales; KL is clamped away from 0."""
-    return kl_coeff * (mse.detach() / kl.detach().clamp_min(1e-12))
+def kl_alpha(mse: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """``α = MSE / KL`` of this step under ``loss.kl_balance``, detached (no gradient flows through
+    α), so the KL term weighs as much as the MSE term whatever their scales; KL is clamped away from 0."""
+    return mse.detach() / kl.detach().clamp_min(1e-12)
 
 
 def sparsity_loss(c: torch.Tensor, d_in: int, p: float = 1.0) -> torch.Tensor:

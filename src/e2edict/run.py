@@ -93,7 +93,7 @@ class RunSetup:
         weights = LossWeights.from_config(self.cfg.loss, self.written, self.downstream)
         if self.cfg.loss.preset == "finetune" and self.init_from is not None:
             for h, sae in self.init_from.items():
-                if getattr(sae, "k", None) is not None:
+                if not sae.has_sparsity_term:
                     weights.sparsity[h] = 0.0
                 elif sae.source_lambda is not None:
                     weights.sparsity[h] = sae.source_lambda

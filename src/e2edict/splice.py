@@ -16,7 +16,7 @@ import torch
 
 from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
-from e2edict.losses import balanced_kl_coeff, downstream_loss, head_kl_loss, kl_loss
+from e2edict.losses import downstream_loss, head_kl_loss, kl_alpha, kl_loss
 from e2edict.saes.base import SAE
 
 
@@ -196,8 +196,8 @@ def _output_terms(out: SpliceOutput, weights: LossWeights, head, full: bool) -> 
         coeff = weights.kl
         if weights.kl_balance and not full:
             mse = sum(v for k, v in out.terms.items() if k.startswith("local/"))
-            coeff = out.terms["kl_alpha"] = balanced_kl_coeff(1.0, mse, out.terms["kl"])
-            coeff = weights.kl * coeff
+            out.terms["kl_alpha"] = kl_alpha(mse, out.terms["kl"])
+            coeff = weights.kl * out.terms["kl_alpha"]
         out.loss = out.loss + coeff * out.terms["kl"]
     ds_hooks = weights.downstream_positions
     if ds_hooks and (weights.downstream > 0 or full):

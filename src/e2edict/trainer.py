@@ -28,7 +28,6 @@ from e2edict.optim import averaged_weights, finish_training, make_schedule, opti
 from e2edict.run import RunSetup, check_before_model, evaluate_and_record, resolve_from_source, setup_run
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
-from e2edict.saes.base import eval_mode
 from e2edict.step import NonFinite, StepLog, TrainStep
 
 
@@ -80,16 +79,14 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
 
+def _brief_evaluation(setup: RunSetup, saes: dict[str, SAE], eval_tokens: int) -> dict[str, Any]:
+    """The figures of an evaluation during a run (alive over the same tokens, no CE score)."""
+    return evaluate_saes(setup.backbone, saes, setup.eval_seqs, tokens=eval_tokens, alive_tokens=eval_tokens,
+                         batch_size=setup.cfg.eval.batch_size, ce_score=False)  # fmt: skip
+
+
 def _eval_row(setup: RunSetup, saes: dict[str, SAE], tokens: int, eval_tokens: int, step: int) -> dict[str, Any]:
-    res = evaluate_saes(
-        setup.backbone,
-        saes,
-        setup.eval_seqs,
-        tokens=eval_tokens,
-        alive_tokens=eval_tokens,
-        batch_size=setup.cfg.eval.batch_size,
-        ce_score=False,
-    )
+    res = _brief_evaluation(setup, saes, eval_tokens)
     row: dict[str, Any] = {"step": step, "tokens": tokens, "split": "eval"}
     for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl"):
         row[k] = res[k]
@@ -259,9 +256,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
 
 def _record_init(rundir: RunDir, setup: RunSetup, saes: dict[str, SAE]) -> None:
     """The loaded SAEs' figures on the run's eval tokens before any step (eval.json's ``init``)."""
-    with eval_mode(saes):
-        res = evaluate_saes(setup.backbone, saes, setup.eval_seqs, tokens=setup.cfg.eval.tokens,
-                            alive_tokens=setup.cfg.eval.tokens, batch_size=setup.cfg.eval.batch_size, ce_score=False)  # fmt: skip
+    res = _brief_evaluation(setup, saes, setup.cfg.eval.tokens)
     keep = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl", "tokens")
     per_sae = {h: {k: m[k] for k in ("l0", "alive", "explained_variance", "mse")} for h, m in res["saes"].items()}
     rundir.write_init_eval({**{k: res[k] for k in keep if k in res}, "saes": per_sae})

@@ -236,6 +236,9 @@ class SAE(nn.Module, ABC):
         if self.architecture != cfg.architecture:
             raise E2EDictError(f"{where} is a {self.architecture} SAE but saes.architecture is {cfg.architecture!r}")
 
+    # Whether the SAE trains with a sparsity penalty (False where k fixes L0): what a fine-tune keeps.
+    has_sparsity_term: ClassVar[bool] = True
+
     # The sparsity coefficient the SAE was trained with, where the file it was loaded from says so
     # (`load_sae`); None for SAEs built here or files that do not say.
     source_lambda: float | None = None
@@ -462,25 +465,23 @@ def _trained_lambda(cfg: dict[str, Any], meta: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def decoder_norms(W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row norms of a loaded decoder, to fold into the encoder (exactly 1 for e2edict's own files),
-    and which rows are all zero. A zero row is a latent that writes nothing (sparsify starts a
-    transcoder's decoder at zero; a latent that never fired stays so): its norm is reported as 1
-    and the loader gives it a `decoder_scale` of 0 (`unit_rows`)."""
+def decoder_rows(W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A loaded decoder as ``(unit rows, norms, zero)``: each row divided by its norm (exactly 1 for
+    e2edict's own files, which are kept as saved), the norms to fold into the encoder or keep as a
+    `decoder_scale`, and which rows are all zero. A zero row is a latent that writes nothing
+    (sparsify starts a transcoder's decoder at zero; a latent that never fired stays so): its norm
+    is reported as 1, its unit row is the first basis vector, and the loader gives it a
+    `decoder_scale` of 0."""
     norms = W_dec.norm(dim=1)
     zero = norms == 0
     if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
-        return torch.ones_like(norms), zero  # keep the latents exactly as saved
-    return torch.where(zero, torch.ones_like(norms), norms), zero
-
-
-def unit_rows(W_dec: torch.Tensor, norms: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``W_dec`` with unit rows: divided by ``norms``; a zero row becomes the first basis vector
-    (any unit row: its `decoder_scale` of 0 makes it write nothing)."""
+        norms = torch.ones_like(norms)  # keep the latents exactly as saved
+    else:
+        norms = torch.where(zero, torch.ones_like(norms), norms)
     W = W_dec / norms[:, None]
     if zero.any():
         W[zero] = torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long), W.shape[1]).to(W.dtype)
-    return W
+    return W, norms, zero
 
 
 def check_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from e2edict.losses import mse_loss, sparsity_loss
-from e2edict.saes.base import SAE, affine, check_tensor, decoder_norms, unit_rows
+from e2edict.saes.base import SAE, affine, check_tensor, decoder_rows
 
 
 class GatedSAE(SAE):
@@ -88,14 +88,14 @@ class GatedSAE(SAE):
         d_in, d_sae = cfg["d_in"], cfg["d_sae"]
         sae = cls(d_in, d_sae, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
         W_dec = check_tensor(tensors, "W_dec", (d_sae, d_in)).float()
-        norms, zero = decoder_norms(W_dec)
+        unit, norms, zero = decoder_rows(W_dec)
         with torch.no_grad():
             # the gate only sees signs, so scaling a latent by its decoder norm changes the magnitude path alone
             sae.W_enc.copy_(check_tensor(tensors, "W_enc", (d_in, d_sae)).float())
             sae.b_gate.copy_(check_tensor(tensors, "b_gate", (d_sae,)).float())
             sae.r_mag.copy_(check_tensor(tensors, "r_mag", (d_sae,)).float() + norms.log())
             sae.b_mag.copy_(check_tensor(tensors, "b_mag", (d_sae,)).float() * norms)
-            sae.W_dec.copy_(unit_rows(W_dec, norms, zero))
+            sae.W_dec.copy_(unit)
             sae.b_dec.copy_(check_tensor(tensors, "b_dec", (d_in,)).float())
         if zero.any():  # latents that write nothing
             sae.decoder_scale = (~zero).float()

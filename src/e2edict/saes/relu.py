@@ -13,10 +13,9 @@ from e2edict.saes.base import (
     SPARSE_DECODE_FRACTION,
     affine,
     check_tensor,
-    decoder_norms,
+    decoder_rows,
     sparse_path_allowed,
     transcoder_from_saelens,
-    unit_rows,
 )
 from e2edict.saes.sparse import Pairs, SparseEncode
 
@@ -125,12 +124,12 @@ class ReLUSAE(SAE):
         b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
         W_dec = check_tensor(tensors, "W_dec", (d_sae, sae.d_out)).float()
         b_dec = check_tensor(tensors, "b_dec", (sae.d_out,)).float()
-        norms, zero = decoder_norms(W_dec)
+        unit, norms, zero = decoder_rows(W_dec)
         fold = norms if cls.folds_decoder_norms else torch.ones_like(norms)
         with torch.no_grad():
             sae.W_enc.copy_(W_enc * fold)
             sae.b_enc.copy_(b_enc * fold)
-            sae.W_dec.copy_(unit_rows(W_dec, norms, zero))
+            sae.W_dec.copy_(unit)
             sae.b_dec.copy_(b_dec)
         scale = torch.ones_like(norms) if cls.folds_decoder_norms else norms.clone()
         scale[zero] = 0.0  # latents that write nothing

@@ -23,6 +23,7 @@ class TopKSAE(ReLUSAE):
     architecture = "topk"
     saelens_architecture = "topk"
     folds_decoder_norms = False  # rescaled pre-activations would pick other latents: a fixed decoder_scale instead
+    has_sparsity_term = False  # k fixes L0 (BatchTopK and Matryoshka alike)
 
     def __init__(
         self,
