@@ -112,6 +112,9 @@ class SAEsConfig(StrictModel):
     auxk_k: int | None = Field(None, ge=1, description="AuxK: dead latents used per token (null: d_in / 2)")
     dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
     init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
+    trainable: bool | None = Field(
+        None, description="false: the SAEs are held fixed and only the adapter trains; null: false for loss.preset adapter, else true"
+    )
     matryoshka_prefixes: list[int | float] | None = Field(
         None, description="matryoshka_batchtopk: nested prefix sizes, fractions of d_sae or counts, increasing, the last all"
     )
@@ -198,7 +201,7 @@ class DownstreamLoss(Coeff):
 
 
 class LossConfig(StrictModel):
-    preset: Literal["local", "e2e", "e2e+ds", "finetune"] = "e2e"
+    preset: Literal["local", "e2e", "e2e+ds", "finetune", "adapter"] = "e2e"
     sparsity: SparsityLoss = SparsityLoss()
     kl: Coeff = Coeff()
     local: Coeff = Coeff()
@@ -212,6 +215,8 @@ class LossConfig(StrictModel):
     @model_validator(mode="after")
     def _fill_preset(self) -> LossConfig:
         table = PRESETS[self.preset]
+        if self.preset == "adapter" and "sparsity" not in self.model_fields_set:
+            self.sparsity = SparsityLoss(coeff=0.0)  # the SAEs are held: the KL alone trains the adapter
         if self.kl_balance is None:
             self.kl_balance = self.preset == "finetune" and self.kl.coeff is None and self.local.coeff is None
         for term in ("kl", "local", "downstream"):
@@ -233,6 +238,45 @@ class LossConfig(StrictModel):
                     return c[name]
             raise E2EDictError(f"loss.sparsity.coeff has no lambda for SAE position {hook!r}")
         return c
+
+
+class AdapterConfig(StrictModel):
+    """Low-rank adapters on the model's own weights, trained with (or around) the SAEs (`docs/adapters.md`)."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, description="r: the rank of each update B A")
+    alpha: float | None = Field(None, gt=0, description="the update is (alpha / rank) B A; null: alpha = rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on a LoRA's input (huggingface backend only)")
+    layers: Literal["after", "all"] | list[int] = Field(
+        "after", description="after: every block after the first SAE; all; or a list of block indices"
+    )
+    modules: list[Literal["attn", "mlp"]] = Field(
+        default_factory=lambda: ["attn", "mlp"], min_length=1, description="which weights of each block: attn, mlp, or both"
+    )
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("modules", "layers")
+    @classmethod
+    def _no_repeats(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("must not repeat an entry")
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one")
+        return v
+
+    @model_validator(mode="after")
+    def _alpha(self) -> AdapterConfig:
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        return self
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 # what loss.preset: finetune sets in `train` where the config does not (`Config._finetune_defaults`)
@@ -307,6 +351,7 @@ class Config(StrictModel):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     saes: SAEsConfig
+    adapter: AdapterConfig | None = Field(None, description="LoRA adapters on the model (docs/adapters.md); null: none")
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -331,6 +376,23 @@ class Config(StrictModel):
             for key, value in FINETUNE_TRAIN_DEFAULTS.items():
                 if key not in given:
                     setattr(self.train, key, value)
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_rules(self) -> Config:
+        """An adapter is reached only through the output; held SAEs need SAEs to hold and something to train."""
+        s, loss = self.saes, self.loss
+        if s.trainable is None:
+            s.trainable = loss.preset != "adapter"
+        if loss.preset == "adapter" and self.adapter is None:
+            raise ValueError("loss.preset adapter trains an adapter: add an adapter: block")
+        if self.adapter is not None and not (loss.kl.coeff > 0 or loss.downstream.coeff > 0):
+            raise ValueError("adapter: it learns through the model's output; it needs loss.kl.coeff or loss.downstream.coeff > 0")
+        if not s.trainable:
+            if self.adapter is None:
+                raise ValueError("saes.trainable is false and there is no adapter: nothing would train")
+            if s.init_from is None:
+                raise ValueError("saes.trainable is false: the SAEs held fixed come from saes.init_from, which is not set")
         return self
 
     @model_validator(mode="after")
@@ -463,4 +525,8 @@ def dump_config(cfg: Config) -> str:
     raw = cfg.to_dict()
     if not raw["saes"].get("options"):
         raw["saes"].pop("options", None)
+    if raw.get("adapter") is None:  # runs without an adapter keep the file they always had
+        raw.pop("adapter", None)
+        if raw["saes"].get("trainable") is True:
+            raw["saes"].pop("trainable")
     return yaml.safe_dump(raw, sort_keys=False)

@@ -45,6 +45,16 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t / self.world
 
+    def average_grads(self, params: list[torch.Tensor]) -> None:
+        """Each gradient replaced by its mean over ranks (what DDP does for the modules it wraps)."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= self.world
+
     def broadcast_flag(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a signal that reached one process, say)."""
         if not self.enabled:

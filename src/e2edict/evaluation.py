@@ -6,6 +6,7 @@ in float64 over all evaluated tokens; the per-token ratio the reference code ave
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -79,7 +80,8 @@ def evaluate_saes(
     acc = _Accumulators(backbone, saes, downstream, n_ctx, device, ce_score)
     n_total = max(n_eval, n_alive)
     bar = tqdm(total=n_total * n_ctx, unit="tok", desc="evaluating", disable=True if not progress else None, leave=False)
-    with eval_mode(saes), torch.no_grad(), bar:
+    inference = backbone.adapter.evaluating() if backbone.adapter is not None else contextlib.nullcontext()
+    with eval_mode(saes), inference, torch.no_grad(), bar:
         for start in range(0, n_total, batch_size):
             stop = min(start + batch_size, n_total)
             x = sequences[start:stop].to(device)
@@ -92,6 +94,30 @@ def evaluate_saes(
                 acc.add(out, x[:keep], keep)
             bar.update((stop - start) * n_ctx)
     return acc.result(n_alive * n_ctx, densities)
+
+
+def evaluate_adapter(backbone: Backbone, sequences: torch.Tensor, tokens: int | None = None, batch_size: int = 16) -> dict[str, float]:
+    """How far the backbone's adapter alone moves the model (no SAEs): the next-token CE of the
+    original and of the adapted model, its change, and KL(p_original ‖ p_adapted), per token."""
+    adapter = backbone.adapter
+    if adapter is None:
+        raise E2EDictError("the model carries no adapter")
+    n_ctx = sequences.shape[1]
+    n = min(len(sequences), len(sequences) if tokens is None else max(1, -(-tokens // n_ctx)))
+    device = next(iter(adapter.parameters())).device
+    stats = _OutputStats()
+    first = adapter.first_block
+    with adapter.evaluating(), torch.no_grad():
+        for start in range(0, n, batch_size):
+            x = sequences[start : min(start + batch_size, n)].to(device)
+            resid = backbone.embed_to(x, first)  # the blocks before the first adapted one are the same
+            with backbone.original():
+                clean = backbone.run_from(resid, first, {})
+            out = SpliceOutput(torch.zeros(()), {}, {}, {}, {}, logits_clean=clean, logits_spliced=backbone.run_from(resid, first, {}))
+            stats.add(out, x, len(x))
+    r = stats.result()
+    return {"ce_loss_original": r["ce_loss_clean"], "ce_loss_adapted": r["ce_loss_spliced"],
+            "ce_loss_change": r["ce_loss_increase"], "kl": r["kl"], "tokens": n * n_ctx}  # fmt: skip
 
 
 class _Accumulators:

@@ -19,6 +19,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "e2e+ds": {"local": 0.0, "kl": 0.5, "downstream": 2.5},
     # Karvonen (2025): ½(α·KL + MSE), α = MSE / KL recomputed each step, detached (`kl_alpha`)
     "finetune": {"local": 0.5, "kl": 0.5, "downstream": 0.0},
+    # Chen, Engels & Tegmark (2025): an adapter around frozen SAEs, trained on the KL alone
+    "adapter": {"local": 0.0, "kl": 1.0, "downstream": 0.0},
 }
 
 

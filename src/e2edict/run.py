@@ -62,6 +62,11 @@ class RunSetup:
     outputs: dict[str, str] = field(default_factory=dict)  # transcoders: input hook -> output hook
     written: dict[str, str] = field(default_factory=dict)  # input hook -> the position as the config wrote it
 
+    @property
+    def adapter(self):
+        """The adapter the backbone carries (`adapter:` in the config), or None."""
+        return self.backbone.adapter
+
     def build_saes(self) -> dict[str, SAE]:
         torch.manual_seed(self.cfg.seed)
         if self.init_from is not None:
@@ -69,8 +74,11 @@ class RunSetup:
 
             saes = {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
             for sae in saes.values():
-                sae.train()  # loaded in eval mode (`load_saes`)
                 sae.configure_training(self.cfg.saes)
+                if self.cfg.saes.trainable:
+                    sae.train()  # loaded in eval mode (`load_saes`)
+                else:  # held fixed: inference behaviour, no gradient
+                    sae.requires_grad_(False)
             return saes
         s = self.cfg.saes
         cls = registry[s.architecture]
@@ -185,6 +193,10 @@ def setup_run(cfg: Config) -> RunSetup:
     if cfg.train.tokens < per_step * cfg.data.n_ctx:
         raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
     init = _load_init(cfg, backbone, resolved, outputs) if cfg.saes.init_from else None
+    if cfg.adapter is not None:  # the last check: the model is changed only once everything else holds
+        from e2edict.adapters import attach_adapter
+
+        attach_adapter(backbone, cfg.adapter, min(positions, key=backbone.block_order), cfg.seed)
     d_in = {h: shapes[h][0] for h in positions}
     return RunSetup(cfg, backbone, d_in, downstream, train_data, eval_seqs, init, outputs, resolved)
 
@@ -305,6 +317,7 @@ def load_run_dir(run_dir: str | Path, data: str | None = None, tokens: int | Non
     backbone = build_backbone(cfg)
     saes = rundir.load_saes(device=cfg.model.device)
     backbone.check_saes(saes)
+    rundir.load_adapter(backbone)  # where the run trained one
     need = max(tokens or 0, cfg.eval.tokens, cfg.eval.alive_tokens)
     seqs = eval_sequences(data or cfg.data.eval, cfg, backbone, need)
     return LoadedRun(rundir, cfg, backbone, saes, seqs)
@@ -328,5 +341,25 @@ def evaluate_and_record(rundir, cfg: Config, backbone: Backbone, saes: dict[str,
         densities=densities,
         progress=progress,
     )
+    if backbone.adapter is not None:
+        result.update(adapter_figures(backbone, saes, seqs, tokens or cfg.eval.tokens, cfg.eval.batch_size))
     rundir.record_evaluation(result, densities)
     return result, densities
+
+
+def adapter_figures(backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor, tokens: int, batch_size: int) -> dict:
+    """eval.json's adapter sections beside the figures with SAEs and adapter: ``without_adapter``
+    (the SAEs spliced into the original model) and ``adapter_alone`` (the adapted model without
+    SAEs against the original: how far the model itself moved)."""
+    from e2edict.evaluation import evaluate_adapter, evaluate_saes
+
+    with backbone.original():
+        bare = evaluate_saes(backbone, saes, seqs, tokens=tokens, alive_tokens=tokens, batch_size=batch_size, ce_score=False)
+    keep = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")
+    per_sae = {h: {k: m[k] for k in ("l0", "explained_variance", "mse")} for h, m in bare["saes"].items()}
+    backbone.adapter.check_base_unchanged()
+    return {
+        "adapter": {**backbone.adapter.describe(), "base_unchanged": True},
+        "without_adapter": {**{k: bare[k] for k in keep}, "saes": per_sae},
+        "adapter_alone": evaluate_adapter(backbone, seqs, tokens, batch_size),
+    }

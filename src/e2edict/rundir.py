@@ -6,6 +6,7 @@
       eval.json              the final evaluation (a fine-tune's also holds "init": its source's, before any step)
       init_eval.json         a run from saes.init_from: the loaded SAEs' evaluation before any step
       saes/<hook>/           cfg.json + sae_weights.safetensors (SAELens v6) + sparsity.safetensors
+      adapter/               a run with an adapter: adapter_config.json + adapter_model.safetensors (peft's files)
       checkpoints/step_<S>/  written by `e2edict.checkpoint`
       report/                the HTML report
 
@@ -29,7 +30,7 @@ from e2edict.errors import E2EDictError
 from e2edict.evaluation import density_from_log10, log10_density
 from e2edict.saes.base import CFG_FILE, SAE, load_sae, save_sae
 
-CONFIG, METRICS, EVAL, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT = (
+CONFIG, METRICS, EVAL, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT, ADAPTER = (
     "config.yaml",
     "metrics.jsonl",
     "eval.json",
@@ -38,6 +39,7 @@ CONFIG, METRICS, EVAL, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT = (
     "sparsity.safetensors",
     "checkpoints",
     "report",
+    "adapter",
 )
 
 
@@ -74,6 +76,10 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / REPORT
+
+    @property
+    def adapter_folder(self) -> Path:
+        return self.path / ADAPTER
 
     def sae_folder(self, hook: str) -> Path:
         """``RUN_DIR/saes/<hook>``, refusing any name that would leave the run directory."""
@@ -201,6 +207,18 @@ class RunDir:
         if not out:
             raise E2EDictError(f"run directory {str(self.path)!r} has no SAEs in {SAES}/")
         return out
+
+    # --- the adapter --------------------------------------------------------------------------
+    def save_adapter(self, adapter, base_model: str) -> None:
+        adapter.save(self.adapter_folder, base_model)
+
+    def load_adapter(self, backbone):
+        """The run's adapter attached to ``backbone`` (None, and nothing changed, for a run without one)."""
+        if not self.adapter_folder.is_dir():
+            return None
+        from e2edict.adapters import load_adapter
+
+        return load_adapter(backbone, self.adapter_folder)
 
 
 def load_saes(path: str | Path, device: str | torch.device = "cpu") -> dict[str, SAE]:

@@ -2,7 +2,9 @@
 
 The blocks before the first SAE run once, without a graph. From there the clean run (no graph)
 gives clean logits and activations, and the spliced run replaces each SAE position's activation
-by the SAE's reconstruction; gradients reach only the SAEs (the model is frozen). With no KL and
+by the SAE's reconstruction; gradients reach only the SAEs (the model is frozen), and an adapter
+where the model carries one (`e2edict.adapters`): the clean run is the original model, the
+spliced run the adapted one, and the shared prefix ends at the first adapted block. With no KL and
 no downstream term (local training) nothing past the last SAE runs. Where the backbone exposes
 its output head, training takes the KL from the two runs' final hidden states with the
 unembedding fused in (`e2edict.losses.head_kl_loss`): no [tokens, vocab] logits are kept.
@@ -100,7 +102,7 @@ def training_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Ten
         return out
     head = backbone.head() if weights.kl > 0 else None
     copies = _training_copies(saes)
-    cores = [unwrap(s) for s in saes.values()]
+    cores = [c for c in map(unwrap, saes.values()) if c.training]  # SAEs held fixed (eval mode) splice as at inference
     for core in cores:
         core.training_splice(True)
     try:
@@ -154,13 +156,16 @@ def _transcoder_outputs(saes: dict[str, SAE]) -> dict[str, str]:
 
 
 def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int) -> None:
-    """The shared prefix once, then the clean run (no graph) and the spliced run from the first
-    SAE's block; ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
+    """The shared prefix once, then the clean run (no graph, without the model's adapter) and the
+    spliced run (with it) from the first SAE's block, or from the first adapted block where that is
+    earlier; ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
     first = min(backbone.block_of(h) for h in positions)
+    adapted = backbone.adapted_from()
+    first = first if adapted is None else min(first, adapted)
     resid = backbone.embed_to(tokens, first)
     hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values(), *ds_hooks)}
-    with torch.no_grad():
+    with torch.no_grad(), backbone.original():
         out.logits_clean = backbone.run_from(resid, first, hooks, logits=logits, hidden=hidden)
     hooks = splice_hooks(saes, outputs, out)
     for h in ds_hooks:
@@ -210,7 +215,7 @@ def _output_terms(out: SpliceOutput, weights: LossWeights, head, full: bool) -> 
 def _training_copies(saes: dict[str, SAE]) -> int:
     """How many stacked copies of the batch the training spliced run takes (`SAE.spliced_copies`):
     one per Matryoshka prefix under "all", else 1; SAEs asking for different numbers are refused."""
-    counts = sorted({unwrap(s).spliced_copies() for s in saes.values()} - {1})
+    counts = sorted({unwrap(s).spliced_copies() for s in saes.values() if unwrap(s).training} - {1})
     if len(counts) > 1:
         raise E2EDictError(
             "SAEs trained together in one stacked spliced run need equally many copies of the batch "

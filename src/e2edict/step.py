@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,10 +49,13 @@ class TrainStep:
     max_grad_norm: float | None = None
     compile: bool = False  # torch.compile the whole forward (model, SAEs, losses, fused head); backward follows
     project_decoders: bool = False  # saes.decoder_norm=project: rows kept unit by gradient projection + renormalisation
+    adapter: Any = None  # an `e2edict.adapters.Adapter` trained in the same step, or None
     names: list[str] = field(default_factory=list)  # the entries of the returned vector, after the first call
 
     def __post_init__(self) -> None:
-        self.named = [(f"{h}.{n}", p) for h, s in self.saes.items() for n, p in s.named_parameters()]
+        self.named = [(f"{h}.{n}", p) for h, s in self.saes.items() for n, p in s.named_parameters() if p.requires_grad]
+        if self.adapter is not None:
+            self.named += [(f"adapter.{n}", p) for n, p in self.adapter.named_parameters()]
         self.params = [p for _, p in self.named]
         self.forward = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
 
@@ -68,6 +72,8 @@ class TrainStep:
 
     def __call__(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         terms = self.forward_backward(micro_batches)
+        if self.adapter is not None:  # DDP averages the SAEs' gradients; the adapter's are averaged here
+            self.ctx.average_grads(self.adapter.parameters())
         values = self.ctx.mean(torch.stack(list(terms.values())))  # logged values: the mean over ranks
         if self.project_decoders:  # before clipping, so the clip sees the gradient that is applied
             for s in self.saes.values():

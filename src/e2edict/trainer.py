@@ -1,5 +1,5 @@
 """The training loop: the optimizer and schedule (`e2edict.optim`), gradient clipping (pre-clip norm logged),
-gradient accumulation, a token budget, periodic evaluation, metrics.jsonl, the final SAEs."""
+gradient accumulation, a token budget, periodic evaluation, metrics.jsonl, the final SAEs (and adapter)."""
 
 from __future__ import annotations
 
@@ -238,20 +238,36 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
         b_dec_from_data(saes, setup.backbone, first, cfg.saes.b_dec_init)
         batches.load_state(start)
     warmup = t.warmup_tokens // tokens_per_step
-    opt = optimizer_from_config([p for s in saes.values() for p in s.parameters()], t, warmup)
+    opt = optimizer_from_config(_trainable(saes, setup.adapter), t, warmup)
     sched = make_schedule(opt, t, total_steps, warmup)
     step_saes = _speed_settings(cfg, setup, saes, ctx)
     weights = setup.loss_weights()
     step = TrainStep(
-        setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm,
-        compile=t.compile, project_decoders=cfg.saes.decoder_norm == "project",
+        setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm, compile=t.compile,
+        project_decoders=cfg.saes.decoder_norm == "project" and cfg.saes.trainable, adapter=setup.adapter,
     )  # fmt: skip
-    first_step = _resume(run_dir, ctx, saes, opt, sched, batches) if resume else 0
+    if setup.adapter is not None:
+        setup.adapter.train(True)
+    first_step = _resume(run_dir, ctx, _checkpointed(saes, setup.adapter), opt, sched, batches) if resume else 0
     on_gpu = str(cfg.model.device).startswith("cuda")
     prefetch = Prefetcher(batches, pin_memory=on_gpu)  # the next batches are built while the step runs
     wandb_run = _wandb(cfg, run_dir) if ctx.is_main else None
     metrics = MetricsLog(RunDir(run_dir).metrics_file)
     return _Training(cfg, ctx, setup, run_dir, saes, step, prefetch, metrics, tokens_per_step, total_steps, first_step, wandb_run)
+
+
+ADAPTER_KEY = ":adapter"  # the adapter's entry among the checkpointed modules (no hook name has a leading colon)
+
+
+def _trainable(saes: dict[str, SAE], adapter) -> list[torch.nn.Parameter]:
+    """What the optimizer updates: the SAEs' parameters (unless saes.trainable is false), then the adapter's."""
+    params = [p for s in saes.values() for p in s.parameters() if p.requires_grad]
+    return params + (adapter.parameters() if adapter is not None else [])
+
+
+def _checkpointed(saes: dict[str, SAE], adapter) -> dict:
+    """The modules a checkpoint holds: the SAEs by hook, the adapter under `ADAPTER_KEY`."""
+    return {**saes, ADAPTER_KEY: adapter} if adapter is not None else saes
 
 
 def _record_init(rundir: RunDir, setup: RunSetup, saes: dict[str, SAE]) -> None:
@@ -365,7 +381,8 @@ def _checkpoint(run: _Training, step: int, tokens: int) -> None:
     if run.ctx.is_main:
         state = {"tokens": tokens, "data": run.batches.state(), "world_size": run.ctx.world}
         t = run.cfg.train
-        save_checkpoint(run.run_dir, step, run.saes, run.step.opt, run.step.sched, state, keep=t.keep_checkpoints)
+        modules = _checkpointed(run.saes, run.setup.adapter)
+        save_checkpoint(run.run_dir, step, modules, run.step.opt, run.step.sched, state, keep=t.keep_checkpoints)
 
 
 def _finish(run: _Training) -> None:
@@ -375,7 +392,13 @@ def _finish(run: _Training) -> None:
     rundir = RunDir(run.run_dir)
     finish_training(run.step.opt)  # the weights to keep (a schedule-free optimizer's average)
     rundir.save_saes(run.saes, {h: sae_metadata(cfg, h, final_tokens) for h in run.saes})
+    adapter = run.setup.adapter
+    if adapter is not None:
+        adapter.train(False)
+        rundir.save_adapter(adapter, cfg.model.name)
     run.setup.backbone.restore_dtype()  # the final evaluation sees the model as configured
+    if adapter is not None:
+        adapter.check_base_unchanged()  # the frozen weights, bit for bit as they were loaded
     progress = not run.bar.disable
     result, _ = evaluate_and_record(rundir, cfg, run.setup.backbone, run.saes, run.setup.eval_seqs, progress=progress)
     keys = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")
@@ -401,7 +424,7 @@ def _speed_settings(cfg: Config, setup: RunSetup, saes: dict[str, SAE], ctx: Dis
         keep_freed_memory()
 
     step_saes: dict = dict(saes)
-    if ctx.enabled:
+    if ctx.enabled and cfg.saes.trainable:  # held SAEs have no gradient to average (an adapter's: `TrainStep`)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [ctx.local_rank] if device_type == "cuda" else None

@@ -3,6 +3,7 @@ shared prefix up to a block, run the rest from there with hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -71,14 +72,18 @@ class Backbone(ABC):
     def cast(self, dtype: torch.dtype) -> None:
         """Hold the frozen model's floating-point weights in ``dtype`` (once, not per operation);
         `restore_dtype` brings back the exact original weights. The fused head is built first,
-        from the original weights, and kept: the KL stays fp32 (see `Head`)."""
+        from the original weights, and kept: the KL stays fp32 (see `Head`). Trainable parameters
+        (an adapter's) keep their fp32 master weights."""
         model = self.model  # type: ignore[attr-defined]
         if getattr(self, "_original", None) is None:
             self._head_cache = None
             self.head()
+            # by identity, not by name: an adapter attached later renames the weights it wraps
+            frozen = [p for p in model.parameters() if not p.requires_grad]
             self._original = (
                 next(model.parameters()).dtype,
-                {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                [(p, p.detach().to("cpu", copy=True)) for p in frozen],
+                {k: b.detach().to("cpu", copy=True) for k, b in model.named_buffers()},
             )
         self._to_dtype(dtype)
 
@@ -87,13 +92,40 @@ class Backbone(ABC):
         original = getattr(self, "_original", None)
         if original is None:
             return
-        dtype, state = original
+        dtype, params, buffers = original
         self._to_dtype(dtype)
-        self.model.load_state_dict(state)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for p, saved in params:
+                p.copy_(saved)
+            for k, b in self.model.named_buffers():  # type: ignore[attr-defined]
+                if k in buffers:
+                    b.copy_(buffers[k])
         self._original = self._head_cache = None
 
     def _to_dtype(self, dtype: torch.dtype) -> None:
+        """The frozen weights to ``dtype``; trainable parameters (an adapter's) stay as they are."""
+        keep = [(p, p.data) for p in self.model.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        self._move_to(dtype)
+        for p, data in keep:
+            p.data = data
+
+    def _move_to(self, dtype: torch.dtype) -> None:
         self.model.to(dtype)  # type: ignore[attr-defined]
+
+    # --- an adapter (`e2edict.adapters`) changes the model on the spliced side only -----------
+    adapter = None  # the `e2edict.adapters.Adapter` attached to this model, or None
+
+    def adapted_from(self) -> int | None:
+        """The first block an adapter changes (None without one): the shared prefix ends there."""
+        return None if self.adapter is None else self.adapter.first_block
+
+    def original(self):
+        """A context in which the model runs without its adapter (the clean run); a no-op without one."""
+        return contextlib.nullcontext() if self.adapter is None else self.adapter.disabled()
+
+    def is_block_input(self, hook_name: str) -> bool:
+        """Whether ``hook_name`` is its block's input (the residual stream entering it)."""
+        return hook_name.endswith(".hook_resid_pre")
 
     @abstractmethod
     def unembed(self) -> torch.Tensor:

@@ -219,6 +219,9 @@ class HFBackbone(Backbone):
             raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block ({self.blocks_path}.N)")
         return int(m.group(1))
 
+    def is_block_input(self, hook_name: str) -> bool:
+        return hook_name == f"{self.blocks_path}.{self.block_of(hook_name)}{INPUT_SUFFIX}"
+
     def resid_hooks_after(self, hook_name: str) -> list[str]:
         """Every later block's input and the last block's output (the final residual stream)."""
         layer = self.block_of(hook_name)

@@ -22,6 +22,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 _UNSUPPORTED_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -104,8 +105,12 @@ def _fused_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
     """W_Q, W_K, W_V side by side as one [d_model, 3 * heads * d_head] matrix and their biases,
-    built once and again only when a weight changes (a cast, a restore, an edit)."""
+    built once and again only when a weight changes (a cast, a restore, an edit); built on every
+    call, with its graph, where an adapter parametrizes the weights (`e2edict.adapters`)."""
     ws, bs = (attn.W_Q, attn.W_K, attn.W_V), (attn.b_Q, attn.b_K, attn.b_V)
+    if parametrize.is_parametrized(attn):  # an adapter computes its weights afresh: no cache, and its graph kept
+        W = torch.cat([w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in ws], dim=1)
+        return W, torch.cat([t.reshape(-1) for t in bs])
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*ws, *bs))
     cached = attn.__dict__.get("_e2edict_qkv")
     if cached is None or cached[0] != key:

@@ -162,7 +162,7 @@ class TLBackbone(Backbone):
         cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
         return Head.padded(u.W_U.detach(), u.b_U.detach(), cap)
 
-    def _to_dtype(self, dtype: torch.dtype) -> None:
+    def _move_to(self, dtype: torch.dtype) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
             self.model.to(dtype)
 
