@@ -113,7 +113,8 @@ class SAEsConfig(StrictModel):
     dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
     init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
     trainable: bool | None = Field(
-        None, description="false: the SAEs are held fixed and only the adapter trains; null: false for loss.preset adapter, else true"
+        None,
+        description="false: the SAEs are held fixed and only the adapter trains; null: false for loss.preset adapter, else true",
     )
     matryoshka_prefixes: list[int | float] | None = Field(
         None, description="matryoshka_batchtopk: nested prefix sizes, fractions of d_sae or counts, increasing, the last all"

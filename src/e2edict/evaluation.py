@@ -96,7 +96,9 @@ def evaluate_saes(
     return acc.result(n_alive * n_ctx, densities)
 
 
-def evaluate_adapter(backbone: Backbone, sequences: torch.Tensor, tokens: int | None = None, batch_size: int = 16) -> dict[str, float]:
+def evaluate_adapter(
+    backbone: Backbone, sequences: torch.Tensor, tokens: int | None = None, batch_size: int = 16
+) -> dict[str, float]:
     """How far the backbone's adapter alone moves the model (no SAEs): the next-token CE of the
     original and of the adapted model, its change, and KL(p_original ‖ p_adapted), per token."""
     adapter = backbone.adapter
@@ -113,7 +115,8 @@ def evaluate_adapter(backbone: Backbone, sequences: torch.Tensor, tokens: int | 
             resid = backbone.embed_to(x, first)  # the blocks before the first adapted one are the same
             with backbone.original():
                 clean = backbone.run_from(resid, first, {})
-            out = SpliceOutput(torch.zeros(()), {}, {}, {}, {}, logits_clean=clean, logits_spliced=backbone.run_from(resid, first, {}))
+            adapted = backbone.run_from(resid, first, {})
+            out = SpliceOutput(torch.zeros(()), {}, {}, {}, {}, logits_clean=clean, logits_spliced=adapted)
             stats.add(out, x, len(x))
     r = stats.result()
     return {"ce_loss_original": r["ce_loss_clean"], "ce_loss_adapted": r["ce_loss_spliced"],

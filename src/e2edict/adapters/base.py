@@ -89,7 +89,7 @@ class Adapter(ABC):
         self._training = mode
         self._set_dropout(mode)
 
-    def _set_dropout(self, on: bool) -> None:
+    def _set_dropout(self, on: bool) -> None:  # noqa: B027 (adapters without dropout have nothing to switch)
         """Adapters with dropout switch it here."""
 
     @contextlib.contextmanager
@@ -147,14 +147,20 @@ def resolve_blocks(layers, n_layers: int, first_sae: str, backbone) -> list[int]
         block = backbone.block_of(first_sae)
         start = block if backbone.is_block_input(first_sae) else block + 1
         if start >= n_layers:
-            raise E2EDictError(f"adapter.layers: after: no block of model {backbone.name!r} lies after the first SAE ({first_sae!r})")
+            raise E2EDictError(
+                f"adapter.layers: after: no block of model {backbone.name!r} lies after the first SAE ({first_sae!r})"
+            )
         return list(range(start, n_layers))
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
-        raise E2EDictError(f"adapter.layers: block {bad[0]} is out of range for model {backbone.name!r} (blocks 0-{n_layers - 1})")
+        raise E2EDictError(
+            f"adapter.layers: block {bad[0]} is out of range for model {backbone.name!r} (blocks 0-{n_layers - 1})"
+        )
     return sorted(layers)
 
 
 def check_rank(rank: int, name: str, d_in: int, d_out: int) -> None:
     if rank > min(d_in, d_out):
-        raise E2EDictError(f"adapter.rank={rank} exceeds the width of {name} ({d_in} -> {d_out}): a rank is at most {min(d_in, d_out)}")
+        raise E2EDictError(
+            f"adapter.rank={rank} exceeds the width of {name} ({d_in} -> {d_out}): a rank is at most {min(d_in, d_out)}"
+        )

@@ -62,7 +62,9 @@ def resolve_targets(backbone, blocks: list[int], modules: list[str], rank: int) 
             conv = conv or isinstance(mod, Conv1D)
         missing = [g for g, n in found.items() if n == 0]
         if missing:
-            raise E2EDictError(f"adapter.modules: block {i} of model {backbone.name!r} has no {missing[0]!r} linear layers to adapt")
+            raise E2EDictError(
+                f"adapter.modules: block {i} of model {backbone.name!r} has no {missing[0]!r} linear layers to adapt"
+            )
     return targets, conv
 
 

@@ -121,9 +121,15 @@ class TLLoRA(Adapter):
     def _write(self, folder: Path, base_model: str) -> None:
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()}
         save_file(tensors, str(folder / ADAPTER_WEIGHTS))
-        doc = {"format": FORMAT, "r": self.rank, "lora_alpha": self.alpha, "blocks": self.blocks,
-               "target_weights": self.targets, "base_model_name_or_path": base_model,
-               "update": "W + (lora_alpha / r) * (lora_B @ lora_A).T, reshaped to the TransformerLens weight's shape"}  # fmt: skip
+        doc = {
+            "format": FORMAT,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "blocks": self.blocks,
+            "target_weights": self.targets,
+            "base_model_name_or_path": base_model,
+            "update": "W + (lora_alpha / r) * (lora_B @ lora_A).T, reshaped to the TransformerLens weight's shape",
+        }
         (folder / ADAPTER_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
 
     @classmethod
@@ -131,6 +137,8 @@ class TLLoRA(Adapter):
         try:
             adapter = cls(backbone, int(doc["r"]), float(doc["lora_alpha"]), list(doc["blocks"]), list(doc["target_weights"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise E2EDictError(f"adapter {str(folder)!r}: {ADAPTER_CONFIG} does not describe this model's weights ({e})") from None
+            raise E2EDictError(
+                f"adapter {str(folder)!r}: {ADAPTER_CONFIG} does not describe this model's weights ({e})"
+            ) from None
         adapter.load_tensors(load_file(str(folder / ADAPTER_WEIGHTS)), f"adapter {str(folder)!r}")
         return adapter
