@@ -11,6 +11,7 @@ import psutil
 import pytest
 from conftest import ENV, ROOT, logged_steps, sae_weights
 from conftest import cli_cmd as single
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # torchrun runs in child processes
 HOOK = "blocks.1.hook_resid_pre"
@@ -46,12 +47,15 @@ def torchrun(*args, n=2):
     ]
 
 
-@pytest.mark.parametrize("preset", ["e2e", "local"])
-def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir, preset):
+@pytest.mark.parametrize(
+    "preset, extra", [("e2e", []), ("local", []), ("e2e", ["adapter.rank=2"])], ids=["e2e", "local", "adapter"]
+)
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir, preset, extra):
+    """An adapter's gradients are averaged over ranks like the SAEs' (`DistContext.average_grads`)."""
     cfg = ROOT / f"configs/tiny/{preset}.yaml"
     one, two = tmp_path / "one", tmp_path / "two"
     r = subprocess.run(
-        single("train", cfg, *overrides(small_gpt2_dir, 8), "--out", one, "--quiet"),
+        single("train", cfg, *overrides(small_gpt2_dir, 8), *extra, "--out", one, "--quiet"),
         env=ENV,
         capture_output=True,
         text=True,
@@ -59,7 +63,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir,
     )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(
-        torchrun("train", cfg, *overrides(small_gpt2_dir, 4), "--out", two, "--quiet"),
+        torchrun("train", cfg, *overrides(small_gpt2_dir, 4), *extra, "--out", two, "--quiet"),
         env=ENV,
         capture_output=True,
         text=True,
@@ -74,7 +78,13 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir,
     rows2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     # the logged loss is the mean over ranks, i.e. the loss of the whole global batch
     assert rows2[0]["loss"] == pytest.approx(rows1[0]["loss"], rel=1e-5)
-    assert sorted(p.name for p in two.iterdir()) == ["config.yaml", "eval.json", "metrics.jsonl", "saes"]
+    expected = ["config.yaml", "eval.json", "metrics.jsonl", "saes"]
+    if extra:
+        a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one, two))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+        assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained
+        expected = ["adapter", *expected]
+    assert sorted(p.name for p in two.iterdir()) == expected
 
 
 def test_resume_under_torchrun_and_world_size_check(tmp_path, small_gpt2_dir):

@@ -123,7 +123,8 @@ class PeftLoRA(Adapter):
 
     def _write(self, folder: Path, base_model: str) -> None:
         """peft's ``save_pretrained`` (adapter_config.json, adapter_model.safetensors, its README.md)."""
-        self.peft_model.save_pretrained(str(folder), safe_serialization=True)
+        # no embedding layer is ever adapted (and peft's check for one would read the base model's files)
+        self.peft_model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
         doc = json.loads((folder / ADAPTER_CONFIG).read_text())
         doc["base_model_name_or_path"] = base_model
         (folder / ADAPTER_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
