@@ -3,6 +3,7 @@ the TransformerLens parametrization against an explicit merged weight, peft's ow
 saved files, the shared-prefix step against a naive two-pass computation, held SAEs, bf16, eval.json,
 exact resume and the refusals of bad configs."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -240,6 +241,16 @@ def test_held_saes_are_bitwise_unchanged_and_eval_json_has_the_adapter_sections(
     again = json.loads((run / "eval.json").read_text())
     assert again["ce_loss_increase"] == pytest.approx(ev["ce_loss_increase"], rel=1e-9)
     assert again["adapter_alone"]["kl"] == pytest.approx(ev["adapter_alone"]["kl"], rel=1e-9)
+    # compare's adapter columns, and the report's run table
+    r = run_cli("compare", run, local_source, "--out", tmp_path / "cmp", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = {row["run"]: row for row in csv.DictReader(open(tmp_path / "cmp" / "runs.csv"))}
+    adapted = next(row for row in rows.values() if row["adapter_rank"])
+    assert adapted["adapter_rank"] == "4" and float(adapted["adapter_alone_kl"]) == pytest.approx(ev["adapter_alone"]["kl"])
+    assert float(adapted["no_adapter_ce_loss_increase"]) == pytest.approx(ev["without_adapter"]["ce_loss_increase"])
+    r = run_cli("report", run, "--quiet", "--tokens", "2048")
+    assert r.returncode == 0, r.stderr
+    assert "adapter_alone.kl" in (run / "report" / "index.html").read_text()
 
 
 @pytest.mark.slow
@@ -300,3 +311,18 @@ def test_an_adapter_needs_the_output_loss_and_a_preset_adapter_needs_an_adapter(
     cfg = config_from_dict({**base, "adapter": {"rank": 4}, "loss": {"preset": "adapter"}})
     assert cfg.saes.trainable is False and cfg.loss.sparsity.coeff == 0 and cfg.loss.kl.coeff == 1.0
     assert cfg.adapter.alpha == 4.0 and cfg.adapter.layers == "after" and cfg.adapter.modules == ["attn", "mlp"]
+
+
+def test_peft_installs_beside_sae_lens_and_transformer_lens():
+    """One environment holds all three (users use them together): peft's LoRA on a model that
+    TransformerLens and sae-lens share, with the versions pyproject.toml allows."""
+    from importlib.metadata import version
+
+    import peft
+    import sae_lens
+    import transformer_lens
+
+    assert peft and sae_lens and transformer_lens
+    assert int(version("transformer-lens").split(".")[0]) < 4  # the range sae-lens accepts
+    major, minor = (int(x) for x in version("peft").split(".")[:2])
+    assert (major, minor) >= (0, 17)

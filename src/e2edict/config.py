@@ -248,6 +248,7 @@ class AdapterConfig(StrictModel):
     rank: int = Field(8, ge=1, description="r: the rank of each update B A")
     alpha: float | None = Field(None, gt=0, description="the update is (alpha / rank) B A; null: alpha = rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on a LoRA's input (huggingface backend only)")
+    lr: float | None = Field(None, gt=0, description="the adapter's learning rate (its own parameter group); null: train.lr")
     layers: Literal["after", "all"] | list[int] = Field(
         "after", description="after: every block after the first SAE; all; or a list of block indices"
     )
@@ -280,7 +281,8 @@ class AdapterConfig(StrictModel):
         return self.alpha / self.rank
 
 
-# what loss.preset: finetune sets in `train` where the config does not (`Config._finetune_defaults`)
+# what loss.preset: finetune (and adapter) sets in `train` where the config does not (`Config._finetune_defaults`);
+# 5e-5 is also Chen et al.'s AdamW rate for LoRA around SAEs
 FINETUNE_TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 5e-5, "warmup_tokens": 0, "schedule": "linear", "min_lr_factor": 0.0}
 
 
@@ -369,10 +371,11 @@ class Config(StrictModel):
     def _finetune_defaults(self) -> Config:
         """``loss.preset: finetune`` brings the recipe's own defaults for every key not given:
         AdamW at 5e-5, no warmup, linear decay to 0 (Karvonen 2025's code), and unit decoder rows
-        kept by projection (`saes.decoder_norm`)."""
+        kept by projection (`saes.decoder_norm`); ``loss.preset: adapter`` the same `train` keys
+        (5e-5 is also Chen et al.'s AdamW rate)."""
         if self.saes.decoder_norm is None:
             self.saes.decoder_norm = "project" if self.loss.preset == "finetune" else "reparam"
-        if self.loss.preset == "finetune":
+        if self.loss.preset in ("finetune", "adapter"):  # the adapter preset: the same short-budget schedule
             given = set(self.train.model_fields_set)
             for key, value in FINETUNE_TRAIN_DEFAULTS.items():
                 if key not in given:

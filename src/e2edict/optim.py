@@ -24,7 +24,7 @@ from e2edict.errors import E2EDictError
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict[str, Any]],
     lr: float,
     kind: str = "adam",
     weight_decay: float = 0.0,
@@ -34,7 +34,8 @@ def make_optimizer(
     """``kind``: adam, adamw or schedulefree. Adam and AdamW are torch's fused kernels where the
     device has them (one pass over each tensor per step, without the multi-tensor version's
     full-size temporaries). ``warmup_steps`` is used by the schedule-free optimizer only (the
-    others warm up through `make_schedule`)."""
+    others warm up through `make_schedule`). ``params`` may be parameter groups (an adapter's, at
+    its own learning rate); ``lr`` is then the default of those that give none."""
     betas = (float(betas[0]), float(betas[1]))
     if kind == "schedulefree":
         from schedulefree import AdamWScheduleFree
@@ -77,7 +78,7 @@ def make_schedule(opt: torch.optim.Optimizer, train: Any, total_steps: int, warm
     )
 
 
-def optimizer_from_config(params: list[torch.nn.Parameter], train: Any, warmup_steps: int) -> torch.optim.Optimizer:
+def optimizer_from_config(params: list, train: Any, warmup_steps: int) -> torch.optim.Optimizer:
     return make_optimizer(params, train.lr, train.optimizer, train.weight_decay, tuple(train.betas), warmup_steps)
 
 

@@ -238,7 +238,7 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
         b_dec_from_data(saes, setup.backbone, first, cfg.saes.b_dec_init)
         batches.load_state(start)
     warmup = t.warmup_tokens // tokens_per_step
-    opt = optimizer_from_config(_trainable(saes, setup.adapter), t, warmup)
+    opt = optimizer_from_config(_trainable(saes, setup.adapter, cfg.adapter and cfg.adapter.lr), t, warmup)
     sched = make_schedule(opt, t, total_steps, warmup)
     step_saes = _speed_settings(cfg, setup, saes, ctx)
     weights = setup.loss_weights()
@@ -259,10 +259,13 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
 ADAPTER_KEY = ":adapter"  # the adapter's entry among the checkpointed modules (no hook name has a leading colon)
 
 
-def _trainable(saes: dict[str, SAE], adapter) -> list[torch.nn.Parameter]:
-    """What the optimizer updates: the SAEs' parameters (unless saes.trainable is false), then the adapter's."""
-    params = [p for s in saes.values() for p in s.parameters() if p.requires_grad]
-    return params + (adapter.parameters() if adapter is not None else [])
+def _trainable(saes: dict[str, SAE], adapter, adapter_lr: float | None) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the SAEs' parameters (unless saes.trainable is false), then
+    the adapter's, at ``adapter.lr`` where the config gives one."""
+    groups = [{"params": [p for s in saes.values() for p in s.parameters() if p.requires_grad]}]
+    if adapter is not None:
+        groups.append({"params": adapter.parameters(), **({"lr": adapter_lr} if adapter_lr else {})})
+    return [g for g in groups if g["params"]]
 
 
 def _checkpointed(saes: dict[str, SAE], adapter) -> dict:

@@ -247,6 +247,20 @@ def _curves_png(metrics_path: Path, out: Path) -> bool:
     return True
 
 
+def flat_figures(eval_result: dict[str, Any]) -> dict[str, Any]:
+    """eval.json's run-level figures for the index table: nested sections (``init``, ``adapter``,
+    ``without_adapter``, ``adapter_alone``) as ``section.key`` rows, per-SAE entries left to the SAE pages."""
+    top: dict[str, Any] = {}
+    for key, value in eval_result.items():
+        if key == "saes":
+            continue
+        if isinstance(value, dict):
+            top.update({f"{key}.{k}": v for k, v in value.items() if k != "saes"})
+        else:
+            top[key] = value
+    return top
+
+
 def write_report(
     run_dir: Path | RunDir,
     backbone: Backbone,
@@ -293,7 +307,7 @@ def write_report(
             )
             (out / names[p]).write_text(html, encoding="utf-8")
         sae_pages.append({"hook": h, "link": names[0], "metrics": eval_result["saes"].get(h, {}), "shown": len(cards)})
-    top = {k_: v for k_, v in eval_result.items() if k_ != "saes"}
+    top = flat_figures(eval_result)
     index = env.get_template("index.html").render(run=title, config=config_text, top=top, saes=sae_pages, curves=has_curves)
     (out / "index.html").write_text(index, encoding="utf-8")
     return out / "index.html"

@@ -67,6 +67,10 @@ COLUMNS = [
     "init_kl",
     "init_l0",
     "init_explained_variance",
+    "adapter_rank",  # a run with an adapter: its rank, the SAEs in the original model, the adapter alone
+    "no_adapter_ce_loss_increase",
+    "adapter_alone_kl",
+    "adapter_alone_ce_change",
 ]
 
 
@@ -86,6 +90,18 @@ def _init_columns(init: dict[str, Any] | None, hook: str) -> dict[str, Any]:
         "init_kl": init.get("kl"),
         "init_l0": m.get("l0"),
         "init_explained_variance": m.get("explained_variance"),
+    }
+
+
+def _adapter_columns(ev: dict[str, Any]) -> dict[str, Any]:
+    """A run with an adapter: its rank, the CE-loss increase without it, and how far it alone moved the model."""
+    sections = ("adapter", "without_adapter", "adapter_alone")
+    adapter, bare, alone = (ev.get(k) if isinstance(ev.get(k), dict) else {} for k in sections)
+    return {
+        "adapter_rank": adapter.get("rank"),
+        "no_adapter_ce_loss_increase": bare.get("ce_loss_increase"),
+        "adapter_alone_kl": alone.get("kl"),
+        "adapter_alone_ce_change": alone.get("ce_loss_change"),
     }
 
 
@@ -115,6 +131,7 @@ def rows(runs: list[FinishedRun]) -> list[dict[str, Any]]:
                     "norm_ratio_pos_gt0": m.get("norm_ratio_pos_gt0"),
                     "tokens": r.eval.get("tokens"),
                     **_init_columns(r.eval.get("init"), hook),
+                    **_adapter_columns(r.eval),
                 }
             )
     return out
