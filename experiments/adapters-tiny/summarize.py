@@ -60,7 +60,7 @@ def main() -> int:
                 lines.append(
                     f"| {arch} | {label} | {b:,} | {r['ce']:.4f} | {100 * red:+.1f}% | {100 * red / (b / 1e4):+.2f}% | "
                     f"{100 * red / r['wall']:+.2f}% | {r['kl']:.4f} | {r['l0']:.1f} | {_fmt(r['drift_kl'], '.4f')} | "
-                    f"{_fmt(r['drift_ce'], '+.4f')} | {r['wall']:.0f} |"
+                    f"{_fmt(r['drift_ce'], '+.4f')} | {r['wall']:.1f} |"
                 )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
