@@ -326,3 +326,47 @@ def test_peft_installs_beside_sae_lens_and_transformer_lens():
     assert int(version("transformer-lens").split(".")[0]) < 4  # the range sae-lens accepts
     major, minor = (int(x) for x in version("peft").split(".")[:2])
     assert (major, minor) >= (0, 17)
+
+
+def tiny_family(family: str):
+    """A randomly initialised 2-block model of another family, built from its config (offline)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        return LlamaForCausalLM(cfg).eval()
+    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "family, attn, mlp",
+    [
+        ("llama", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+        ("pythia", ["attention.query_key_value", "attention.dense"], ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    ],
+)  # fmt: skip
+def test_hugging_face_targets_per_family_exact_at_init_and_round_trip(tmp_path, family, attn, mlp):
+    from peft import PeftModel
+
+    model = tiny_family(family)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bb = HFBackbone(model, None, family)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    ref = logits(bb, tokens)
+    hook = f"{bb.blocks_path}.0:input"
+    adapter = attach_adapter(bb, AdapterConfig(rank=2, layers="all"), hook, 0)
+    assert adapter.targets == [f"{bb.blocks_path}.{i}.{m}" for i in (0, 1) for m in (*attn, *mlp)]
+    assert torch.equal(logits(bb, tokens), ref)
+    perturb(adapter)
+    ours = logits(bb, tokens)
+    assert not torch.allclose(ours, ref, atol=1e-4)
+    adapter.save(tmp_path / "a", family)
+    theirs = PeftModel.from_pretrained(tiny_family(family), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=tokens).logits, ours, rtol=1e-5, atol=1e-5)
