@@ -400,8 +400,7 @@ def _finish(run: _Training) -> None:
         adapter.train(False)
         rundir.save_adapter(adapter, cfg.model.name)
     run.setup.backbone.restore_dtype()  # the final evaluation sees the model as configured
-    if adapter is not None:
-        adapter.check_base_unchanged()  # the frozen weights, bit for bit as they were loaded
+    # with an adapter, the evaluation first checks the frozen weights bit for bit (`run.adapter_figures`)
     progress = not run.bar.disable
     result, _ = evaluate_and_record(rundir, cfg, run.setup.backbone, run.saes, run.setup.eval_seqs, progress=progress)
     keys = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")

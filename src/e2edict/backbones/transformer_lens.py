@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.backbones.tl_attention import use_fused_attention
@@ -181,10 +182,19 @@ class TLBackbone(Backbone):
         return self._shapes
 
     def embed_to(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self._weights_once():
             return self.model(tokens, stop_at_layer=layer)
 
+    def _weights_once(self):
+        """With an adapter, each adapted (parametrized) weight is computed once per pass, however
+        often the attention reads it (its shape, the fused q/k/v check); a no-op without one."""
+        return parametrize.cached() if self.adapter is not None else contextlib.nullcontext()
+
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
+        with self._weights_once():
+            return self._run_from(resid, layer, hooks, logits, hidden)
+
+    def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, hidden: bool):
         if _residual_only(hooks):
             return self._run_plain(resid, layer, hooks, logits, hidden)
 
