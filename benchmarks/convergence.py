@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -231,24 +232,63 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def speed(a, out: Path) -> int:
-    """Tokens/s of e2edict's and sparsify's training loops, run alternately in this one process
-    (the machine is shared: a ratio of neighbours, not absolute figures), evaluation excluded."""
+SPEED_TOKENS = 204_800
+# what each speed measurement runs, each in a fresh process (allocator settings are process-wide)
+SPEED_RUNS = ("e2edict", "sparsify", "sparsify+heap")
+
+
+def speed_one(a, out: Path) -> int:
+    """One speed measurement in this (fresh) process: ``--speed-one e2edict`` (e2edict's `train`, its
+    defaults, which include `train.reuse_cpu_memory`), ``sparsify`` (sparsify's `Trainer`, its
+    defaults) or ``sparsify+heap`` (sparsify with e2edict's allocator setting, `keep_freed_memory`,
+    applied first: the same malloc behaviour for both, so the ratio compares the steps alone).
+    Prints one JSON line with ``tokens_per_s``."""
     from e2edict.config import load_config
     from e2edict.run import setup_run
 
-    budget = 204_800
+    (setting,) = a.settings.split(",")
+    if a.speed_one == "e2edict":
+        row = run_e2edict(setting, "now", [SPEED_TOKENS], a.relu_lambda, out)[0]
+    else:
+        if a.speed_one == "sparsify+heap":
+            from e2edict.trainer import keep_freed_memory
+
+            keep_freed_memory()
+        setup = setup_run(load_config(CONFIGS / "e2e.yaml", base_overrides(setting, SPEED_TOKENS, a.relu_lambda)))
+        row = run_sparsify(setting, [SPEED_TOKENS], setup, out)[0]
+    print("SPEED " + json.dumps({"run": a.speed_one, "setting": setting, "tokens_per_s": row["tokens_per_s"]}), flush=True)
+    return 0
+
+
+def _measure(run: str, setting: str, a, out: Path) -> float:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--speed-one", run, "--settings", setting, "--out", str(out / run),
+           "--relu-lambda", str(a.relu_lambda)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("SPEED ")]
+    if res.returncode != 0 or not lines:
+        raise SystemExit(f"speed run {run} ({setting}) failed:\n{res.stderr[-2000:]}")
+    return json.loads(lines[-1][len("SPEED ") :])["tokens_per_s"]
+
+
+def speed(a, out: Path) -> int:
+    """Tokens/s of e2edict's and sparsify's training loops over 204,800 tokens, evaluation excluded,
+    each run in its own fresh process (as each library runs for its user: an allocator setting made
+    by one must not reach the other), the order rotating between pairs; the machine is shared, so
+    ratios of neighbours, not absolute figures. Also sparsify with e2edict's allocator setting."""
     for setting in [s for s in a.settings.split(",") if SETTINGS[s]["architecture"] == "topk"]:
-        setup = setup_run(load_config(CONFIGS / "e2e.yaml", base_overrides(setting, budget, a.relu_lambda)))
-        ratios = []
-        for _ in range(a.speed):
-            ours = run_e2edict(setting, "now", [budget], a.relu_lambda, out)[0]["tokens_per_s"]
-            theirs = run_sparsify(setting, [budget], setup, out)[0]["tokens_per_s"]
-            ratios.append(ours / theirs)
-            print(f"{setting}: e2edict {ours:,.0f} tok/s, sparsify {theirs:,.0f} tok/s, ratio {ratios[-1]:.2f}", flush=True)
-        ratios.sort()
-        print(f"{setting}: e2edict / sparsify tokens/s, median of {len(ratios)} pairs: {ratios[len(ratios) // 2]:.2f} "
-              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")  # fmt: skip
+        got: dict[str, list[float]] = {r: [] for r in SPEED_RUNS}
+        for rep in range(a.speed):
+            order = SPEED_RUNS[rep % 3 :] + SPEED_RUNS[: rep % 3]
+            for run in order:
+                got[run].append(_measure(run, setting, a, out))
+            print(f"{setting} pair {rep + 1}: " + ", ".join(f"{r} {got[r][-1]:,.0f} tok/s" for r in SPEED_RUNS), flush=True)
+        for other in SPEED_RUNS[1:]:
+            ratios = sorted(x / y for x, y in zip(got["e2edict"], got[other], strict=True))
+            print(f"{setting}: e2edict / {other} tokens/s, median of {len(ratios)}: {statistics.median(ratios):.2f} "
+                  f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")  # fmt: skip
+        (out / f"speed-{setting}.json").write_text(json.dumps(got, indent=1))
     return 0
 
 
@@ -259,8 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="now,before", help="e2edict settings: now (today's defaults), before")
     ap.add_argument("--libraries", default="e2edict,sparsify")
     ap.add_argument("--relu-lambda", type=float, default=3.0, help="relu-e2e: λ (L0 34 at 512k tokens, near k=32)")
-    ap.add_argument("--speed", type=int, default=0, metavar="REPS",
-                    help="only the speed: REPS alternating pairs of 204,800-token runs per TopK setting, the ratio of each pair")
+    ap.add_argument(
+        "--speed",
+        type=int,
+        default=0,
+        metavar="REPS",
+        help="only the speed: REPS rounds of 204,800-token runs per TopK setting (e2edict, sparsify, sparsify "
+        "with e2edict's allocator setting), each run in a fresh process",
+    )
+    ap.add_argument("--speed-one", choices=SPEED_RUNS, help=argparse.SUPPRESS)  # one such run (what --speed calls)
     ap.add_argument("--out", default="out/convergence")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -270,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     from e2edict.config import load_config
     from e2edict.run import setup_run
 
+    if a.speed_one:
+        return speed_one(a, out)
     if a.speed:
         return speed(a, out)
     # rows an earlier invocation wrote to the same --out are kept and their runs not repeated

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""When does the sparse path (top-k encoder backward on the active pairs, gather decode) beat the
-dense one? One SAE training step (forward, backward) of a TopK SAE in both modes, side by side in
-one process, for a range of k / d_sae. The crossover sets `e2edict.saes.base.SPARSE_DECODE_FRACTION`
-(used by TopK's k / d_sae, and by ReLU's and JumpReLU's active fraction).
+"""When does the sparse path beat the dense one? One SAE training step (forward, backward) of a
+TopK SAE in both modes, side by side in one process, for a range of k / d_sae. TopK's sparse path
+gathers k rows per token (`TopKEncode`, `decode_fixed_k`); its crossover sets
+`e2edict.saes.base.TOPK_GATHER_FRACTION`. (ReLU's and JumpReLU's ragged path, whose crossover
+`SPARSE_DECODE_FRACTION` is, follows the active fraction; the embedded model's ReLU SAEs are far above it.)
 
     python benchmarks/sparse_decode.py [--d-in 768] [--d-sae 24576] [--tokens 512] [--device cpu]
 """

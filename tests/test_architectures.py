@@ -35,6 +35,60 @@ def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+def _graph_ops(out: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [out.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions]
+    return names
+
+
+def test_topk_fixed_k_path_against_dense_with_relu_zeros_b_dec_and_scale():
+    """The fixed-k gather path (`TopKEncode`, `decode_fixed_k`) against a dense reference written
+    out here, in float64: some of the top k are negative (ReLU zeroes them, and their gradient),
+    b_dec is subtracted first, the rows carry a fixed `decoder_scale`; a sparsity term on the codes
+    reaches the encoder. Automatic on a CPU in fp32; ``sparse_decode=False`` keeps the dense path."""
+    from e2edict.saes.sparse import TopKEncode
+
+    torch.manual_seed(4)
+    sae = TopKSAE(16, 96, k=7, apply_b_dec_to_input=True).double()
+    with torch.no_grad():
+        sae.b_enc.sub_(0.6)
+        sae.b_dec.normal_()
+        sae.decoder_scale = torch.rand(96, dtype=torch.float64) + 0.5
+    x = torch.randn(4, 5, 16, requires_grad=True, dtype=torch.float64)
+    x_hat, c = sae(x)
+    xin = x - sae.b_dec
+    pre = xin @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(7, dim=-1)
+    assert (vals <= 0).any() and (vals > 0).any()  # ReLU removes some of the k
+    c_ref = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    D = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True) * sae.decoder_scale[:, None]
+    x_ref = c_ref @ D + sae.b_dec
+    torch.testing.assert_close(c, c_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(x_hat, x_ref, atol=1e-10, rtol=1e-10)
+    params = [x, sae.W_dec, sae.W_enc_T, sae.b_enc, sae.b_dec]
+    g = torch.autograd.grad(x_hat.square().sum() + 0.3 * c.sum(), params)
+    g_ref = torch.autograd.grad(x_ref.square().sum() + 0.3 * c_ref.sum(), params)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    xs = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x_, w_, b_: TopKEncode.apply(x_, w_, b_, 5)[0], (xs, W, b))
+
+    auto = TopKSAE(16, 96, k=4)  # fp32 on a CPU, k / d_sae below TOPK_GATHER_FRACTION: the gather path
+    assert 4 / 96 < base.TOPK_GATHER_FRACTION < 7 / 96
+    assert "EmbeddingBagBackward0" in _graph_ops(auto(torch.randn(3, 16))[0])
+    auto.sparse_decode = False  # what train.compile sets
+    assert "EmbeddingBagBackward0" not in _graph_ops(auto(torch.randn(3, 16))[0])
+    assert "EmbeddingBagBackward0" not in _graph_ops(TopKSAE(16, 96, k=7)(torch.randn(3, 16))[0])  # k too large
+
+
 def test_gather_decode_gradients_and_both_dense_decode_routes():
     """The fused gather-decode backward (gradcheck, float64, repeated ids) and the dense decode's
     two equal forms: codes scaled by inverse norms (few tokens) and the normalised dictionary."""

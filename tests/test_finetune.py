@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ENV, ROOT, cli_cmd
 
-from e2edict.config import config_from_dict
+from e2edict.config import PRESET_TRAIN, config_from_dict
 from e2edict.saes import load_sae, registry, save_sae
 from e2edict.splice import LossWeights, training_forward
 
@@ -60,10 +60,36 @@ def config(**blocks):
     return config_from_dict(raw)
 
 
+@pytest.mark.parametrize("preset", ["finetune", "adapter"])
+def test_preset_train_defaults_follow_the_optimizer_given(preset):
+    """Each key left out comes from `PRESET_TRAIN`: the rate of the optimizer in use (AdamW's for
+    Adam), its schedule (constant for schedule-free, else linear to 0), AdamW where only a decay
+    schedule is given; what is given stays."""
+    best = PRESET_TRAIN[preset]
+    extra = {"adapter": {"rank": 4}} if preset == "adapter" else {}
+
+    def train_of(**train):
+        return config(loss={"preset": preset}, train=train, **extra).train
+
+    t = train_of(optimizer="schedulefree")
+    assert (t.lr, t.schedule) == (best["lr"]["schedulefree"], "constant")
+    for opt in ("adamw", "adam"):
+        t = train_of(optimizer=opt)
+        assert (t.optimizer, t.lr, t.schedule, t.min_lr_factor) == (opt, best["lr"]["adamw"], "linear", 0.0)
+    t = train_of(schedule="cosine")
+    assert (t.optimizer, t.lr, t.schedule) == ("adamw", best["lr"]["adamw"], "cosine")
+    t = train_of(lr=2e-4, warmup_tokens=512, min_lr_factor=0.1)
+    assert (t.optimizer, t.lr, t.warmup_tokens, t.min_lr_factor) == (best["optimizer"], 2e-4, 512, 0.1)
+    assert config_from_dict({"saes": {"positions": [HOOK]}}).train.optimizer == "adam"  # other presets: unchanged
+
+
 def test_finetune_preset_defaults_and_what_overrides_them():
     c = config()
     t = c.train
-    assert (t.optimizer, t.lr, t.schedule, t.min_lr_factor, t.warmup_tokens) == ("adamw", 5e-5, "linear", 0.0, 0)
+    best = PRESET_TRAIN["finetune"]
+    assert (t.optimizer, t.lr, t.schedule, t.min_lr_factor, t.warmup_tokens) == (
+        best["optimizer"], best["lr"][best["optimizer"]], "constant" if best["optimizer"] == "schedulefree" else "linear", 0.0, 0
+    )  # fmt: skip
     assert c.saes.decoder_norm == "project" and c.loss.kl_balance is True
     assert (c.loss.kl.coeff, c.loss.local.coeff) == (0.5, 0.5)
     c = config(train={"lr": 1e-3, "schedule": "cosine"}, loss={"kl": {"coeff": 2.0}}, saes={"decoder_norm": "reparam"})
@@ -85,6 +111,7 @@ def test_a_file_records_the_lambda_it_was_trained_with(tmp_path):
 
 
 # --- through the command line: sources, before/after, bad sources ---------------------------
+
 
 def small_overrides(model_dir, *extra):
     return [

@@ -102,6 +102,51 @@ def test_splice_losses_and_gradients_equal_transformer_lens(hf_tiny, tl_tiny, pr
         torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
+def test_block_output_hook_runs_its_block_once(hf_tiny, monkeypatch, preset):
+    """A hook at a block's output fires at the next block's input, so the shared prefix runs that
+    block once, not the clean and the spliced run each: the same loss and gradients as with the
+    hook at the block itself (the path TransformerLens agreement was shown on), one call of the block."""
+    from e2edict.losses import PRESETS
+
+    hook = "transformer.h.1"
+    assert (hf_tiny.block_of(hook), hf_tiny.start_block(hook)) == (1, 2)
+    assert hf_tiny.start_block("transformer.h.3") == 3  # the last block's output feeds the final norm
+    assert hf_tiny.start_block("transformer.h.1:input") == 1 and hf_tiny.start_block("transformer.h.1.mlp") == 1
+    x = _tokens(seed=3)
+    p = PRESETS[preset]
+    ds = hf_tiny.resid_hooks_after(hook) if p["downstream"] else []
+    w = LossWeights(sparsity={hook: 0.5}, local=p["local"], kl=p["kl"], downstream=p["downstream"], downstream_positions=ds)
+    calls = []
+    handle = hf_tiny.blocks[1].register_forward_hook(lambda m, a, o: calls.append(1))
+    results = []
+    try:
+        for alias in (True, False):
+            monkeypatch.setattr(hf_tiny, "_outputs_feed_next", alias)
+            torch.manual_seed(0)
+            sae = ReLUSAE(128, 256, hook_name=hook)
+            calls.clear()
+            out = splice_forward(hf_tiny, {hook: sae}, x, w)
+            out.loss.backward()
+            results.append((out.loss.detach(), {n: q.grad.clone() for n, q in sae.named_parameters()}, len(calls)))
+    finally:
+        handle.remove()
+    (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5)
+    assert calls_a == 1 and calls_b == (1 if preset == "local" else 2)
+
+
+def test_block_output_stays_at_the_block_when_something_runs_between_blocks():
+    """A model that changes the residual stream between blocks (here a pre-hook on block 1) keeps
+    block outputs at their block: block 0's output is not block 1's input there."""
+    model, tok = load_hf_causal_lm("tiny")
+    model.transformer.h[1].register_forward_pre_hook(lambda m, args: (args[0] * 2.0, *args[1:]) if args else None)
+    bb = HFBackbone(model, tok, "tiny")
+    assert not bb._outputs_feed_next and bb.start_block("transformer.h.0") == 0
+
+
 def test_without_block_removal_the_numbers_are_the_same(hf_tiny):
     """Where a model does not allow removing blocks the prefix runs again: same logits."""
     x = _tokens(seed=2)

@@ -153,7 +153,7 @@ def test_adam_and_adamw_take_the_configured_betas_and_decay():
 @pytest.mark.parametrize(
     "keys, message",
     [
-        ({"train": {"optimizer": "schedulefree"}}, "takes no decay schedule"),
+        ({"train": {"optimizer": "schedulefree", "schedule": "cosine"}}, "takes no decay schedule"),
         ({"train": {"weight_decay": 0.1}}, "use optimizer=adamw"),
         ({"train": {"betas": [0.9, 1.0]}}, "each beta"),
         ({"saes": {"init_from": "somewhere", "init": "tied"}}, "describe new SAEs"),

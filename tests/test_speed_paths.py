@@ -286,3 +286,37 @@ def test_fused_block_norms_once_and_projects_qkv_in_one_gemm(small_backbone, dty
     assert s_got == s_ref and len(s_got) == 6
     blocks_run = 1 + 2 * 2  # block 0 in the shared prefix, blocks 1 and 2 in the clean and the spliced run
     assert gemm_ref == 0 and gemm_got == (blocks_run if dtype == torch.bfloat16 else 0)  # one GEMM for q, k, v
+
+
+def test_gpt2_gelu_runs_as_one_kernel_only_inside_the_backbone(tiny_model):
+    """Both backbones run GPT-2's GELU formula as `F.gelu(approximate="tanh")` during their own
+    passes (the same function: logits equal the model's own forward to 1e-5) and leave the model
+    as its library made it afterwards, also when a pass raises."""
+    from transformer_lens.utilities.activation_functions import gelu_new
+
+    from e2edict.backbones import HFBackbone, TLBackbone, load_hf_causal_lm
+    from e2edict.backbones.activations import same_function, swapped, tanh_gelu
+
+    model, tok = load_hf_causal_lm("tiny")
+    hf, tl = HFBackbone(model, tok, "tiny"), TLBackbone(tiny_model, "tiny")
+    assert len(hf._gelus) == len(tl._gelus) == 4
+    act = model.transformer.h[1].mlp.act
+    seen = []
+    handle = act.register_forward_hook(lambda m, a, out: seen.append(torch.equal(out, tanh_gelu(a[0]))))
+    x = torch.randint(1, 4096, (2, 16), generator=torch.Generator().manual_seed(5))
+    x[:, 0] = 0
+    try:
+        with torch.no_grad():
+            ours = hf.run_from(hf.embed_to(x, 1), 1, {})
+            theirs = model(input_ids=x).logits
+    finally:
+        handle.remove()
+    assert seen == [True, False]  # the backbone's pass used the kernel, the model's own forward the formula
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tl.run_from(tl.embed_to(x, 1), 1, {}), theirs, atol=1e-4, rtol=1e-4)
+    assert "forward" not in act.__dict__ and all(b.mlp.act_fn is gelu_new for b in tiny_model.blocks)
+    with pytest.raises(RuntimeError), swapped(hf._gelus + tl._gelus):
+        assert act.forward is tanh_gelu and tiny_model.blocks[0].mlp.act_fn is tanh_gelu
+        raise RuntimeError("a pass that fails")
+    assert "forward" not in act.__dict__ and all(b.mlp.act_fn is gelu_new for b in tiny_model.blocks)
+    assert same_function(gelu_new) and not same_function(torch.nn.functional.gelu)  # exact GELU differs

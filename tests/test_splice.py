@@ -66,7 +66,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("preset", list(CASES))
-@pytest.mark.parametrize("positions", [["blocks.1.hook_resid_pre"], ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]])
+@pytest.mark.parametrize(
+    "positions",
+    [["blocks.1.hook_resid_pre"], ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"], ["blocks.1.hook_resid_post"]],
+)
 def test_shared_prefix_matches_naive(small_backbone, preset, positions):
     model = small_backbone.model.double()
     try:
@@ -214,3 +217,16 @@ print(mapped_while_alive() > 90e6, keep_freed_memory(), mapped_while_alive() > 9
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True", "False"]
+
+
+def test_zero_weighted_terms_are_logged_but_not_in_the_loss(small_backbone):
+    """A term whose coefficient is 0 is reported but adds nothing to the loss, so no backward runs
+    through it (the graph of the loss does not reach the code's sum)."""
+    h = "blocks.1.hook_resid_pre"
+    sae = make_saes(small_backbone, [h])[h]
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(3))
+    out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=1.0))
+    assert out.terms[f"sparsity/{h}"].item() > 0
+    assert torch.equal(out.loss, out.terms[f"local/{h}"])
+    out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=0.0, kl=1.0))
+    assert torch.equal(out.loss, out.terms["kl"]) and out.loss.requires_grad

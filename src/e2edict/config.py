@@ -281,9 +281,15 @@ class AdapterConfig(StrictModel):
         return self.alpha / self.rank
 
 
-# what loss.preset: finetune (and adapter) sets in `train` where the config does not (`Config._finetune_defaults`);
-# 5e-5 is also Chen et al.'s AdamW rate for LoRA around SAEs
-FINETUNE_TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 5e-5, "warmup_tokens": 0, "schedule": "linear", "min_lr_factor": 0.0}
+# What loss.preset finetune and adapter set in `train` where the config does not (`Config._preset_train`):
+# the optimizer and rates benchmarks/short_budget.py found best at short budgets (30k tokens, 5% of
+# the sources' training, and 60k) on the embedded model, by the worst gap closed over a ReLU and a TopK
+# source (docs/performance.md, "Short budgets"); "adamw" also serves an "adam" given without a rate.
+# The papers' AdamW 5e-5 (Karvonen; Chen et al.) closed 8-20% (finetune) and 0.5-2% (adapter) there.
+PRESET_TRAIN = {
+    "finetune": {"optimizer": "schedulefree", "lr": {"schedulefree": 1e-3, "adamw": 1e-3}},
+    "adapter": {"optimizer": "schedulefree", "lr": {"schedulefree": 1e-2, "adamw": 1e-2}},
+}
 
 
 class TrainConfig(StrictModel):
@@ -292,7 +298,8 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "schedulefree"] = Field(
-        "adam", description="adam (the reference's), adamw, or schedulefree: schedule-free AdamW (needs schedule: constant)"
+        "adam",
+        description="adam (the reference's), adamw, or schedulefree: schedule-free AdamW (schedule: constant, its default)",
     )
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's beta1, beta2")
     weight_decay: float = Field(0.0, ge=0, description="adamw and schedulefree: decoupled weight decay")
@@ -326,6 +333,8 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _optimizer_rules(self) -> TrainConfig:
+        if self.optimizer == "schedulefree" and "schedule" not in self.model_fields_set:
+            self.schedule = "constant"  # the one schedule it takes
         if self.optimizer == "schedulefree" and self.schedule != "constant":
             raise ValueError(
                 f"optimizer=schedulefree takes no decay schedule (it averages its iterates instead); "
@@ -369,18 +378,30 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _finetune_defaults(self) -> Config:
-        """``loss.preset: finetune`` brings the recipe's own defaults for every key not given:
-        AdamW at 5e-5, no warmup, linear decay to 0 (Karvonen 2025's code), and unit decoder rows
-        kept by projection (`saes.decoder_norm`); ``loss.preset: adapter`` the same `train` keys
-        (5e-5 is also Chen et al.'s AdamW rate)."""
+        """``loss.preset: finetune`` keeps unit decoder rows by projection (`saes.decoder_norm`,
+        Karvonen 2025) unless given; it and ``loss.preset: adapter`` bring their training defaults
+        (`_preset_train`)."""
         if self.saes.decoder_norm is None:
             self.saes.decoder_norm = "project" if self.loss.preset == "finetune" else "reparam"
-        if self.loss.preset in ("finetune", "adapter"):  # the adapter preset: the same short-budget schedule
-            given = set(self.train.model_fields_set)
-            for key, value in FINETUNE_TRAIN_DEFAULTS.items():
-                if key not in given:
-                    setattr(self.train, key, value)
+        if self.loss.preset in PRESET_TRAIN:
+            self._preset_train(PRESET_TRAIN[self.loss.preset])
         return self
+
+    def _preset_train(self, preset: dict[str, Any]) -> None:
+        """Every `train` key the config leaves out, from `PRESET_TRAIN`: the optimizer (AdamW where
+        a decay schedule is given, which schedule-free takes none of), that optimizer's rate, its
+        schedule (constant for schedule-free, else linear decay to 0), no warmup."""
+        t, given = self.train, set(self.train.model_fields_set)
+        if "optimizer" not in given:
+            t.optimizer = "adamw" if "schedule" in given and t.schedule != "constant" else preset["optimizer"]
+        if "lr" not in given:
+            t.lr = preset["lr"].get(t.optimizer, preset["lr"]["adamw"])
+        if "schedule" not in given:
+            t.schedule = "constant" if t.optimizer == "schedulefree" else "linear"
+        if "min_lr_factor" not in given:
+            t.min_lr_factor = 0.0
+        if "warmup_tokens" not in given:
+            t.warmup_tokens = 0
 
     @model_validator(mode="after")
     def _adapter_rules(self) -> Config:

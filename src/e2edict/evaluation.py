@@ -296,7 +296,7 @@ def _codes_only(backbone: Backbone, saes: dict[str, SAE], x: torch.Tensor) -> di
     out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
     outputs = {h: s.hook_name_out for h, s in saes.items() if s.hook_name_out}
     hooks = splice_hooks(saes, outputs, out)  # without logits the run ends at the last hook
-    layer = min(backbone.block_of(h) for h in saes)
+    layer = min(backbone.start_block(h) for h in saes)
     backbone.run_from(backbone.embed_to(x, layer), layer, hooks, logits=False)
     return out.codes
 
@@ -351,7 +351,7 @@ def _ablation(sae: SAE, h: str) -> dict:
 
 def _ce_with_hooks(backbone: Backbone, x: torch.Tensor, hooks: dict) -> float:
     """Summed next-token CE with the given hooks in place (from the block of the earliest)."""
-    layer = min(backbone.block_of(h) for h in hooks)
+    layer = min(backbone.start_block(h) for h in hooks)
     logits = backbone.run_from(backbone.embed_to(x, layer), layer, hooks)
     return next_token_ce(logits, x).sum().item()
 

@@ -53,7 +53,7 @@ def b_dec_from_data(saes: dict[str, SAE], backbone: Backbone, batches: list[torc
     """Set each SAE's ``b_dec`` to the mean or geometric median of the clean activations it
     reconstructs (a transcoder's: its output hook) over the token ``batches``."""
     targets = {h: sae.hook_name_out or h for h, sae in saes.items()}
-    first = min(backbone.block_of(h) for h in saes)
+    first = min(backbone.start_block(h) for h in saes)
     got: dict[str, list[torch.Tensor]] = {t: [] for t in targets.values()}
 
     def keep(name: str):

@@ -160,7 +160,7 @@ def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool,
     spliced run (with it) from the first SAE's block, or from the first adapted block where that is
     earlier; ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
-    first = min(backbone.block_of(h) for h in positions)
+    first = min(backbone.start_block(h) for h in positions)
     adapted = backbone.adapted_from()
     first = first if adapted is None else min(first, adapted)
     resid = backbone.embed_to(tokens, first)
@@ -179,7 +179,7 @@ def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool,
 def _local_run(backbone, saes, tokens, out: SpliceOutput) -> None:
     """Each SAE reads the clean activation; the run stops at the last hook it needs."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
-    first = min(backbone.block_of(h) for h in positions)
+    first = min(backbone.start_block(h) for h in positions)
     hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values())}
     with torch.no_grad():  # without logits the run ends at the last hook
         backbone.run_from(backbone.embed_to(tokens, first), first, hooks, logits=False)
@@ -304,5 +304,9 @@ def _sae_terms(saes, out: SpliceOutput, weights: LossWeights, full: bool) -> tup
         core.release_forward()  # every term of this forward is computed
         for name, (coeff, value) in parts.items():
             terms[name] = value
+            if coeff == 0:  # logged, not in the loss: no backward through it (a TopK code's sum, say)
+                continue
             total = coeff * value if total is None else total + coeff * value
+    if total is None:
+        total = torch.zeros((), device=next(iter(terms.values())).device) if terms else torch.zeros(())
     return terms, total

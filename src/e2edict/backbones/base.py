@@ -151,6 +151,13 @@ class Backbone(ABC):
             raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block")
         return int(m.group(1))
 
+    def start_block(self, hook_name: str) -> int:
+        """The first block a run must execute for this hook to fire: the shared prefix runs the blocks
+        before it once. `block_of` unless the hook's activation is the next block's input (a block's
+        output, where the backbone places it at that input: `HFBackbone`), so neither run repeats
+        the block that computed it."""
+        return self.block_of(hook_name)
+
     def block_order(self, hook_name: str) -> int:
         """Position of a hook in the order of the forward pass."""
         return list(self.hook_shapes()).index(hook_name)

@@ -21,6 +21,7 @@ import re
 import torch
 from torch import nn
 
+from e2edict.backbones.activations import same_function, swapped
 from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
@@ -86,6 +87,15 @@ def _fp32_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.func.functional_call(norm, params, (x.float(),))
 
 
+def _tanh_gelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """GPT-2's GELU formula modules (transformers' ``NewGELUActivation``), whose forward the
+    backbone's own passes run as one kernel (`e2edict.backbones.activations`)."""
+    from transformers.activations import NewGELUActivation
+
+    gelus = [(m, "forward") for m in model.modules() if type(m) is NewGELUActivation]
+    return gelus if gelus and same_function(gelus[0][0]) else []
+
+
 class HFBackbone(Backbone):
     """A ``transformers`` causal LM behind the `Backbone` interface."""
 
@@ -101,7 +111,9 @@ class HFBackbone(Backbone):
         self.bos_token_id = int(found if found is not None else (bos_id(cfg) or 0))
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
+        self._gelus = _tanh_gelus(model)  # before the checks below, which run as every pass will
         self.shared_prefix = self._check_block_removal()
+        self._outputs_feed_next = self._check_outputs_feed_next()  # block i's output placed at block i+1's input
         self._final_norm = self._find_final_norm()  # the head's input: fp32 under bf16 (`run_from`), named by `e2edict hooks`
         self._head_ok = self._check_head()
 
@@ -219,6 +231,52 @@ class HFBackbone(Backbone):
             raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block ({self.blocks_path}.N)")
         return int(m.group(1))
 
+    def _output_alias(self, hook_name: str) -> str | None:
+        """``<blocks>.(i+1):input`` for the output hook ``<blocks>.i`` of every block but the last,
+        where the model feeds each block's output unchanged to the next (`_check_outputs_feed_next`);
+        else None. The hook then fires at that input: the same tensor, without running block i again."""
+        m = self._block_re.match(hook_name)
+        if not self._outputs_feed_next or m is None or hook_name != f"{self.blocks_path}.{m.group(1)}":
+            return None
+        nxt = int(m.group(1)) + 1
+        return f"{self.blocks_path}.{nxt}{INPUT_SUFFIX}" if nxt < self.n_layers else None
+
+    def start_block(self, hook_name: str) -> int:
+        alias = self._output_alias(hook_name)
+        return self.block_of(alias if alias is not None else hook_name)
+
+    def _check_outputs_feed_next(self) -> bool:
+        """Whether each block's output is exactly the next block's input (nothing between blocks
+        in the model's loop), seen on a 4-token run."""
+        if self.n_layers < 2:
+            return False
+        outs: dict[int, torch.Tensor] = {}
+        ins: dict[int, torch.Tensor] = {}
+
+        def post(i):
+            return lambda m, args, out: outs.__setitem__(i, _first_tensor(out))
+
+        def pre(i):
+            return lambda m, args, kwargs: ins.__setitem__(i, args[0] if args else kwargs["hidden_states"])
+
+        handles = [b.register_forward_hook(post(i)) for i, b in enumerate(self.blocks)]
+        handles += [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        self._probe(handles)
+        ok = all(i in outs and i + 1 in ins and torch.equal(outs[i], ins[i + 1]) for i in range(self.n_layers - 1))
+        if not ok:
+            log.info("block outputs of %s stay at the block (something runs between blocks)", self.name)
+        return ok
+
+    def _probe(self, handles: list) -> None:
+        """The model's own forward on 4 tokens, without a graph, with ``handles`` in place (then removed)."""
+        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=tokens, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
     def is_block_input(self, hook_name: str) -> bool:
         return hook_name == f"{self.blocks_path}.{self.block_of(hook_name)}{INPUT_SUFFIX}"
 
@@ -237,7 +295,7 @@ class HFBackbone(Backbone):
     def _register(self, hooks: dict[str, HookFn]) -> list:
         handles = []
         for name, fn in hooks.items():
-            module, is_input = self._module(name)
+            module, is_input = self._module(self._output_alias(name) or name)
             if is_input:
 
                 def pre(module, args, kwargs, fn=fn):
@@ -268,7 +326,7 @@ class HFBackbone(Backbone):
 
         handle = self.blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), swapped(self._gelus):
                 self.model(input_ids=tokens, use_cache=False)
         except StopForward:
             pass
@@ -306,7 +364,6 @@ class HFBackbone(Backbone):
     def _find_final_norm(self) -> nn.Module | None:
         """The module whose output is the head's input (the final norm), found on a 4-token run;
         None where the head's input is not one module's output."""
-        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
         outputs: dict[tuple[int, int], nn.Module] = {}  # by storage and size: the head may get a view of it
         got: list[torch.Tensor] = []
         handles = [
@@ -315,12 +372,7 @@ class HFBackbone(Backbone):
             if "norm" in type(m).__name__.lower() and not name.startswith(self.blocks_path + ".")
         ]
         handles.append(self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0])))
-        try:
-            with torch.no_grad():
-                self.model(input_ids=tokens, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        self._probe(handles)
         norm = outputs.get(_key(got[0])) if got else None
         if norm is None:
             return None
@@ -352,7 +404,8 @@ class HFBackbone(Backbone):
         try:
             if remove and layer > 0:
                 setattr(parent, attr, nn.ModuleList(list(self.blocks)[layer:]))
-            out = self.model(inputs_embeds=embeds, use_cache=False)
+            with swapped(self._gelus):
+                out = self.model(inputs_embeds=embeds, use_cache=False)
         except StopForward:
             return None
         finally:

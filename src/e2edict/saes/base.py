@@ -35,6 +35,10 @@ registry: dict[str, type[SAE]] = {}
 # TopK's k / d_sae, a ReLU SAE's active fraction, a JumpReLU SAE's (with θ's window). A
 # whole SAE step on the 2-core CPU breaks even near 2% (benchmarks/sparse_decode.py).
 SPARSE_DECODE_FRACTION = 1 / 64
+# A TopK SAE takes its k-gather path (`TopKSAE._forward_fixed_k`) below this k / d_sae: its
+# crossover with the dense path lay between 1/32 and 1/8 at the embedded model's SAE (128 x 1,024,
+# 2,048 tokens) and near 1/12 at GPT-2's (768 x 24,576, 512 tokens) (benchmarks/sparse_decode.py).
+TOPK_GATHER_FRACTION = 1 / 16
 
 
 def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,8 +45,7 @@ def load_source(spec: str) -> tuple[dict[str, SAE], str]:
         return load_saes(path), "saelens_layout"
     except E2EDictError as e:
         raise E2EDictError(
-            f"saes.init_from {spec!r} is neither a run directory, an SAE folder (SAELens layout) nor a sparsify "
-            f"folder ({e})"
+            f"saes.init_from {spec!r} is neither a run directory, an SAE folder (SAELens layout) nor a sparsify folder ({e})"
         ) from None
 
 

@@ -130,3 +130,43 @@ class SparseEncode(torch.autograd.Function):
     def backward(ctx, grad_vals: torch.Tensor):
         x, W_T = ctx.saved_tensors
         return (*_encoder_grads(ctx, x, W_T, ctx.pairs, grad_vals), None, None)
+
+
+class TopKEncode(torch.autograd.Function):
+    """A TopK encoder's k largest pre-activations per token and their latents: ``x W_T^T + b``
+    (one dense product, without a graph), then ``topk``; [tokens, k] values and ids.
+
+    Every token has exactly k pairs, so there is no ragged layout to build (`Pairs`): the ids are
+    the bags of ``embedding_bag`` as they are. The backward touches only those pairs: the input's
+    gradient is a gather of k encoder rows per token, weighted by the values' gradients
+    (``embedding_bag``), and the encoder's is that gather's own weight gradient with the input as
+    its output gradient (one row update per pair); autograd's dense backward would instead scatter
+    into [tokens, d_sae] and run two [tokens, d_sae, d_in] products."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W_T: torch.Tensor, b: torch.Tensor, k: int):
+        pre = torch.addmm(b, x, W_T.T)
+        top, idx = pre.topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x, W_T, idx)
+        ctx.mark_non_differentiable(idx)
+        return top, idx
+
+    @staticmethod
+    def backward(ctx, grad_top: torch.Tensor, _grad_idx):
+        x, W_T, idx = ctx.saved_tensors
+        gv = grad_top.contiguous().to(W_T.dtype)
+        with torch.enable_grad():
+            W = W_T.detach().requires_grad_(True)
+            grad_x = F.embedding_bag(idx, W, mode="sum", per_sample_weights=gv)
+            (grad_W,) = torch.autograd.grad(grad_x, W, grad_outputs=x.to(W.dtype)) if ctx.needs_input_grad[1] else (None,)
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_T.shape[0], dtype=W_T.dtype, device=W_T.device).index_add_(0, idx.reshape(-1), gv.reshape(-1))
+        grad_x = grad_x.detach().to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W, grad_b, None
+
+
+def decode_fixed_k(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, row_norms: torch.Tensor) -> torch.Tensor:
+    """``sum_j vals_tj W[idx_tj] / row_norms[idx_tj]`` per token, reading k dictionary rows each
+    (``embedding_bag``, whose backward writes only those rows and the values' dot products)."""
+    return F.embedding_bag(idx, W, mode="sum", per_sample_weights=vals.to(W.dtype) / row_norms[idx])

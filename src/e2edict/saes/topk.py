@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, affine, check_tensor, sparse_path_allowed
+from e2edict.saes.base import TOPK_GATHER_FRACTION, affine, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
-from e2edict.saes.sparse import Pairs
+from e2edict.saes.sparse import TopKEncode, decode_fixed_k
 
 
 class TopKSAE(ReLUSAE):
@@ -42,8 +42,7 @@ class TopKSAE(ReLUSAE):
         if not 1 <= k <= d_sae:
             raise E2EDictError(f"k must lie in [1, d_sae={d_sae}], got {k}")
         self.k = k
-        self.sparse_decode = (k / d_sae < SPARSE_DECODE_FRACTION) if sparse_decode is None else sparse_decode
-        self._sparse_auto = sparse_decode is None  # chosen here, so a GPU input still takes the dense path
+        self.sparse_decode = sparse_decode  # None: the gather path where the input allows it (`_fixed_k_ok`)
         # AuxK (Gao et al. 2024): dead latents learn to explain the residual error
         self.auxk_coeff, self.auxk_k, self.dead_tokens = auxk_coeff, auxk_k or max(1, d_in // 2), dead_tokens
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
@@ -114,19 +113,33 @@ class TopKSAE(ReLUSAE):
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        auto_ok = not self._sparse_auto or sparse_path_allowed(x)
-        if self.sparse_decode and auto_ok and x.dtype == self.W_dec.dtype:
-            # the k selected latents with a positive value are the active pairs
-            xin = self.centered(x).reshape(-1, self.d_in)
-            with torch.no_grad():
-                pre = torch.addmm(self.b_enc, xin, self.W_enc)
-            top, idx = pre.topk(self.k, dim=-1, sorted=False)
-            x_hat, c = self._decode_active(xin, pre, Pairs.of_rows(idx, top > 0)[0], x.shape[:-1])
+        if self._fixed_k_ok(x):
+            x_hat, c = self._forward_fixed_k(x)
         else:
             c = self.encode(x)
             x_hat = self.decode(c)
         self._track_dead(c)
         return x_hat, c
+
+    def _fixed_k_ok(self, x: torch.Tensor) -> bool:
+        """The gather path (`_forward_fixed_k`): chosen automatically where the sparse paths may run
+        (`sparse_path_allowed`: a CPU, fp32 or fp64) and k / d_sae is below `TOPK_GATHER_FRACTION`;
+        ``sparse_decode`` True forces it (in the weights' dtype), False keeps the dense products."""
+        if self.sparse_decode is None:
+            small = self.k < self.d_sae * TOPK_GATHER_FRACTION
+            return small and sparse_path_allowed(x) and x.dtype == self.W_dec.dtype
+        return bool(self.sparse_decode) and x.dtype == self.W_dec.dtype
+
+    def _forward_fixed_k(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactly k pairs per token: the encoder's k values and ids (`TopKEncode`), the decode a
+        gather of those k dictionary rows (`decode_fixed_k`); the dense code is their scatter."""
+        lead = x.shape[:-1]
+        xin = self.centered(x).reshape(-1, self.d_in)
+        top, idx = TopKEncode.apply(xin, self.W_enc_T, self.b_enc, self.k)
+        vals = torch.relu(top)
+        x_hat = decode_fixed_k(vals, idx, self.W_dec, self.decoder_row_norms()) + self.b_dec
+        c = torch.zeros(xin.shape[0], self.d_sae, dtype=vals.dtype, device=vals.device).scatter(1, idx, vals)
+        return x_hat.view(*lead, self.d_out), c.view(*lead, self.d_sae)
 
     def saelens_cfg(self) -> dict[str, Any]:
         return {**super().saelens_cfg(), "k": self.k, "rescale_acts_by_decoder_norm": False}
