@@ -138,6 +138,44 @@ def test_block_output_hook_runs_its_block_once(hf_tiny, monkeypatch, preset):
     assert calls_a == 1 and calls_b == (1 if preset == "local" else 2)
 
 
+def test_a_moved_output_hook_runs_before_the_next_inputs_own(hf_tiny, tl_tiny, monkeypatch):
+    """Block 1's output hook and block 2's input hook sit on the same tensor once the first is
+    moved (`Backbone.at_block_inputs`); whatever the order of the dict, the output's hook runs first
+    and the input's sees its replacement, as when it ran at block 1 itself."""
+    x = _tokens(seed=4)
+
+    def run(bb, out_hook, in_hook, first_is_input):
+        seen = {}
+
+        def double(act):
+            return act * 2.0
+
+        def keep(act):
+            seen["in"] = act
+
+        hooks = {in_hook: keep, out_hook: double} if first_is_input else {out_hook: double, in_hook: keep}
+        with torch.no_grad():
+            logits = bb.run_from(bb.embed_to(x, 1), 1, hooks)
+        return seen["in"], logits
+
+    for bb, out_hook, in_hook in ((hf_tiny, "transformer.h.1", "transformer.h.2:input"),
+                                  (tl_tiny, "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre")):  # fmt: skip
+        assert bb.start_block(out_hook) == 2
+        ref_logits = None
+        with torch.no_grad():
+            plain = bb.run_from(bb.embed_to(x, 2), 2, {})
+        for first_is_input in (True, False):
+            got_in, logits = run(bb, out_hook, in_hook, first_is_input)
+            torch.testing.assert_close(got_in, 2.0 * bb.embed_to(x, 2), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(logits, plain, atol=1e-3)
+            if ref_logits is not None:
+                torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+            ref_logits = logits
+    monkeypatch.setattr(hf_tiny, "_outputs_feed_next", False)  # at block 1 itself: the same
+    got_in, logits = run(hf_tiny, "transformer.h.1", "transformer.h.2:input", True)
+    torch.testing.assert_close(got_in, 2.0 * hf_tiny.embed_to(x, 2), atol=1e-5, rtol=1e-5)
+
+
 def test_block_output_stays_at_the_block_when_something_runs_between_blocks():
     """A model that changes the residual stream between blocks (here a pre-hook on block 1) keeps
     block outputs at their block: block 0's output is not block 1's input there."""

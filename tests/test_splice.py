@@ -219,14 +219,28 @@ print(mapped_while_alive() > 90e6, keep_freed_memory(), mapped_while_alive() > 9
     assert r.stdout.split() == ["True", "True", "False"]
 
 
+def _graph(t: torch.Tensor) -> set:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    return seen
+
+
 def test_zero_weighted_terms_are_logged_but_not_in_the_loss(small_backbone):
     """A term whose coefficient is 0 is reported but adds nothing to the loss, so no backward runs
-    through it (the graph of the loss does not reach the code's sum)."""
+    through it: the loss's graph does not reach the term's node (it does at a coefficient > 0)."""
     h = "blocks.1.hook_resid_pre"
     sae = make_saes(small_backbone, [h])[h]
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(3))
     out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=1.0))
     assert out.terms[f"sparsity/{h}"].item() > 0
     assert torch.equal(out.loss, out.terms[f"local/{h}"])
+    assert out.terms[f"sparsity/{h}"].grad_fn not in _graph(out.loss)
     out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=0.0, kl=1.0))
     assert torch.equal(out.loss, out.terms["kl"]) and out.loss.requires_grad
+    assert out.terms[f"sparsity/{h}"].grad_fn not in _graph(out.loss)
+    out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.5}, local=1.0))
+    assert out.terms[f"sparsity/{h}"].grad_fn in _graph(out.loss)

@@ -284,11 +284,12 @@ class AdapterConfig(StrictModel):
 # What loss.preset finetune and adapter set in `train` where the config does not (`Config._preset_train`):
 # the optimizer and rates benchmarks/short_budget.py found best at short budgets (30k tokens, 5% of
 # the sources' training, and 60k) on the embedded model, by the worst gap closed over a ReLU and a TopK
-# source (docs/performance.md, "Short budgets"); "adamw" also serves an "adam" given without a rate.
-# The papers' AdamW 5e-5 (Karvonen; Chen et al.) closed 8-20% (finetune) and 0.5-2% (adapter) there.
+# source (docs/performance.md, "Short budgets"). The rate was also AdamW's best there, so it serves
+# any optimizer given without a rate. The papers' AdamW 5e-5 (Karvonen; Chen et al.) closed 8-20%
+# (finetune) and 0.5-2% (adapter) there.
 PRESET_TRAIN = {
-    "finetune": {"optimizer": "schedulefree", "lr": {"schedulefree": 1e-3, "adamw": 1e-3}},
-    "adapter": {"optimizer": "schedulefree", "lr": {"schedulefree": 1e-2, "adamw": 1e-2}},
+    "finetune": {"optimizer": "schedulefree", "lr": 1e-3},
+    "adapter": {"optimizer": "schedulefree", "lr": 1e-2},
 }
 
 
@@ -389,13 +390,13 @@ class Config(StrictModel):
 
     def _preset_train(self, preset: dict[str, Any]) -> None:
         """Every `train` key the config leaves out, from `PRESET_TRAIN`: the optimizer (AdamW where
-        a decay schedule is given, which schedule-free takes none of), that optimizer's rate, its
+        a decay schedule is given, which schedule-free takes none of), the rate, the optimizer's
         schedule (constant for schedule-free, else linear decay to 0), no warmup."""
         t, given = self.train, set(self.train.model_fields_set)
         if "optimizer" not in given:
             t.optimizer = "adamw" if "schedule" in given and t.schedule != "constant" else preset["optimizer"]
         if "lr" not in given:
-            t.lr = preset["lr"].get(t.optimizer, preset["lr"]["adamw"])
+            t.lr = preset["lr"]
         if "schedule" not in given:
             t.schedule = "constant" if t.optimizer == "schedulefree" else "linear"
         if "min_lr_factor" not in given:

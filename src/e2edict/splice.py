@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from e2edict.backbones.base import Backbone
+from e2edict.backbones.base import Backbone, chain
 from e2edict.errors import E2EDictError
 from e2edict.losses import downstream_loss, head_kl_loss, kl_alpha, kl_loss
 from e2edict.saes.base import SAE
@@ -246,18 +246,7 @@ def _capture(store: dict[str, torch.Tensor], name: str):
 
 def _add_hook(hooks: dict, name: str, fn) -> None:
     """Add ``fn`` at ``name``, after any hook already there (which may have replaced the activation)."""
-    first = hooks.get(name)
-    if first is None:
-        hooks[name] = fn
-        return
-
-    def both(act: torch.Tensor):
-        new = first(act)
-        act = act if new is None else new
-        again = fn(act)
-        return act if again is None else again
-
-    hooks[name] = both
+    hooks[name] = fn if name not in hooks else chain(hooks[name], fn)
 
 
 def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutput) -> dict:

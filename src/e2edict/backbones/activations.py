@@ -31,6 +31,12 @@ def same_function(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         return bool(torch.allclose(fn(x), tanh_gelu(x), atol=1e-6, rtol=1e-5))
 
 
+def checked(targets: list[tuple[object, str]]) -> list[tuple[object, str]]:
+    """``targets`` (``(object, attribute)`` pairs holding the formula) where the first computes
+    `tanh_gelu` (`same_function`), else none: what the backbone's passes may swap (`swapped`)."""
+    return targets if targets and same_function(getattr(*targets[0])) else []
+
+
 @contextlib.contextmanager
 def swapped(targets: list[tuple[object, str]]) -> Iterator[None]:
     """Each ``(object, attribute)`` set to `tanh_gelu` on the instance for the duration, then

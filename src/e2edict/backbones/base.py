@@ -151,12 +151,32 @@ class Backbone(ABC):
             raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block")
         return int(m.group(1))
 
+    def next_block_input(self, hook_name: str) -> str | None:
+        """The next block's input hook where ``hook_name`` is a block's output that is the same
+        tensor (every block but the last, where the backbone knows it); else None."""
+        return None
+
     def start_block(self, hook_name: str) -> int:
         """The first block a run must execute for this hook to fire: the shared prefix runs the blocks
-        before it once. `block_of` unless the hook's activation is the next block's input (a block's
-        output, where the backbone places it at that input: `HFBackbone`), so neither run repeats
-        the block that computed it."""
-        return self.block_of(hook_name)
+        before it once. A block's output hook fires at the next block's input (`at_block_inputs`),
+        so neither the clean nor the spliced run repeats the block that computed it."""
+        return self.block_of(self.next_block_input(hook_name) or hook_name)
+
+    def at_block_inputs(self, hooks: dict[str, HookFn]) -> dict[str, HookFn]:
+        """``hooks`` with each block output's hook at the next block's input (`next_block_input`),
+        so a run may start there; where that input has a hook too, the output's runs first."""
+        if not any(self.next_block_input(h) for h in hooks):
+            return hooks
+        moved: dict[str, HookFn] = {}
+        for name, fn in hooks.items():
+            at = self.next_block_input(name) or name
+            if at not in moved:
+                moved[at] = fn
+            elif name == at:  # the input's own hook, after the moved output's
+                moved[at] = chain(moved[at], fn)
+            else:
+                moved[at] = chain(fn, moved[at])
+        return moved
 
     def block_order(self, hook_name: str) -> int:
         """Position of a hook in the order of the forward pass."""
@@ -265,6 +285,18 @@ class Backbone(ABC):
         if final != hook_name:
             hooks.append(final)
         return hooks
+
+
+def chain(first: HookFn, then: HookFn) -> HookFn:
+    """One hook: ``first``, then ``then`` on the activation ``first`` left (its replacement, if any)."""
+
+    def both(act: torch.Tensor):
+        new = first(act)
+        act = act if new is None else new
+        again = then(act)
+        return act if again is None else again
+
+    return both
 
 
 VOCAB_ALIGN = 64  # GEMM-friendly vocabulary width (Hopper's fast bf16 kernels want multiples of 8; 64 for tiles)

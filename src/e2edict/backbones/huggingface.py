@@ -21,7 +21,7 @@ import re
 import torch
 from torch import nn
 
-from e2edict.backbones.activations import same_function, swapped
+from e2edict.backbones.activations import checked, swapped
 from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
@@ -92,8 +92,7 @@ def _tanh_gelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     backbone's own passes run as one kernel (`e2edict.backbones.activations`)."""
     from transformers.activations import NewGELUActivation
 
-    gelus = [(m, "forward") for m in model.modules() if type(m) is NewGELUActivation]
-    return gelus if gelus and same_function(gelus[0][0]) else []
+    return checked([(m, "forward") for m in model.modules() if type(m) is NewGELUActivation])
 
 
 class HFBackbone(Backbone):
@@ -231,19 +230,14 @@ class HFBackbone(Backbone):
             raise E2EDictError(f"hook {hook_name!r} is not inside a transformer block ({self.blocks_path}.N)")
         return int(m.group(1))
 
-    def _output_alias(self, hook_name: str) -> str | None:
+    def next_block_input(self, hook_name: str) -> str | None:
         """``<blocks>.(i+1):input`` for the output hook ``<blocks>.i`` of every block but the last,
-        where the model feeds each block's output unchanged to the next (`_check_outputs_feed_next`);
-        else None. The hook then fires at that input: the same tensor, without running block i again."""
+        where the model feeds each block's output unchanged to the next (`_check_outputs_feed_next`)."""
         m = self._block_re.match(hook_name)
         if not self._outputs_feed_next or m is None or hook_name != f"{self.blocks_path}.{m.group(1)}":
             return None
         nxt = int(m.group(1)) + 1
         return f"{self.blocks_path}.{nxt}{INPUT_SUFFIX}" if nxt < self.n_layers else None
-
-    def start_block(self, hook_name: str) -> int:
-        alias = self._output_alias(hook_name)
-        return self.block_of(alias if alias is not None else hook_name)
 
     def _check_outputs_feed_next(self) -> bool:
         """Whether each block's output is exactly the next block's input (nothing between blocks
@@ -295,7 +289,7 @@ class HFBackbone(Backbone):
     def _register(self, hooks: dict[str, HookFn]) -> list:
         handles = []
         for name, fn in hooks.items():
-            module, is_input = self._module(self._output_alias(name) or name)
+            module, is_input = self._module(name)
             if is_input:
 
                 def pre(module, args, kwargs, fn=fn):
@@ -335,6 +329,7 @@ class HFBackbone(Backbone):
         return got[0]
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
+        hooks = self.at_block_inputs(hooks)
         if not hidden:
             if not logits:
                 hooks = self.stop_after_last(hooks)

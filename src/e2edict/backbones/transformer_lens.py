@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from e2edict.backbones.activations import same_function, swapped
+from e2edict.backbones.activations import checked, swapped
 from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
 from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
@@ -31,16 +31,6 @@ def _residual_only(hooks: dict) -> bool:
 def _replaced(fn, act: torch.Tensor) -> torch.Tensor:
     new = fn(act)
     return act if new is None else new
-
-
-def _chained(first: HookFn, then: HookFn) -> HookFn:
-    """One hook running ``first``, then ``then`` on what ``first`` left (its replacement, if any)."""
-
-    def both(act: torch.Tensor):
-        act = _replaced(first, act)
-        return _replaced(then, act)
-
-    return both
 
 
 _HF_HOOK_RE = re.compile(r"^(?:[A-Za-z_][\w]*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
@@ -153,9 +143,8 @@ class TLBackbone(Backbone):
         self.bos_token_id = int(bos_id(tok) or 0)
         self._shapes: dict[str, tuple[int, ...]] | None = None
         # GPT-2's GELU formula as one kernel in the backbone's own runs (`e2edict.backbones.activations`)
-        acts = [(b.mlp, "act_fn") for b in model.blocks if getattr(getattr(b, "mlp", None), "act_fn", None) is not None]
-        acts = [(m, a) for m, a in acts if getattr(m.act_fn, "__name__", "") == "gelu_new"]
-        self._gelus = acts if acts and same_function(acts[0][0].act_fn) else []
+        mlps = [getattr(b, "mlp", None) for b in model.blocks]
+        self._gelus = checked([(m, "act_fn") for m in mlps if getattr(getattr(m, "act_fn", None), "__name__", "") == "gelu_new"])
 
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
@@ -207,35 +196,15 @@ class TLBackbone(Backbone):
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
         with self._weights_once(), swapped(self._gelus):
-            return self._run_from(resid, layer, self._at_next_input(hooks), logits, hidden)
+            return self._run_from(resid, layer, self.at_block_inputs(hooks), logits, hidden)
 
-    def start_block(self, hook_name: str) -> int:
-        alias = self._next_input(hook_name)
-        return self.block_of(alias if alias is not None else hook_name)
-
-    def _next_input(self, hook_name: str) -> str | None:
+    def next_block_input(self, hook_name: str) -> str | None:
         """``blocks.(i+1).hook_resid_pre`` for ``blocks.i.hook_resid_post`` of every block but the
-        last (TransformerLens feeds a block's output to the next unchanged); else None."""
+        last (TransformerLens feeds a block's output to the next unchanged)."""
         m = _RESID_RE.match(hook_name)
         if m is None or m.group(2) != "post" or int(m.group(1)) + 1 >= self.n_layers:
             return None
         return f"blocks.{int(m.group(1)) + 1}.hook_resid_pre"
-
-    def _at_next_input(self, hooks: dict[str, HookFn]) -> dict[str, HookFn]:
-        """``hooks`` with each block output's hook at the next block's input (`start_block`): the run
-        may then start there. Where that input has a hook too, the output's runs first."""
-        if not any(self._next_input(h) for h in hooks):
-            return hooks
-        moved: dict[str, HookFn] = {}
-        for name, fn in hooks.items():
-            at = self._next_input(name) or name
-            if at not in moved:
-                moved[at] = fn
-            elif name == at:  # the input's own hook, after the moved output's
-                moved[at] = _chained(moved[at], fn)
-            else:
-                moved[at] = _chained(fn, moved[at])
-        return moved
 
     def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, hidden: bool):
         if _residual_only(hooks):

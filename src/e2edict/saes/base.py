@@ -32,7 +32,7 @@ SAELENS_VERSION = "6.0.0"
 registry: dict[str, type[SAE]] = {}
 
 # Take the sparse path (active pairs only) when fewer than this fraction of the latents is active:
-# TopK's k / d_sae, a ReLU SAE's active fraction, a JumpReLU SAE's (with θ's window). A
+# a ReLU SAE's active fraction, a JumpReLU SAE's (with θ's window; TopK: `TOPK_GATHER_FRACTION`). A
 # whole SAE step on the 2-core CPU breaks even near 2% (benchmarks/sparse_decode.py).
 SPARSE_DECODE_FRACTION = 1 / 64
 # A TopK SAE takes its k-gather path (`TopKSAE._forward_fixed_k`) below this k / d_sae: its
