@@ -13,7 +13,8 @@ and read-back cadence), and reports:
   step's own share above what was allocated before it;
 - FLOPs per token (``torch.utils.flop_counter``) and the achieved fraction of this card's
   measured bf16 matmul peak;
-- ``compile``: the first step's time (compiling) and the steady rate under ``torch.compile``;
+- ``compile``: the first step's time (compiling) and the steady rate under ``torch.compile``
+  (both backbones), and with ``mode="reduce-overhead"`` (CUDA graphs, ``train.compile_mode``);
 - ``eval`` / ``report``: `evaluate_saes` over 65,536 tokens (alive over 500k) and the HTML
   report on 64 sequences, with the host's resident-memory growth (nothing [tokens, d_sae] on it).
 
@@ -39,7 +40,7 @@ SHAPES = {  # n_layers, d_model, n_heads, d_mlp, vocab, n_ctx, batch, layer
     "gpt2": (12, 768, 12, 3072, 50257, 1024, 8, 6),
     "small": (4, 64, 4, 256, 1000, 64, 4, 2),
 }
-# name: (backend, architecture, preset, k, precision, batch multiplier, compile)
+# name: (backend, architecture, preset, k, precision, batch multiplier, compile: False or a torch.compile mode)
 CASES = {
     "tl-e2e-relu": ("tl", "relu", "e2e", None, "bf16", 1, False),
     "tl-e2e-relu-tf32": ("tl", "relu", "e2e", None, "fp32", 1, False),
@@ -52,8 +53,11 @@ CASES = {
     "hf-e2e-topk": ("hf", "topk", "e2e", 32, "bf16", 1, False),
     "hf-local-relu": ("hf", "relu", "local", None, "bf16", 1, False),
     "tl-e2e-relu-b32": ("tl", "relu", "e2e", None, "bf16", 4, False),
-    "tl-e2e-relu-compile": ("tl", "relu", "e2e", None, "bf16", 1, True),
+    "tl-e2e-relu-compile": ("tl", "relu", "e2e", None, "bf16", 1, "default"),
     "eval-report": ("tl", "relu", "e2e", None, "fp32", 1, False),
+    # last, so that a session cut short by its time box still has every case above
+    "hf-e2e-relu-compile": ("hf", "relu", "e2e", None, "bf16", 1, "default"),
+    "tl-e2e-relu-cudagraphs": ("tl", "relu", "e2e", None, "bf16", 1, "reduce-overhead"),
 }
 TARGET_L0 = 50  # a ReLU SAE at the L0 a trained one has, not the ~50% of a fresh one
 
@@ -239,6 +243,8 @@ def main() -> None:
             row["fraction_of_bf16_peak"] = row["flops_per_token"] * row["tokens_per_s"] / peak
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:  # after every case: a time box that cuts the run keeps what finished
+            Path(args.json).write_text(json.dumps({"device": where, "bf16_peak_flops": peak, "rows": rows}, indent=2))
     by = {r["case"]: r for r in rows}
     print(f"\n{'case':<22} {'tok/s':>9} {'peak GiB':>9} {'step GiB':>9} {'GFLOP/tok':>9} {'of peak':>8} {'L0':>6}")
     for r in rows:
@@ -254,20 +260,21 @@ def main() -> None:
         ("local / e2e", "tl-local-relu", "tl-e2e-relu"),
         ("hf / tl (e2e)", "hf-e2e-relu", "tl-e2e-relu"),
         ("compiled / eager", "tl-e2e-relu-compile", "tl-e2e-relu"),
+        ("hf compiled / eager", "hf-e2e-relu-compile", "hf-e2e-relu"),
+        ("cuda graphs / compiled", "tl-e2e-relu-cudagraphs", "tl-e2e-relu-compile"),
     ]
     for label, a, b in ratios:
         if a in by and b in by:
             print(f"{label:<22} {by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f}x")
-    if "tl-e2e-relu-compile" in by:
-        print(f"compile: first step {by['tl-e2e-relu-compile']['first_step_s']:.1f} s")
+    for case in ("tl-e2e-relu-compile", "hf-e2e-relu-compile", "tl-e2e-relu-cudagraphs"):
+        if case in by:
+            print(f"{case}: first step (compiling) {by[case]['first_step_s']:.1f} s")
     if "eval-report" in by:
         e = by["eval-report"]
         print(
             f"eval {e['eval_s']:.1f} s (host RSS +{e['eval_rss_growth_mb']:.0f} MB), report {e['report_s']:.1f} s "
             f"(+{e['report_rss_growth_mb']:.0f} MB); dense codes would be {e['dense_codes_host_mb']:.0f} MB"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "bf16_peak_flops": peak, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,18 @@ def test_activations_and_logits_equal_transformer_lens(hf_tiny, tl_tiny):
         torch.testing.assert_close(got_hf[h], got_tl[h], atol=1e-4, rtol=1e-4)
 
 
+def _loss_and_grads(bb, sae, x, w) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = splice_forward(bb, {sae.hook_name: sae}, x, w)
+    out.loss.backward()
+    return out.loss.detach(), {n: q.grad.clone() for n, q in sae.named_parameters()}
+
+
+def _assert_same(a, b, atol: float, rtol_loss: float, rtol_grad: float) -> None:
+    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=rtol_loss)
+    for n in a[1]:
+        torch.testing.assert_close(a[1][n], b[1][n], atol=atol, rtol=rtol_grad)
+
+
 @pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
 def test_splice_losses_and_gradients_equal_transformer_lens(hf_tiny, tl_tiny, preset):
     from e2edict.losses import PRESETS
@@ -94,12 +106,8 @@ def test_splice_losses_and_gradients_equal_transformer_lens(hf_tiny, tl_tiny, pr
     for bb, sae, hook in ((hf_tiny, sae_hf, "transformer.h.1:input"), (tl_tiny, sae_tl, "blocks.1.hook_resid_pre")):
         ds = bb.resid_hooks_after(hook) if p["downstream"] else []
         w = LossWeights(sparsity={hook: 0.5}, local=p["local"], kl=p["kl"], downstream=p["downstream"], downstream_positions=ds)
-        out = splice_forward(bb, {hook: sae}, x, w)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: q.grad.clone() for n, q in sae.named_parameters()}))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
-    for n in results[0][1]:
-        torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-5, rtol=1e-3)
+        results.append(_loss_and_grads(bb, sae, x, w))
+    _assert_same(*results, atol=1e-5, rtol_loss=1e-4, rtol_grad=1e-3)
 
 
 @pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
@@ -183,6 +191,7 @@ def test_block_output_stays_at_the_block_when_something_runs_between_blocks():
     model.transformer.h[1].register_forward_pre_hook(lambda m, args: (args[0] * 2.0, *args[1:]) if args else None)
     bb = HFBackbone(model, tok, "tiny")
     assert not bb._outputs_feed_next and bb.start_block("transformer.h.0") == 0
+    assert not bb.plain  # calling the blocks in turn would miss what runs between them
 
 
 def test_without_block_removal_the_numbers_are_the_same(hf_tiny):
@@ -220,6 +229,77 @@ def small_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("small_llama")
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def _family(kind: str):
+    """A random 3-layer causal LM of each kind whose blocks take different arguments: GPT-2
+    (learned positions), Llama (rotary embeddings passed to every block), Gemma 2 (a sliding-window
+    mask on every other block, logit soft-capping)."""
+    from conftest import random_gpt2
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    common = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    if kind == "gpt2":
+        return random_gpt2(7, vocab_size=512, n_positions=64, n_embd=32, n_layer=3, n_head=4), "transformer.h"
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval(), "model.layers"
+    cfg = Gemma2Config(**common, head_dim=8, sliding_window=4, attn_implementation="eager")
+    return Gemma2ForCausalLM(cfg).eval(), "model.layers"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_blocks_called_in_turn_equal_the_models_own_forward(kind, preset, where, monkeypatch):
+    """Residual-stream hooks run the blocks one after the other with the arguments recorded from
+    the model's forward (`HFBackbone._run_plain`); the loss and every gradient equal the hooked
+    forward of the model itself, at two sequence lengths (each records its own arguments)."""
+    from e2edict.losses import PRESETS
+
+    model, blocks = _family(kind)
+    bb = HFBackbone(model, None, kind)
+    assert bb.plain
+    # Gemma 2 gives each block its mask by its index in the list: removing one block swaps them
+    assert bb.shared_prefix == (kind != "gemma2") == bb._check_block_removal(1) and bb._check_block_removal(2)
+    hook = f"{blocks}.1" + (":input" if where == "input" else "")
+    p = PRESETS[preset]
+    ds = bb.resid_hooks_after(hook) if p["downstream"] else []
+    w = LossWeights(sparsity={hook: 0.5}, local=p["local"], kl=p["kl"], downstream=p["downstream"], downstream_positions=ds)
+    for t in (12, 7):
+        x = torch.randint(1, 512, (3, t), generator=torch.Generator().manual_seed(t))
+        results = []
+        for plain in (True, False):
+            monkeypatch.setattr(bb, "plain", plain)
+            torch.manual_seed(0)
+            results.append(_loss_and_grads(bb, ReLUSAE(32, 64, hook_name=hook), x, w))
+        _assert_same(*results, atol=1e-6, rtol_loss=1e-5, rtol_grad=1e-4)
+    assert {k[0] for k in bb._calls} >= {12, 7}
+
+
+def test_no_block_is_called_through_a_registered_hook_when_called_in_turn(hf_tiny):
+    """The spliced run of residual-stream hooks registers nothing on the model and does not enter
+    the model's own forward (its mask building, the packed-sequence check): only the blocks run."""
+    entered = []
+    handle = hf_tiny.model.transformer.register_forward_pre_hook(lambda m, a, k: entered.append(1), with_kwargs=True)
+    x = _tokens(seed=6)
+    try:
+        resid = hf_tiny.embed_to(x, 1)  # the prefix is the model's forward, stopped at block 1
+        entered.clear()
+        with torch.no_grad():
+            hidden = hf_tiny.run_from(resid, 1, {"transformer.h.2:input": lambda a: a}, hidden=True)
+    finally:
+        handle.remove()
+    assert entered == [] and all(not b._forward_pre_hooks and not b._forward_hooks for b in hf_tiny.blocks)
+    got = []
+    h2 = hf_tiny.model.lm_head.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    try:
+        with torch.no_grad():
+            hf_tiny.model(input_ids=x)
+    finally:
+        h2.remove()
+    torch.testing.assert_close(hidden, got[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

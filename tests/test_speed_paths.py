@@ -139,19 +139,21 @@ def test_cast_to_bf16_and_restore_exactly(small_gpt2_dir, backend):
     assert all(after[k].dtype == v.dtype and after[k].equal(v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("backend", ["transformer_lens"])
+@pytest.mark.parametrize("backend", ["transformer_lens", "huggingface"])
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
 @pytest.mark.parametrize("preset", ["e2e", "e2e+ds", "local"])
 def test_step_reads_nothing_back_from_the_device(small_gpt2_dir, backend, arch, preset):
     """The forward and backward of a step on the meta device: any read of a value to the host
     (``.item()``, ``bool()``, a data-dependent size) raises there. So on a GPU, where the automatic
-    choices take the dense paths as they do on meta, the step queues without waiting."""
+    choices take the dense paths as they do on meta, the step queues without waiting. On the
+    Hugging Face model this includes transformers' own packed-sequence check in the prefix's
+    forward and in the one that records the blocks' arguments."""
     from e2edict.run import open_backbone
 
     bb = open_backbone(str(small_gpt2_dir), backend=backend)
     bb.hook_shapes()
     bb.model.to("meta")
-    h = "blocks.1.hook_resid_pre"
+    h = "blocks.1.hook_resid_pre" if backend == "transformer_lens" else "transformer.h.1:input"
     kw = {"k": 4} if "topk" in arch else {}
     sae = registry[arch](32, 256, h, **kw).to("meta")
     ds = bb.resid_hooks_after(h) if preset == "e2e+ds" else []
@@ -302,9 +304,11 @@ def test_gpt2_gelu_runs_as_one_kernel_only_inside_the_backbone(tiny_model):
     assert len(hf._gelus) == len(tl._gelus) == 4
     act = model.transformer.h[1].mlp.act
     seen = []
-    handle = act.register_forward_hook(lambda m, a, out: seen.append(torch.equal(out, tanh_gelu(a[0]))))
     x = torch.randint(1, 4096, (2, 16), generator=torch.Generator().manual_seed(5))
     x[:, 0] = 0
+    with torch.no_grad():  # once before: the one-time load checks and recordings for this length
+        hf.run_from(hf.embed_to(x, 1), 1, {})
+    handle = act.register_forward_hook(lambda m, a, out: seen.append(torch.equal(out, tanh_gelu(a[0]))))
     try:
         with torch.no_grad():
             ours = hf.run_from(hf.embed_to(x, 1), 1, {})

@@ -21,7 +21,7 @@ METHODS = {"finetune": "finetune recipe", "e2e": "plain e2e KL", "local": "more 
 
 def read(run: Path) -> dict:
     ev = json.loads((run / "eval.json").read_text())
-    (hook, m), = ev["saes"].items()
+    ((hook, m),) = ev["saes"].items()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("split") == "train"]
     wall = train[-1]["tokens"] / train[-1]["tokens_per_s"] if train else float("nan")

@@ -317,7 +317,10 @@ class TrainConfig(StrictModel):
     )
     tf32: bool = Field(True, description="allow TF32 matmuls on CUDA")
     compile: bool = Field(
-        False, description="torch.compile the whole step's forward (one graph on TransformerLens with residual-stream positions)"
+        False, description="torch.compile the step's forward after the shared prefix (one graph with residual-stream positions)"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile's mode under train.compile; reduce-overhead: CUDA graphs on a GPU"
     )
     reuse_cpu_memory: bool = Field(
         True, description="CPU on Linux: keep freed memory in the process (no page faults on SAE-sized tensors each step)"
@@ -343,6 +346,8 @@ class TrainConfig(StrictModel):
             )
         if self.optimizer == "adam" and self.weight_decay > 0:
             raise ValueError("weight_decay is decoupled weight decay: use optimizer=adamw or schedulefree, not adam")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} applies only under train.compile: true")
         return self
 
 
@@ -492,8 +497,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 # Overrides that leave what a run computes as it is: they do not rename it (`run_name_for`).
-_NEUTRAL_KEYS = ("name", "model.device", "train.compile", "train.log_every", "train.checkpoint_every_tokens",
-                 "train.keep_checkpoints", "train.reuse_cpu_memory", "eval.batch_size")  # fmt: skip
+_NEUTRAL_KEYS = ("name", "model.device", "train.compile", "train.compile_mode", "train.log_every",
+                 "train.checkpoint_every_tokens", "train.keep_checkpoints", "train.reuse_cpu_memory",
+                 "eval.batch_size")  # fmt: skip
 
 
 def run_name_for(name: str, overrides: list[str]) -> str:

@@ -77,6 +77,9 @@ def unwrap(module: torch.nn.Module) -> SAE:
         module = inner
 
 
+Prefix = tuple[int, torch.Tensor]  # the block the runs start at, and the residual stream entering it
+
+
 def splice_forward(
     backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights, full: bool = False
 ) -> SpliceOutput:
@@ -90,14 +93,33 @@ def splice_forward(
     return training_forward(backbone, saes, tokens, weights)
 
 
+def shared_prefix(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, two_runs: bool = True) -> Prefix:
+    """The blocks before the first SAE run once, without a graph: where the runs start, and the
+    residual stream there. For ``two_runs`` (clean and spliced) with an adapter they start at the
+    first adapted block where that is earlier (the clean run must not see it). The training step
+    computes this before its compiled region: the prefix needs no gradient, and a backbone may
+    run it through hooks."""
+    first = min(backbone.start_block(h) for h in saes)
+    adapted = backbone.adapted_from() if two_runs else None
+    first = first if adapted is None else min(first, adapted)
+    return first, backbone.embed_to(tokens, first)
+
+
 def training_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights) -> SpliceOutput:
-    """The loss of one step. e2e and e2e+ds: the clean run (no graph) and the spliced run, with
-    the KL from the final hidden states where the backbone has a fused head; each SAE in its
-    training behaviour (`SAE.training_splice`, e.g. one stacked copy of the batch per Matryoshka
-    prefix). Local: each SAE reads the clean activation, and nothing past the last SAE runs."""
+    """The loss of one step: its `shared_prefix`, then `training_forward_from` there."""
+    start = shared_prefix(backbone, saes, tokens, weights.needs_output)
+    return training_forward_from(backbone, saes, start, weights)
+
+
+def training_forward_from(backbone: Backbone, saes: dict[str, SAE], start: Prefix, weights: LossWeights) -> SpliceOutput:
+    """The loss of one step from its shared prefix. e2e and e2e+ds: the clean run (no graph) and
+    the spliced run, with the KL from the final hidden states where the backbone has a fused head;
+    each SAE in its training behaviour (`SAE.training_splice`, e.g. one stacked copy of the batch
+    per Matryoshka prefix). Local: each SAE reads the clean activation, and nothing past the last
+    SAE runs."""
     out = _new_output()
     if not weights.needs_output:
-        _local_run(backbone, saes, tokens, out)
+        _local_run(backbone, saes, start, out)
         out.terms, out.loss = _sae_terms(saes, out, weights, full=False)
         return out
     head = backbone.head() if weights.kl > 0 else None
@@ -107,7 +129,7 @@ def training_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Ten
         core.training_splice(True)
     try:
         logits, hidden = weights.kl > 0, head is not None
-        _two_runs(backbone, saes, tokens, weights.downstream_positions, out, logits=logits, hidden=hidden, copies=copies)
+        _two_runs(backbone, saes, start, weights.downstream_positions, out, logits=logits, hidden=hidden, copies=copies)
     finally:
         for core in cores:
             core.training_splice(False)
@@ -132,7 +154,7 @@ def evaluation_forward(
     with ``weights``' coefficients (none by default); the metrics (`e2edict.evaluation`) and the
     report compute what they need from the outputs and ask for none."""
     out = _new_output()
-    _two_runs(backbone, saes, tokens, downstream, out, logits=True, hidden=False, copies=1)
+    _two_runs(backbone, saes, shared_prefix(backbone, saes, tokens), downstream, out, logits=True, hidden=False, copies=1)
     if not terms:
         return out
     weights = weights or LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=downstream)
@@ -155,15 +177,11 @@ def _transcoder_outputs(saes: dict[str, SAE]) -> dict[str, str]:
     return outputs
 
 
-def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int) -> None:
-    """The shared prefix once, then the clean run (no graph, without the model's adapter) and the
-    spliced run (with it) from the first SAE's block, or from the first adapted block where that is
-    earlier; ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
+def _two_runs(backbone, saes, start: Prefix, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int) -> None:
+    """From the shared prefix, the clean run (no graph, without the model's adapter) and the
+    spliced run (with it); ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
-    first = min(backbone.start_block(h) for h in positions)
-    adapted = backbone.adapted_from()
-    first = first if adapted is None else min(first, adapted)
-    resid = backbone.embed_to(tokens, first)
+    first, resid = start
     hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values(), *ds_hooks)}
     with torch.no_grad(), backbone.original():
         out.logits_clean = backbone.run_from(resid, first, hooks, logits=logits, hidden=hidden)
@@ -176,13 +194,12 @@ def _two_runs(backbone, saes, tokens, ds_hooks, out: SpliceOutput, logits: bool,
         out.targets.setdefault(h, out.clean_acts[outputs[h]] if h in outputs else out.inputs[h])
 
 
-def _local_run(backbone, saes, tokens, out: SpliceOutput) -> None:
+def _local_run(backbone, saes, start: Prefix, out: SpliceOutput) -> None:
     """Each SAE reads the clean activation; the run stops at the last hook it needs."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
-    first = min(backbone.start_block(h) for h in positions)
     hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values())}
     with torch.no_grad():  # without logits the run ends at the last hook
-        backbone.run_from(backbone.embed_to(tokens, first), first, hooks, logits=False)
+        backbone.run_from(start[1], start[0], hooks, logits=False)
     for h in positions:
         out.recons[h], out.codes[h] = saes[h](out.clean_acts[h])
         out.inputs[h] = out.clean_acts[h]

@@ -22,7 +22,7 @@ from e2edict.backbones.base import Backbone
 from e2edict.distributed import DistContext
 from e2edict.errors import E2EDictError
 from e2edict.saes import SAE
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, Prefix, shared_prefix, training_forward_from
 
 _GRAD_PREFIX, _WEIGHT_PREFIX = "grad_norm/", "weight_norm/"
 
@@ -47,7 +47,9 @@ class TrainStep:
     sched: torch.optim.lr_scheduler.LRScheduler
     ctx: DistContext
     max_grad_norm: float | None = None
-    compile: bool = False  # torch.compile the whole forward (model, SAEs, losses, fused head); backward follows
+    # torch.compile the forward after the shared prefix (model, SAEs, losses, fused head; backward
+    # follows): False, True, or a torch.compile mode ("reduce-overhead": CUDA graphs on a GPU)
+    compile: bool | str = False
     project_decoders: bool = False  # saes.decoder_norm=project: rows kept unit by gradient projection + renormalisation
     adapter: Any = None  # an `e2edict.adapters.Adapter` trained in the same step, or None
     names: list[str] = field(default_factory=list)  # the entries of the returned vector, after the first call
@@ -57,14 +59,22 @@ class TrainStep:
         if self.adapter is not None:
             self.named += [(f"adapter.{n}", p) for n, p in self.adapter.named_parameters()]
         self.params = [p for _, p in self.named]
-        self.forward = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
+        mode = self.compile if isinstance(self.compile, str) and self.compile != "default" else None
+        self.forward = torch.compile(self._forward, dynamic=False, mode=mode) if self.compile else self._forward
+        # CUDA graphs replay into the same output memory: each micro-batch starts a new "step" for
+        # them, as its terms are copied (`forward_backward`) and its backward has run by the next one
+        self._graph_steps = mode == "reduce-overhead"
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one micro-batch and the logged terms: each loss term, the loss, and L0 (mean
-        active latents per token; one count over the whole tensor is ~7x cheaper than per token).
-        One graph under compile where the backbone runs its hooks as a plain function
-        (TransformerLens with residual-stream positions: `TLBackbone._run_plain`)."""
-        out = splice_forward(self.backbone, self.step_saes, x, self.weights)
+    def prefix(self, x: torch.Tensor) -> Prefix:
+        """The micro-batch's shared prefix (no graph), computed before the compiled region."""
+        return shared_prefix(self.backbone, self.step_saes, x, self.weights.needs_output)
+
+    def _forward(self, start: Prefix) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one micro-batch from its shared prefix, and the logged terms: each loss
+        term, the loss, and L0 (mean active latents per token; one count over the whole tensor is
+        ~7x cheaper than per token). One graph under compile where the backbone runs its hooks as
+        a plain function (residual-stream positions: `TLBackbone._run_plain`, `HFBackbone._run_plain`)."""
+        out = training_forward_from(self.backbone, self.step_saes, start, self.weights)
         terms = {**out.terms, "loss": out.loss}
         for h, c in out.codes.items():
             terms[f"l0/{h}"] = torch.count_nonzero(c) / max(1, c.numel() // c.shape[-1])
@@ -101,7 +111,10 @@ class TrainStep:
                 if self.ctx.enabled and i < n - 1:  # DDP averages once, after the last micro-batch
                     for m in self.step_saes.values():
                         no_sync.enter_context(m.no_sync())
-                loss, terms = self.forward(x)
+                start = self.prefix(x)
+                if self._graph_steps:
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss, terms = self.forward(start)
                 (loss / n).backward()
             for k, v in terms.items():
                 acc[k] = acc.get(k, 0.0) + v.detach().float() / n

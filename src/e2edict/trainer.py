@@ -243,7 +243,8 @@ def _open_run(cfg: Config, ctx: DistContext, out, overwrite: bool, resume: bool)
     step_saes = _speed_settings(cfg, setup, saes, ctx)
     weights = setup.loss_weights()
     step = TrainStep(
-        setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm, compile=t.compile,
+        setup.backbone, saes, step_saes, weights, opt, sched, ctx, t.max_grad_norm,
+        compile=t.compile and t.compile_mode,
         project_decoders=cfg.saes.decoder_norm == "project" and cfg.saes.trainable, adapter=setup.adapter,
     )  # fmt: skip
     if setup.adapter is not None:

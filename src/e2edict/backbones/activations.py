@@ -40,7 +40,14 @@ def checked(targets: list[tuple[object, str]]) -> list[tuple[object, str]]:
 @contextlib.contextmanager
 def swapped(targets: list[tuple[object, str]]) -> Iterator[None]:
     """Each ``(object, attribute)`` set to `tanh_gelu` on the instance for the duration, then
-    what it was (an instance attribute restored, one that shadowed the class's removed)."""
+    what it was (an instance attribute restored, one that shadowed the class's removed).
+
+    Nothing is swapped inside a region torch.compile traces: the compiler fuses the formula's
+    elementwise ops into one kernel itself, and it cannot replay a module's ``forward`` being
+    set and removed again."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     saved = [(obj, name, obj.__dict__.get(name, _ABSENT)) for obj, name in targets]
     for obj, name, _ in saved:
         setattr(obj, name, tanh_gelu)

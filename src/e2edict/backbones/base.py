@@ -287,6 +287,44 @@ class Backbone(ABC):
         return hooks
 
 
+def replaced(fn: HookFn, act: torch.Tensor) -> torch.Tensor:
+    """What a hook leaves: its replacement, or the activation where it returns None."""
+    new = fn(act)
+    return act if new is None else new
+
+
+def blocks_in_turn(
+    resid: torch.Tensor,
+    first: int,
+    n_layers: int,
+    call_block: Callable[[int, torch.Tensor], torch.Tensor],
+    pre: dict[int, HookFn],
+    post: dict[int, HookFn],
+    stop_early: bool,
+) -> torch.Tensor | None:
+    """Blocks ``first..`` called one after the other (``call_block(i, x)``), each block input's
+    hook (``pre[i]``) before it and each output's (``post[i]``) after: the last residual stream,
+    or None where ``stop_early`` ends the run after the last hook (or a hook raised
+    `StopForward`). No hook is registered and no exception ends the run, so a compiler sees one
+    straight function (the backbones' `_run_plain`)."""
+    # positions in forward order: block i's input is 2i, its output 2i + 1
+    stop = max([*(2 * i for i in pre), *(2 * i + 1 for i in post)]) if stop_early else None
+    try:
+        for i in range(first, n_layers):
+            if i in pre:
+                resid = replaced(pre[i], resid)
+            if stop == 2 * i:
+                return None
+            resid = call_block(i, resid)
+            if i in post:
+                resid = replaced(post[i], resid)
+            if stop == 2 * i + 1:
+                return None
+    except StopForward:
+        return None
+    return resid
+
+
 def chain(first: HookFn, then: HookFn) -> HookFn:
     """One hook: ``first``, then ``then`` on the activation ``first`` left (its replacement, if any)."""
 

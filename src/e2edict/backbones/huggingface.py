@@ -11,18 +11,32 @@ and the block's input replaced by the given residual stream, so masks, rotary em
 norm, logit soft-capping and the head are exactly the model's. A model whose forward does not
 allow removing blocks (checked once on load) runs the prefix again instead, with its output
 replaced: the same numbers, without the saving.
+
+Residual-stream hooks alone (block inputs and outputs), in training: the blocks are called one
+after the other with the arguments the model's own forward gives them (`_block_calls`: recorded
+once per sequence length, dtype and device), each hook applied between them, and the final norm.
+No hook is registered, no exception ends the run, and the model's forward with its mask building
+is not entered: a compiler sees one straight function. Checked on load against the model's own
+forward (`_check_plain`); a model where it differs keeps the hooked forward.
+
+No read-back: transformers checks on every call whether the position ids pack several
+sequences per row (`find_packed_sequence_indices`, a `.all()` read to the host). e2edict never
+passes position ids, so the model's own are one ``arange`` per row and the answer is "no";
+the backbone's passes answer it without reading (`_unpacked`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from e2edict.backbones.activations import checked, swapped
-from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
+from e2edict.backbones.base import Backbone, Head, HookFn, StopForward, blocks_in_turn
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
 
@@ -87,6 +101,35 @@ def _fp32_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.func.functional_call(norm, params, (x.float(),))
 
 
+def _not_packed(position_ids: torch.Tensor) -> None:
+    """transformers' packed-sequence answer for position ids that are one ``arange`` per row."""
+    return None
+
+
+@contextlib.contextmanager
+def _unpacked() -> Iterator[None]:
+    """transformers' packed-sequence check answered without reading the device (see the module
+    docstring); the library's own function again afterwards."""
+    from transformers import masking_utils
+
+    found = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if found is None:  # a transformers without the check
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _not_packed
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
+
+
+@contextlib.contextmanager
+def _passes(gelus: list) -> Iterator[None]:
+    """What every backbone pass runs under: GPT-2's GELU as one kernel and no packing read-back."""
+    with swapped(gelus), _unpacked():
+        yield
+
+
 def _tanh_gelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """GPT-2's GELU formula modules (transformers' ``NewGELUActivation``), whose forward the
     backbone's own passes run as one kernel (`e2edict.backbones.activations`)."""
@@ -111,10 +154,14 @@ class HFBackbone(Backbone):
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._embed_dim = model.get_input_embeddings().embedding_dim
         self._gelus = _tanh_gelus(model)  # before the checks below, which run as every pass will
-        self.shared_prefix = self._check_block_removal()
+        self.plain = False  # blocks called in turn (`_run_plain`), once `_check_plain` has passed
+        self._removable: dict[int, bool] = {}  # `_check_block_removal` per first block run
+        self.shared_prefix = self._check_block_removal(self.n_layers // 2)
         self._outputs_feed_next = self._check_outputs_feed_next()  # block i's output placed at block i+1's input
         self._final_norm = self._find_final_norm()  # the head's input: fp32 under bf16 (`run_from`), named by `e2edict hooks`
         self._head_ok = self._check_head()
+        self._calls: dict[tuple, list[tuple[tuple, dict]]] = {}  # `_block_calls`, by (n_ctx, dtype, device)
+        self.plain = self._check_plain()
 
     @property
     def device(self) -> torch.device:
@@ -241,7 +288,7 @@ class HFBackbone(Backbone):
 
     def _check_outputs_feed_next(self) -> bool:
         """Whether each block's output is exactly the next block's input (nothing between blocks
-        in the model's loop), seen on a 4-token run."""
+        in the model's loop), seen on `_probe_tokens`."""
         if self.n_layers < 2:
             return False
         outs: dict[int, torch.Tensor] = {}
@@ -261,9 +308,18 @@ class HFBackbone(Backbone):
             log.info("block outputs of %s stay at the block (something runs between blocks)", self.name)
         return ok
 
+    def _probe_tokens(self, batch: int = 1) -> torch.Tensor:
+        """The load checks' input: long enough that a sliding-window attention masks something
+        (a shorter probe cannot tell a sliding-window block from a global one), rows differing."""
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        window = max(int(getattr(cfg, k, None) or 0) for k in ("sliding_window", "window_size"))
+        n = min(self.n_ctx, max(4, window + 2))
+        rows = [torch.arange(n) if r % 2 == 0 else torch.arange(n - 1, -1, -1) for r in range(batch)]
+        return torch.stack(rows).to(self.device) % max(2, self.d_vocab)
+
     def _probe(self, handles: list) -> None:
-        """The model's own forward on 4 tokens, without a graph, with ``handles`` in place (then removed)."""
-        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        """The model's own forward on `_probe_tokens`, without a graph, with ``handles`` in place (then removed)."""
+        tokens = self._probe_tokens()
         try:
             with torch.no_grad():
                 self.model(input_ids=tokens, use_cache=False)
@@ -311,6 +367,7 @@ class HFBackbone(Backbone):
                 handles.append(module.register_forward_hook(post))
         return handles
 
+    @torch.compiler.disable  # hooks and an exception; it runs without a graph, before the compiled runs
     def embed_to(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
         got: list[torch.Tensor] = []
 
@@ -320,20 +377,24 @@ class HFBackbone(Backbone):
 
         handle = self.blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            with torch.no_grad(), swapped(self._gelus):
+            with torch.no_grad(), _passes(self._gelus):
                 self.model(input_ids=tokens, use_cache=False)
         except StopForward:
             pass
         finally:
             handle.remove()
+        if self.plain:  # recorded here, outside a compiled region, for the runs from this residual stream
+            self._block_calls(got[0])
         return got[0]
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
         hooks = self.at_block_inputs(hooks)
+        if self.plain and (hidden or not logits) and self._residual_only(hooks):
+            return self._run_plain(resid, layer, hooks, hidden)
         if not hidden:
             if not logits:
                 hooks = self.stop_after_last(hooks)
-            return self._run_from(resid, layer, hooks, logits, self.shared_prefix)
+            return self._run_from(resid, layer, hooks, logits, self._check_block_removal(layer))
         got: list[torch.Tensor] = []
 
         def take(module, args):
@@ -345,7 +406,7 @@ class HFBackbone(Backbone):
         module = norm if norm is not None else self.model.get_output_embeddings()
         handle = module.register_forward_pre_hook(take)
         try:
-            self._run_from(resid, layer, hooks, True, self.shared_prefix)
+            self._run_from(resid, layer, hooks, True, self._check_block_removal(layer))
         finally:
             handle.remove()
         if not got:
@@ -357,7 +418,7 @@ class HFBackbone(Backbone):
         return next((n for n, m in self.model.named_modules() if m is self._final_norm), None) if self._final_norm else None
 
     def _find_final_norm(self) -> nn.Module | None:
-        """The module whose output is the head's input (the final norm), found on a 4-token run;
+        """The module whose output is the head's input (the final norm), found on `_probe_tokens`;
         None where the head's input is not one module's output."""
         outputs: dict[tuple[int, int], nn.Module] = {}  # by storage and size: the head may get a view of it
         got: list[torch.Tensor] = []
@@ -399,7 +460,7 @@ class HFBackbone(Backbone):
         try:
             if remove and layer > 0:
                 setattr(parent, attr, nn.ModuleList(list(self.blocks)[layer:]))
-            with swapped(self._gelus):
+            with _passes(self._gelus):
                 out = self.model(inputs_embeds=embeds, use_cache=False)
         except StopForward:
             return None
@@ -409,28 +470,130 @@ class HFBackbone(Backbone):
                 h.remove()
         return out.logits
 
-    def _check_block_removal(self) -> bool:
-        """Whether running with the earlier blocks removed gives the full model's logits."""
+    def _boundary(self, hook: str) -> tuple[int, bool] | None:
+        """``(block, True)`` for a block's input hook, ``(block, False)`` for its output, else None."""
+        m = self._block_re.match(hook)
+        if m is None:
+            return None
+        base = f"{self.blocks_path}.{m.group(1)}"
+        return (int(m.group(1)), hook != base) if hook in (base, base + INPUT_SUFFIX) else None
+
+    def _residual_only(self, hooks: dict[str, HookFn]) -> bool:
+        return bool(hooks) and all(self._boundary(h) is not None for h in hooks)
+
+    def _block_calls(self, resid: torch.Tensor) -> list[tuple[tuple, dict]]:
+        """Each block's arguments after the hidden states (masks, positions, rotary embeddings) as
+        the model's own forward passes them for sequences of ``resid``'s length, dtype and
+        device: recorded once by a forward of batch 1 without a graph, then reused. They depend
+        on shapes alone: e2edict passes no mask and no position ids (`_check_plain` checks it, and
+        that batch 1's arguments serve any batch)."""
+        key = (resid.shape[1], resid.dtype, resid.device)
+        calls = self._calls.get(key)
+        if calls is not None:
+            return calls
+        got: dict[int, tuple[tuple, dict]] = {}
+
+        def record(i):
+            def fn(module, args, kwargs):
+                rest = args[1:] if args else ()
+                got[i] = (rest, {k: v for k, v in kwargs.items() if not (k == "hidden_states" and not args)})
+
+            return fn
+
+        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        embeds = torch.zeros((1, resid.shape[1], self._embed_dim), dtype=resid.dtype, device=resid.device)
+        try:
+            with torch.no_grad(), _passes(self._gelus):
+                self.model(inputs_embeds=embeds, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(self._calls) >= 4:  # a few sequence lengths at most (training's, evaluation's)
+            self._calls.pop(next(iter(self._calls)))
+        self._calls[key] = calls = [got[i] for i in range(self.n_layers)]
+        return calls
+
+    def _run_plain(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], hidden: bool):
+        """`run_from` for block input and output hooks: blocks ``layer..`` called in turn, hooks
+        between them; the final hidden states with ``hidden``, else None after the last hook."""
+        pre: dict[int, HookFn] = {}
+        post: dict[int, HookFn] = {}
+        for name, fn in hooks.items():
+            i, is_input = self._boundary(name)
+            (pre if is_input else post)[i] = fn
+        calls = self._block_calls(resid)
+
+        def call(i: int, x: torch.Tensor) -> torch.Tensor:
+            args, kwargs = calls[i]
+            return _first_tensor(self.blocks[i](x, *args, **kwargs))
+
+        with swapped(self._gelus):
+            resid = blocks_in_turn(resid, layer, self.n_layers, call, pre, post, stop_early=not hidden)
+        return None if resid is None else self._hidden(resid)
+
+    def _hidden(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final norm of the last block's output: in fp32 when the model is held in bf16."""
+        if resid.dtype in (torch.float32, torch.float64):
+            return self._final_norm(resid)
+        return _fp32_norm(self._final_norm, resid)
+
+    def _check_plain(self) -> bool:
+        """Whether `_run_plain` gives the model's own final hidden states (the head's input) on
+        `_probe_tokens` of batch 2, from the middle block and from the first, with the arguments
+        recorded at batch 1: then nothing the model does between its blocks is missed."""
+        if self._final_norm is None or not (self.n_layers == 1 or self._outputs_feed_next):
+            return False
+        tokens = self._probe_tokens(batch=2)
+        got: list[torch.Tensor] = []
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
+        try:
+            with torch.no_grad(), _passes(self._gelus):
+                self.model(input_ids=tokens, use_cache=False)
+        finally:
+            handle.remove()
+        try:
+            with torch.no_grad():
+                ours = [
+                    self._run_plain(self.embed_to(tokens, layer), layer, {}, hidden=True)
+                    for layer in sorted({0, self.n_layers // 2})
+                ]
+        except Exception as e:  # a block that cannot be called with the arguments recorded at batch 1
+            log.info("blocks called in turn off for %s: %s", self.name, e)
+            self._calls.clear()
+            return False
+        same = bool(got) and all(o.shape == got[0].shape and torch.allclose(o, got[0], atol=1e-5, rtol=1e-4) for o in ours)
+        if not same:
+            log.info("blocks called in turn off for %s: their output differs from the model's forward", self.name)
+            self._calls.clear()
+        return same
+
+    def _check_block_removal(self, layer: int) -> bool:
+        """Whether running from ``layer`` with the blocks before it removed gives the full model's
+        logits; checked once per layer, as a model may give a block its mask by its index in the
+        list (Gemma 2's alternating sliding-window blocks: removing an odd number swaps them)."""
         if self.n_layers < 2:
             return False
-        layer = self.n_layers // 2
-        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        if layer <= 0 or layer in self._removable:
+            return layer <= 0 or self._removable[layer]
+        tokens = self._probe_tokens()
         with torch.no_grad():
             ref = self.model(input_ids=tokens, use_cache=False).logits
             try:
                 got = self._run_from(self.embed_to(tokens, layer), layer, {}, True, remove=True)
             except Exception as e:  # the model's forward indexes its blocks in a way removal breaks
                 log.info("shared prefix off for %s: %s", self.name, e)
+                self._removable[layer] = False
                 return False
         same = got is not None and got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
         if not same:
-            log.info("shared prefix off for %s: removing blocks changes the logits", self.name)
+            log.info("shared prefix off for %s from block %d: removing blocks changes the logits", self.name, layer)
+        self._removable[layer] = bool(same)
         return bool(same)
 
     def _check_head(self) -> bool:
         """Whether the logits are exactly the head applied to the head's input (no scaling or other
         step after the output embeddings that `Head` does not know), so the fused KL may be used."""
-        tokens = torch.arange(4, device=self.device).view(1, 4) % max(2, self.d_vocab)
+        tokens = self._probe_tokens()
         got: list[torch.Tensor] = []
         handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
         try:

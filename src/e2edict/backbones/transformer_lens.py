@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from e2edict.backbones.activations import checked, swapped
-from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
+from e2edict.backbones.base import Backbone, Head, HookFn, StopForward, blocks_in_turn
 from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
@@ -26,11 +26,6 @@ _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 def _residual_only(hooks: dict) -> bool:
     return bool(hooks) and all(_RESID_RE.match(h) for h in hooks)
-
-
-def _replaced(fn, act: torch.Tensor) -> torch.Tensor:
-    new = fn(act)
-    return act if new is None else new
 
 
 _HF_HOOK_RE = re.compile(r"^(?:[A-Za-z_][\w]*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
@@ -235,20 +230,10 @@ class TLBackbone(Backbone):
         for name, fn in hooks.items():
             m = _RESID_RE.match(name)
             (pre if m.group(2) == "pre" else post)[int(m.group(1))] = fn
-        # positions in forward order: block i's input is 2i, its output 2i + 1
-        stop = None if logits or hidden else max([*(2 * i for i in pre), *(2 * i + 1 for i in post)])
-        try:
-            for i in range(layer, self.n_layers):
-                if i in pre:
-                    resid = _replaced(pre[i], resid)
-                if stop == 2 * i:
-                    return None
-                resid = self.model.blocks[i](resid)
-                if i in post:
-                    resid = _replaced(post[i], resid)
-                if stop == 2 * i + 1:
-                    return None
-        except StopForward:
+        resid = blocks_in_turn(
+            resid, layer, self.n_layers, lambda i, x: self.model.blocks[i](x), pre, post, stop_early=not (logits or hidden)
+        )
+        if resid is None:
             return None
         if hidden:
             return self._final_hidden(resid)
