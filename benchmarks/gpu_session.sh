@@ -36,10 +36,10 @@ step() {  # name, time limit (s), command...: each step bounded, the others stil
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 # shellcheck disable=SC2086
-step bench_gpu 240 $PY benchmarks/bench_gpu.py --device $DEVICE --shape $SHAPE --steps $STEPS $CASES --json "$OUT/bench_gpu.json"
+step bench_gpu 270 $PY benchmarks/bench_gpu.py --device $DEVICE --shape $SHAPE --steps $STEPS $CASES --json "$OUT/bench_gpu.json"
 if [[ -f .dev/gpu_check.py ]]; then
   step gpu_check 150 env OUT="$OUT" $PY .dev/gpu_check.py
-  step profile 60 env OUT="$OUT" $PY .dev/gpu_check.py profile ours
+  step profile 50 env OUT="$OUT" $PY .dev/gpu_check.py profile ours
 else
   echo "== gpu_check skipped: run scripts/prepare_gpu_wheels.sh first (copies ../shared/tools/gpu_check.py to .dev/)"
 fi

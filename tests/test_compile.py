@@ -57,9 +57,14 @@ def test_the_whole_forward_is_one_graph(small_backbone, arch, preset):
     assert graphs == 1 and breaks == 0, why
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "matryoshka_batchtopk"])
+HF_CASES = [  # every architecture at a block input; three also at a block output
+    *((a, "transformer.h.1:input") for a in ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]),
+    *((a, "transformer.h.0") for a in ["relu", "topk", "matryoshka_batchtopk"]),
+]
+
+
+@pytest.mark.parametrize(("arch", "hook"), HF_CASES)
 @pytest.mark.parametrize("preset", ["e2e", "e2e+ds", "local"])
-@pytest.mark.parametrize("hook", ["transformer.h.1:input", "transformer.h.0"])
 def test_the_whole_hugging_face_forward_is_one_graph(backbones, arch, preset, hook):
     """Block inputs and block outputs (moved to the next block's input) alike; before the blocks
     were called in turn this was 10 graphs for e2e and 19 for local."""

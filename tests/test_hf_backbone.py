@@ -278,6 +278,26 @@ def test_blocks_called_in_turn_equal_the_models_own_forward(kind, preset, where,
     assert {k[0] for k in bb._calls} >= {12, 7}
 
 
+def test_the_hooked_forward_from_a_block_not_yet_checked_gives_the_final_hidden_states():
+    """The hooked forward (an MLP hook) from a block whose removal check has not run yet: the check
+    runs first, outside the run's own hooks, and the run gives the model's final hidden states."""
+    model, tok = load_hf_causal_lm("tiny")
+    bb = HFBackbone(model, tok, "tiny")
+    assert 1 not in bb._removable
+    x = _tokens(seed=8)
+    got = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        hidden = bb.run_from(bb.embed_to(x, 1), 1, {"transformer.h.1.mlp": lambda a: None}, hidden=True)
+    assert bb._removable[1] and not model.lm_head._forward_pre_hooks
+    torch.testing.assert_close(hidden, got[0], atol=1e-5, rtol=1e-5)
+
+
 def test_no_block_is_called_through_a_registered_hook_when_called_in_turn(hf_tiny):
     """The spliced run of residual-stream hooks registers nothing on the model and does not enter
     the model's own forward (its mask building, the packed-sequence check): only the blocks run."""

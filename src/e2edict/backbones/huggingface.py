@@ -391,10 +391,11 @@ class HFBackbone(Backbone):
         hooks = self.at_block_inputs(hooks)
         if self.plain and (hidden or not logits) and self._residual_only(hooks):
             return self._run_plain(resid, layer, hooks, hidden)
+        remove = self._check_block_removal(layer)  # before any hook below is in place (it runs the model)
         if not hidden:
             if not logits:
                 hooks = self.stop_after_last(hooks)
-            return self._run_from(resid, layer, hooks, logits, self._check_block_removal(layer))
+            return self._run_from(resid, layer, hooks, logits, remove)
         got: list[torch.Tensor] = []
 
         def take(module, args):
@@ -406,7 +407,7 @@ class HFBackbone(Backbone):
         module = norm if norm is not None else self.model.get_output_embeddings()
         handle = module.register_forward_pre_hook(take)
         try:
-            self._run_from(resid, layer, hooks, True, self._check_block_removal(layer))
+            self._run_from(resid, layer, hooks, True, remove)
         finally:
             handle.remove()
         if not got:
