@@ -13,30 +13,22 @@ allow removing blocks (checked once on load) runs the prefix again instead, with
 replaced: the same numbers, without the saving.
 
 Residual-stream hooks alone (block inputs and outputs), in training: the blocks are called one
-after the other with the arguments the model's own forward gives them (`_block_calls`: recorded
-once per sequence length, dtype and device), each hook applied between them, and the final norm.
-No hook is registered, no exception ends the run, and the model's forward with its mask building
-is not entered: a compiler sees one straight function. Checked on load against the model's own
-forward (`_check_plain`); a model where it differs keeps the hooked forward.
-
-No read-back: transformers checks on every call whether the position ids pack several
-sequences per row (`find_packed_sequence_indices`, a `.all()` read to the host). e2edict never
-passes position ids, so the model's own are one ``arange`` per row and the answer is "no";
-the backbone's passes answer it without reading (`_unpacked`).
+after the other with the arguments the model's own forward gives them, each hook applied between
+them, then the final norm (`e2edict.backbones.hf_blocks`), where that equals the model's own
+forward (checked on load, `_check_plain`); no read-back in any of the backbone's passes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from e2edict.backbones.activations import checked, swapped
-from e2edict.backbones.base import Backbone, Head, HookFn, StopForward, blocks_in_turn
+from e2edict.backbones.activations import checked
+from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
+from e2edict.backbones.hf_blocks import BlockCalls, first_tensor, passes
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
 
@@ -87,10 +79,6 @@ def _is_mlp(path: str) -> bool:
     return "mlp" in path.rpartition(".")[2].lower()
 
 
-def _first_tensor(x):
-    return x[0] if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor) else x
-
-
 def _key(t) -> tuple[int, int]:
     return (t.data_ptr(), t.numel()) if isinstance(t, torch.Tensor) else (id(t), -1)
 
@@ -99,35 +87,6 @@ def _fp32_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` computed in fp32 (fp32 input and parameters), whatever the model's dtype."""
     params = {k: v.float() for k, v in norm.named_parameters()}
     return torch.func.functional_call(norm, params, (x.float(),))
-
-
-def _not_packed(position_ids: torch.Tensor) -> None:
-    """transformers' packed-sequence answer for position ids that are one ``arange`` per row."""
-    return None
-
-
-@contextlib.contextmanager
-def _unpacked() -> Iterator[None]:
-    """transformers' packed-sequence check answered without reading the device (see the module
-    docstring); the library's own function again afterwards."""
-    from transformers import masking_utils
-
-    found = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if found is None:  # a transformers without the check
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = _not_packed
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = found
-
-
-@contextlib.contextmanager
-def _passes(gelus: list) -> Iterator[None]:
-    """What every backbone pass runs under: GPT-2's GELU as one kernel and no packing read-back."""
-    with swapped(gelus), _unpacked():
-        yield
 
 
 def _tanh_gelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -160,7 +119,7 @@ class HFBackbone(Backbone):
         self._outputs_feed_next = self._check_outputs_feed_next()  # block i's output placed at block i+1's input
         self._final_norm = self._find_final_norm()  # the head's input: fp32 under bf16 (`run_from`), named by `e2edict hooks`
         self._head_ok = self._check_head()
-        self._calls: dict[tuple, list[tuple[tuple, dict]]] = {}  # `_block_calls`, by (n_ctx, dtype, device)
+        self._blocks_in_turn = BlockCalls(model, self.blocks, self._embed_dim, self._gelus)
         self.plain = self._check_plain()
 
     @property
@@ -236,7 +195,7 @@ class HFBackbone(Backbone):
 
         def post(name):
             def fn(module, args, out):
-                out = _first_tensor(out)
+                out = first_tensor(out)
                 if started[0] and module is not head and ok(out):
                     shapes[name] = tuple(out.shape[2:])
                     seen.add(id(out))
@@ -295,7 +254,7 @@ class HFBackbone(Backbone):
         ins: dict[int, torch.Tensor] = {}
 
         def post(i):
-            return lambda m, args, out: outs.__setitem__(i, _first_tensor(out))
+            return lambda m, args, out: outs.__setitem__(i, first_tensor(out))
 
         def pre(i):
             return lambda m, args, kwargs: ins.__setitem__(i, args[0] if args else kwargs["hidden_states"])
@@ -377,14 +336,14 @@ class HFBackbone(Backbone):
 
         handle = self.blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            with torch.no_grad(), _passes(self._gelus):
+            with torch.no_grad(), passes(self._gelus):
                 self.model(input_ids=tokens, use_cache=False)
         except StopForward:
             pass
         finally:
             handle.remove()
         if self.plain:  # recorded here, outside a compiled region, for the runs from this residual stream
-            self._block_calls(got[0])
+            self._blocks_in_turn.arguments(got[0])
         return got[0]
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
@@ -461,7 +420,7 @@ class HFBackbone(Backbone):
         try:
             if remove and layer > 0:
                 setattr(parent, attr, nn.ModuleList(list(self.blocks)[layer:]))
-            with _passes(self._gelus):
+            with passes(self._gelus):
                 out = self.model(inputs_embeds=embeds, use_cache=False)
         except StopForward:
             return None
@@ -482,38 +441,6 @@ class HFBackbone(Backbone):
     def _residual_only(self, hooks: dict[str, HookFn]) -> bool:
         return bool(hooks) and all(self._boundary(h) is not None for h in hooks)
 
-    def _block_calls(self, resid: torch.Tensor) -> list[tuple[tuple, dict]]:
-        """Each block's arguments after the hidden states (masks, positions, rotary embeddings) as
-        the model's own forward passes them for sequences of ``resid``'s length, dtype and
-        device: recorded once by a forward of batch 1 without a graph, then reused. They depend
-        on shapes alone: e2edict passes no mask and no position ids (`_check_plain` checks it, and
-        that batch 1's arguments serve any batch)."""
-        key = (resid.shape[1], resid.dtype, resid.device)
-        calls = self._calls.get(key)
-        if calls is not None:
-            return calls
-        got: dict[int, tuple[tuple, dict]] = {}
-
-        def record(i):
-            def fn(module, args, kwargs):
-                rest = args[1:] if args else ()
-                got[i] = (rest, {k: v for k, v in kwargs.items() if not (k == "hidden_states" and not args)})
-
-            return fn
-
-        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
-        embeds = torch.zeros((1, resid.shape[1], self._embed_dim), dtype=resid.dtype, device=resid.device)
-        try:
-            with torch.no_grad(), _passes(self._gelus):
-                self.model(inputs_embeds=embeds, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        if len(self._calls) >= 4:  # a few sequence lengths at most (training's, evaluation's)
-            self._calls.pop(next(iter(self._calls)))
-        self._calls[key] = calls = [got[i] for i in range(self.n_layers)]
-        return calls
-
     def _run_plain(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], hidden: bool):
         """`run_from` for block input and output hooks: blocks ``layer..`` called in turn, hooks
         between them; the final hidden states with ``hidden``, else None after the last hook."""
@@ -522,14 +449,7 @@ class HFBackbone(Backbone):
         for name, fn in hooks.items():
             i, is_input = self._boundary(name)
             (pre if is_input else post)[i] = fn
-        calls = self._block_calls(resid)
-
-        def call(i: int, x: torch.Tensor) -> torch.Tensor:
-            args, kwargs = calls[i]
-            return _first_tensor(self.blocks[i](x, *args, **kwargs))
-
-        with swapped(self._gelus):
-            resid = blocks_in_turn(resid, layer, self.n_layers, call, pre, post, stop_early=not hidden)
+        resid = self._blocks_in_turn.run(resid, layer, pre, post, stop_early=not hidden)
         return None if resid is None else self._hidden(resid)
 
     def _hidden(self, resid: torch.Tensor) -> torch.Tensor:
@@ -548,7 +468,7 @@ class HFBackbone(Backbone):
         got: list[torch.Tensor] = []
         handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
         try:
-            with torch.no_grad(), _passes(self._gelus):
+            with torch.no_grad(), passes(self._gelus):
                 self.model(input_ids=tokens, use_cache=False)
         finally:
             handle.remove()
@@ -560,12 +480,12 @@ class HFBackbone(Backbone):
                 ]
         except Exception as e:  # a block that cannot be called with the arguments recorded at batch 1
             log.info("blocks called in turn off for %s: %s", self.name, e)
-            self._calls.clear()
+            self._blocks_in_turn.clear()
             return False
         same = bool(got) and all(o.shape == got[0].shape and torch.allclose(o, got[0], atol=1e-5, rtol=1e-4) for o in ours)
         if not same:
             log.info("blocks called in turn off for %s: their output differs from the model's forward", self.name)
-            self._calls.clear()
+            self._blocks_in_turn.clear()
         return same
 
     def _check_block_removal(self, layer: int) -> bool:
