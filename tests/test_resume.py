@@ -150,7 +150,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monk
     from e2edict.config import load_config
     from e2edict.errors import E2EDictError
 
-    real = step_mod.splice_forward
+    real = step_mod.training_forward_from
     calls = []
 
     def poisoned(*args, **kw):
@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_gpt2_dir, monk
             out.terms["kl"] = out.terms["kl"] * float("nan")
         return out
 
-    monkeypatch.setattr(step_mod, "splice_forward", poisoned)
+    monkeypatch.setattr(step_mod, "training_forward_from", poisoned)
     cfg = load_config(ROOT / "configs/tiny/e2e.yaml", overrides(small_gpt2_dir))
     with pytest.raises(E2EDictError, match=r"NaN or Inf in the loss term 'kl' at step 6.*step_000000004"):
         train_mod.train(cfg, out=tmp_path / "run", progress=False)
