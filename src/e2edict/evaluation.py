@@ -16,7 +16,7 @@ from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.losses import kl_loss, next_token_ce
 from e2edict.saes.base import SAE, eval_mode
-from e2edict.splice import SpliceOutput, evaluation_forward, splice_hooks
+from e2edict.splice import SpliceOutput, evaluation_forward, shared_prefix, splice_hooks
 
 
 class _Pooled:
@@ -296,8 +296,8 @@ def _codes_only(backbone: Backbone, saes: dict[str, SAE], x: torch.Tensor) -> di
     out = SpliceOutput(torch.zeros(()), {}, {}, {}, {})
     outputs = {h: s.hook_name_out for h, s in saes.items() if s.hook_name_out}
     hooks = splice_hooks(saes, outputs, out)  # without logits the run ends at the last hook
-    layer = min(backbone.start_block(h) for h in saes)
-    backbone.run_from(backbone.embed_to(x, layer), layer, hooks, logits=False)
+    layer, resid = shared_prefix(backbone, saes, x, two_runs=False)
+    backbone.run_from(resid, layer, hooks, logits=False)
     return out.codes
 
 
@@ -351,8 +351,8 @@ def _ablation(sae: SAE, h: str) -> dict:
 
 def _ce_with_hooks(backbone: Backbone, x: torch.Tensor, hooks: dict) -> float:
     """Summed next-token CE with the given hooks in place (from the block of the earliest)."""
-    layer = min(backbone.start_block(h) for h in hooks)
-    logits = backbone.run_from(backbone.embed_to(x, layer), layer, hooks)
+    layer, resid = shared_prefix(backbone, hooks, x, two_runs=False)
+    logits = backbone.run_from(resid, layer, hooks)
     return next_token_ce(logits, x).sum().item()
 
 

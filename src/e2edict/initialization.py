@@ -16,6 +16,7 @@ import torch
 from e2edict.backbones import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.saes import SAE
+from e2edict.splice import shared_prefix
 
 
 def initialize(saes: dict[str, SAE], cfg) -> None:
@@ -53,7 +54,6 @@ def b_dec_from_data(saes: dict[str, SAE], backbone: Backbone, batches: list[torc
     """Set each SAE's ``b_dec`` to the mean or geometric median of the clean activations it
     reconstructs (a transcoder's: its output hook) over the token ``batches``."""
     targets = {h: sae.hook_name_out or h for h, sae in saes.items()}
-    first = min(backbone.start_block(h) for h in saes)
     got: dict[str, list[torch.Tensor]] = {t: [] for t in targets.values()}
 
     def keep(name: str):
@@ -63,7 +63,8 @@ def b_dec_from_data(saes: dict[str, SAE], backbone: Backbone, batches: list[torc
         return fn
 
     for tokens in batches:
-        backbone.run_from(backbone.embed_to(tokens, first), first, {t: keep(t) for t in got}, logits=False)
+        first, resid = shared_prefix(backbone, saes, tokens, two_runs=False)
+        backbone.run_from(resid, first, {t: keep(t) for t in got}, logits=False)
     for h, sae in saes.items():
         x = torch.cat(got[targets[h]])
         centre = x.mean(0) if how == "mean" else geometric_median(x)

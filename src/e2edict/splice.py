@@ -12,6 +12,7 @@ unembedding fused in (`e2edict.losses.head_kl_loss`): no [tokens, vocab] logits 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,13 +94,13 @@ def splice_forward(
     return training_forward(backbone, saes, tokens, weights)
 
 
-def shared_prefix(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, two_runs: bool = True) -> Prefix:
-    """The blocks before the first SAE run once, without a graph: where the runs start, and the
-    residual stream there. For ``two_runs`` (clean and spliced) with an adapter they start at the
-    first adapted block where that is earlier (the clean run must not see it). The training step
-    computes this before its compiled region: the prefix needs no gradient, and a backbone may
-    run it through hooks."""
-    first = min(backbone.start_block(h) for h in saes)
+def shared_prefix(backbone: Backbone, positions: Iterable[str], tokens: torch.Tensor, two_runs: bool = True) -> Prefix:
+    """The blocks before the first of ``positions`` (hook names: the SAEs' dict, say) run once,
+    without a graph: where the runs start, and the residual stream there. For ``two_runs`` (clean
+    and spliced) with an adapter they start at the first adapted block where that is earlier (the
+    clean run must not see it). The training step computes this before its compiled region: the
+    prefix needs no gradient, and a backbone may run it through hooks."""
+    first = min(backbone.start_block(h) for h in positions)
     adapted = backbone.adapted_from() if two_runs else None
     first = first if adapted is None else min(first, adapted)
     return first, backbone.embed_to(tokens, first)

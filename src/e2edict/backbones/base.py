@@ -329,10 +329,7 @@ def chain(first: HookFn, then: HookFn) -> HookFn:
     """One hook: ``first``, then ``then`` on the activation ``first`` left (its replacement, if any)."""
 
     def both(act: torch.Tensor):
-        new = first(act)
-        act = act if new is None else new
-        again = then(act)
-        return act if again is None else again
+        return replaced(then, replaced(first, act))
 
     return both
 

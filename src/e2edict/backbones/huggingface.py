@@ -276,15 +276,23 @@ class HFBackbone(Backbone):
         rows = [torch.arange(n) if r % 2 == 0 else torch.arange(n - 1, -1, -1) for r in range(batch)]
         return torch.stack(rows).to(self.device) % max(2, self.d_vocab)
 
-    def _probe(self, handles: list) -> None:
-        """The model's own forward on `_probe_tokens`, without a graph, with ``handles`` in place (then removed)."""
-        tokens = self._probe_tokens()
+    def _probe(self, handles: list, batch: int = 1):
+        """The model's own output on `_probe_tokens`, without a graph, with ``handles`` in place (then removed)."""
+        tokens = self._probe_tokens(batch)
         try:
             with torch.no_grad():
-                self.model(input_ids=tokens, use_cache=False)
+                return self.model(input_ids=tokens, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
+
+    def _head_input(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's logits on `_probe_tokens` and its output embeddings' input (None where they
+        were not called with one)."""
+        got: list[torch.Tensor] = []
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
+        logits = self._probe([handle], batch).logits
+        return logits, (got[0] if got else None)
 
     def is_block_input(self, hook_name: str) -> bool:
         return hook_name == f"{self.blocks_path}.{self.block_of(hook_name)}{INPUT_SUFFIX}"
@@ -465,13 +473,7 @@ class HFBackbone(Backbone):
         if self._final_norm is None or not (self.n_layers == 1 or self._outputs_feed_next):
             return False
         tokens = self._probe_tokens(batch=2)
-        got: list[torch.Tensor] = []
-        handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
-        try:
-            with torch.no_grad(), passes(self._gelus):
-                self.model(input_ids=tokens, use_cache=False)
-        finally:
-            handle.remove()
+        _, want = self._head_input(batch=2)
         try:
             with torch.no_grad():
                 ours = [
@@ -482,7 +484,7 @@ class HFBackbone(Backbone):
             log.info("blocks called in turn off for %s: %s", self.name, e)
             self._blocks_in_turn.clear()
             return False
-        same = bool(got) and all(o.shape == got[0].shape and torch.allclose(o, got[0], atol=1e-5, rtol=1e-4) for o in ours)
+        same = want is not None and all(o.shape == want.shape and torch.allclose(o, want, atol=1e-5, rtol=1e-4) for o in ours)
         if not same:
             log.info("blocks called in turn off for %s: their output differs from the model's forward", self.name)
             self._blocks_in_turn.clear()
@@ -494,11 +496,13 @@ class HFBackbone(Backbone):
         list (Gemma 2's alternating sliding-window blocks: removing an odd number swaps them)."""
         if self.n_layers < 2:
             return False
-        if layer <= 0 or layer in self._removable:
-            return layer <= 0 or self._removable[layer]
+        if layer <= 0:
+            return True  # nothing to take out
+        if layer in self._removable:
+            return self._removable[layer]
         tokens = self._probe_tokens()
+        ref = self._probe([]).logits
         with torch.no_grad():
-            ref = self.model(input_ids=tokens, use_cache=False).logits
             try:
                 got = self._run_from(self.embed_to(tokens, layer), layer, {}, True, remove=True)
             except Exception as e:  # the model's forward indexes its blocks in a way removal breaks
@@ -514,20 +518,15 @@ class HFBackbone(Backbone):
     def _check_head(self) -> bool:
         """Whether the logits are exactly the head applied to the head's input (no scaling or other
         step after the output embeddings that `Head` does not know), so the fused KL may be used."""
-        tokens = self._probe_tokens()
-        got: list[torch.Tensor] = []
-        handle = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: got.append(args[0]))
         try:
+            ref, x = self._head_input()
+            if x is None:
+                return False
             with torch.no_grad():
-                ref = self.model(input_ids=tokens, use_cache=False).logits
-                if not got:
-                    return False
-                ours = self._build_head().logits(got[0].reshape(-1, got[0].shape[-1]))[:, : self.d_vocab]
+                ours = self._build_head().logits(x.reshape(-1, x.shape[-1]))[:, : self.d_vocab]
         except Exception as e:  # an unusual head (a tuple input, a custom module): keep the logits path
             log.info("fused head off for %s: %s", self.name, e)
             return False
-        finally:
-            handle.remove()
         same = ours.shape == ref.reshape(-1, ref.shape[-1]).shape and torch.allclose(
             ours, ref.reshape(-1, ref.shape[-1]).float(), atol=1e-4, rtol=1e-4
         )
