@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from test_kept_hooks import CASES as INNER_CASES
+from test_kept_hooks import loss_weights, make_saes
 
 from e2edict.distributed import DistContext
 from e2edict.optim import make_optimizer
@@ -73,12 +75,20 @@ def test_the_whole_hugging_face_forward_is_one_graph(backbones, arch, preset, ho
     assert graphs == 1 and breaks == 0, why
 
 
-@pytest.mark.parametrize("backend", ["transformer_lens", "huggingface"])
-@pytest.mark.parametrize("preset", ["e2e", "local"])
-def test_fifty_compiled_steps_compile_once_and_equal_eager_steps(backbones, backend, preset):
-    """A backend that counts its compilations: one for the forward, none again over 50 steps
-    (the drawn Matryoshka prefix and the BatchTopK threshold are device buffers, not constants);
-    the compiled steps' losses equal eager steps' from the same start."""
+def _inner_step(bb, kind: str, position: str, preset: str) -> TrainStep:
+    """A step with an SAE or a transcoder inside a block (`test_kept_hooks.CASES`); building it
+    keeps their hooks on ``bb`` (`release_hooks` after)."""
+    saes = make_saes(bb, kind, position)
+    for s in saes.values():
+        s.sparse_decode = False  # what train.compile sets
+    opt = make_optimizer([p for s in saes.values() for p in s.parameters()], 1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return TrainStep(bb, saes, saes, loss_weights(bb, saes, preset), opt, sched, DistContext(device="cpu"), 1.0)
+
+
+def _eager_and_compiled(make_step, n_steps: int):
+    """``n_steps`` steps of a fresh step from ``make_step()`` eager, then compiled with a backend
+    that counts its compilations: (compilations, eager values, compiled values)."""
     compiled_graphs = []
 
     def counting(gm, example_inputs):
@@ -86,16 +96,53 @@ def test_fifty_compiled_steps_compile_once_and_equal_eager_steps(backbones, back
         return gm.forward
 
     torch._dynamo.reset()
-    bb, h = backbones[backend]
     steps = {}
     for mode in ("eager", "compiled"):
-        step = _step(bb, "matryoshka_batchtopk", preset, h=h)
+        step = make_step()
         if mode == "compiled":
             step.forward = torch.compile(step._forward, backend=counting, dynamic=False)
         gen = torch.Generator().manual_seed(1)
-        steps[mode] = [step([torch.randint(0, 4096, (2, 16), generator=gen)]) for _ in range(50)]
-    assert len(compiled_graphs) == 1
-    torch.testing.assert_close(torch.stack(steps["compiled"]), torch.stack(steps["eager"]), rtol=1e-4, atol=1e-5)
+        steps[mode] = torch.stack([step([torch.randint(0, 4096, (2, 16), generator=gen)]) for _ in range(n_steps)])
+    return len(compiled_graphs), steps["eager"], steps["compiled"]
+
+
+@pytest.mark.parametrize(("backend", "kind", "position"), INNER_CASES)
+@pytest.mark.parametrize("preset", ["e2e", "e2e+ds", "local"])
+def test_positions_inside_blocks_are_one_graph_too(backbones, backend, kind, position, preset):
+    """An SAE at an MLP's output and a transcoder over an MLP: their hooks are kept registered
+    (`Backbone.keep_hooks`, what `TrainStep` does), not registered per run; that was 5 to 9 graphs."""
+    bb, _ = backbones[backend]
+    try:
+        graphs, breaks, why = _explain(_inner_step(bb, kind, position, preset))
+    finally:
+        bb.release_hooks()
+    assert graphs == 1 and breaks == 0, why
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "huggingface"])
+@pytest.mark.parametrize("preset", ["e2e", "local"])
+def test_fifty_compiled_steps_compile_once_and_equal_eager_steps(backbones, backend, preset):
+    """A backend that counts its compilations: one for the forward, none again over 50 steps
+    (the drawn Matryoshka prefix and the BatchTopK threshold are device buffers, not constants);
+    the compiled steps' losses equal eager steps' from the same start."""
+    bb, h = backbones[backend]
+    graphs, eager, compiled = _eager_and_compiled(lambda: _step(bb, "matryoshka_batchtopk", preset, h=h), 50)
+    assert graphs == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "huggingface"])
+def test_compiled_transcoder_steps_compile_once_and_equal_eager_steps(backbones, backend):
+    """With kept hooks (a transcoder over block 1's MLP) too: one compilation over 20 steps, each
+    step's kept slots filled and emptied inside the graph, and the eager steps' values."""
+    bb, _ = backbones[backend]
+    position = "blocks.1.mlp" if backend == "transformer_lens" else "transformer.h.1.mlp"
+    try:
+        graphs, eager, compiled = _eager_and_compiled(lambda: _inner_step(bb, "transcoder", position, "e2e"), 20)
+    finally:
+        bb.release_hooks()
+    assert graphs == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

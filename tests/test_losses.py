@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from e2edict.losses import PRESETS, downstream_loss, kl_loss, mse_loss, next_token_ce, sparsity_loss
+from e2edict.losses import PRESETS, downstream_loss, kl_loss, mean_l0, mse_loss, next_token_ce, sparsity_loss
 
 
 def test_sparsity_l1_scaled_by_d_in():
@@ -85,3 +85,18 @@ def test_chunked_kl_value_and_gradient_match_the_plain_formula(monkeypatch):
     (g_ref,) = torch.autograd.grad(ref, spliced)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_mean_l0_counts_active_latents_and_shares_the_sparsity_kernel_when_compiled():
+    """L0 against a count per token; compiled (inductor), L0 and the L1 sparsity term are one
+    fused kernel: the codes are read once for both, not once each."""
+    from torch._inductor.utils import run_and_get_code
+
+    c = torch.relu(torch.randn(6, 10, 64, generator=torch.Generator().manual_seed(0)))
+    assert mean_l0(c).item() == pytest.approx((c > 0).sum(-1).float().mean().item())
+    torch._dynamo.reset()
+    (got_s, got_l0), codes = run_and_get_code(torch.compile(lambda x: (sparsity_loss(x, 16), mean_l0(x))), c)
+    torch.testing.assert_close(got_s, sparsity_loss(c, 16))
+    torch.testing.assert_close(got_l0, mean_l0(c))
+    kernels = [line for line in codes[0].splitlines() if "async_compile.cpp_pybinding(" in line]
+    assert len(kernels) == 1 and "count_nonzero" in kernels[0] and "sum" in kernels[0], kernels

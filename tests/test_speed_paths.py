@@ -222,7 +222,8 @@ def test_gradient_clipping_matches_torch(small_backbone):
     for p, g in zip(sae.parameters(), ref, strict=True):
         p.grad = g.clone()
     opt = torch.optim.Adam(sae.parameters())
-    step = TrainStep(small_backbone, {"h": sae}, {"h": sae}, None, opt, None, None, max_grad_norm=1.0)
+    w = LossWeights(sparsity={"h": 1.0})
+    step = TrainStep(small_backbone, {"h": sae}, {"h": sae}, w, opt, None, None, max_grad_norm=1.0)
     per_param, total = step.clip_gradients()
     torch.testing.assert_close(per_param, torch.stack([g.norm() for g in ref]))
     assert total.item() == pytest.approx(torch.linalg.vector_norm(torch.stack([g.norm() for g in ref])).item(), rel=1e-6)

@@ -21,6 +21,7 @@ import torch
 from e2edict.backbones.base import Backbone
 from e2edict.distributed import DistContext
 from e2edict.errors import E2EDictError
+from e2edict.losses import mean_l0
 from e2edict.saes import SAE
 from e2edict.splice import LossWeights, Prefix, shared_prefix, training_forward_from
 
@@ -59,6 +60,9 @@ class TrainStep:
         if self.adapter is not None:
             self.named += [(f"adapter.{n}", p) for n, p in self.adapter.named_parameters()]
         self.params = [p for _, p in self.named]
+        # the positions inside blocks get lasting hooks before the first (compiled) run
+        outs = [s.hook_name_out for s in self.saes.values() if s.hook_name_out]
+        self.backbone.keep_hooks([*self.saes, *outs, *self.weights.downstream_positions])
         mode = self.compile if isinstance(self.compile, str) and self.compile != "default" else None
         self.forward = torch.compile(self._forward, dynamic=False, mode=mode) if self.compile else self._forward
         # CUDA graphs replay into the same output memory: each micro-batch starts a new "step" for
@@ -71,13 +75,13 @@ class TrainStep:
 
     def _forward(self, start: Prefix) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch from its shared prefix, and the logged terms: each loss
-        term, the loss, and L0 (mean active latents per token; one count over the whole tensor is
-        ~7x cheaper than per token). One graph under compile where the backbone runs its hooks as
-        a plain function (residual-stream positions: `TLBackbone._run_plain`, `HFBackbone._run_plain`)."""
+        term, the loss, and L0 (`mean_l0`). One graph under compile: the backbones call their
+        blocks in turn (`TLBackbone._run_plain`, `HFBackbone._run_plain`), with the hooks inside
+        blocks kept registered (`Backbone.keep_hooks`, above)."""
         out = training_forward_from(self.backbone, self.step_saes, start, self.weights)
         terms = {**out.terms, "loss": out.loss}
         for h, c in out.codes.items():
-            terms[f"l0/{h}"] = torch.count_nonzero(c) / max(1, c.numel() // c.shape[-1])
+            terms[f"l0/{h}"] = mean_l0(c)
         return out.loss, terms
 
     def __call__(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:

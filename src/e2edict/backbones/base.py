@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -178,6 +180,19 @@ class Backbone(ABC):
                 moved[at] = chain(fn, moved[at])
         return moved
 
+    def keep_hooks(self, names: Iterable[str]) -> None:
+        """Register a lasting hook (`KeptHooks`) at each of ``names`` that sits inside a block (an
+        MLP's output, a transcoder's input), for runs that call the blocks in turn: what the
+        training step does before it first runs, so its compiled graph holds those hooks. A
+        backbone without such runs keeps none, and its hooks are registered per run."""
+        return None
+
+    def release_hooks(self) -> None:
+        """Remove the hooks `keep_hooks` registered: the model without any hook of e2edict's."""
+        kept = getattr(self, "_kept", None)
+        if kept is not None:
+            kept.release()
+
     def block_order(self, hook_name: str) -> int:
         """Position of a hook in the order of the forward pass."""
         return list(self.hook_shapes()).index(hook_name)
@@ -301,14 +316,17 @@ def blocks_in_turn(
     pre: dict[int, HookFn],
     post: dict[int, HookFn],
     stop_early: bool,
+    inside: Iterable[int] = (),
 ) -> torch.Tensor | None:
     """Blocks ``first..`` called one after the other (``call_block(i, x)``), each block input's
     hook (``pre[i]``) before it and each output's (``post[i]``) after: the last residual stream,
     or None where ``stop_early`` ends the run after the last hook (or a hook raised
-    `StopForward`). No hook is registered and no exception ends the run, so a compiler sees one
-    straight function (the backbones' `_run_plain`)."""
+    `StopForward`); ``inside``: blocks with hooks within them (`KeptHooks`), which the run must
+    finish. No hook is registered and no exception ends the run, so a compiler sees one straight
+    function (the backbones' `_run_plain`)."""
     # positions in forward order: block i's input is 2i, its output 2i + 1
-    stop = max([*(2 * i for i in pre), *(2 * i + 1 for i in post)]) if stop_early else None
+    ends = [*(2 * i for i in pre), *(2 * i + 1 for i in post), *(2 * i + 1 for i in inside)]
+    stop = max(ends) if stop_early else None
     try:
         for i in range(first, n_layers):
             if i in pre:
@@ -323,6 +341,48 @@ def blocks_in_turn(
     except StopForward:
         return None
     return resid
+
+
+class KeptHooks:
+    """Hooks registered once for the positions inside a block, each calling what the current run
+    put in its slot (`active`), and doing nothing between runs.
+
+    Blocks called in turn (`blocks_in_turn`) apply block input and output hooks themselves; a hook
+    inside a block (an MLP's output, a transcoder's input) has to be a module hook. Registering and
+    removing it per run ends a compiled graph there, and `torch.compile` does not see a module hook
+    added after it compiled. So each is registered before the first run and stays."""
+
+    def __init__(self, register: Callable[[str, HookFn], Any]):
+        self._register = register  # (hook name, fn) -> a handle with .remove()
+        self._handles: list[Any] = []  # never read by a traced run (dynamo cannot represent a handle)
+        self.names: frozenset[str] = frozenset()
+        self.active: dict[str, HookFn] = {}
+
+    def keep(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.names:
+                self._handles.append(self._register(name, partial(self._fire, name)))
+                self.names = self.names | {name}
+
+    def covers(self, name: str) -> bool:
+        return name in self.names
+
+    def _fire(self, name: str, act: torch.Tensor) -> torch.Tensor | None:
+        fn = self.active.get(name)
+        return None if fn is None else fn(act)
+
+    def run(self, hooks: dict[str, HookFn], body: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """``body()`` with ``hooks`` in their slots (empty again afterwards, whatever happens)."""
+        self.active = hooks
+        try:
+            return body()
+        finally:
+            self.active = {}
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.names = [], frozenset()
 
 
 def chain(first: HookFn, then: HookFn) -> HookFn:

@@ -20,7 +20,7 @@ is "not packed".
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -112,10 +112,17 @@ class BlockCalls:
         return calls
 
     def run(
-        self, resid: torch.Tensor, first: int, pre: dict[int, HookFn], post: dict[int, HookFn], stop_early: bool
+        self,
+        resid: torch.Tensor,
+        first: int,
+        pre: dict[int, HookFn],
+        post: dict[int, HookFn],
+        stop_early: bool,
+        inside: Iterable[int] = (),
     ) -> torch.Tensor | None:
         """Blocks ``first..`` in turn, ``pre[i]`` before block i and ``post[i]`` after it: the
-        last block's output, or None where ``stop_early`` ends the run after the last hook."""
+        last block's output, or None where ``stop_early`` ends the run after the last hook (or
+        after block i for each i in ``inside``, the blocks with kept hooks within them)."""
         calls = self.arguments(resid)
 
         def call(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -123,4 +130,4 @@ class BlockCalls:
             return first_tensor(self.blocks[i](x, *args, **kwargs))
 
         with swapped(self.gelus):
-            return blocks_in_turn(resid, first, len(self.blocks), call, pre, post, stop_early)
+            return blocks_in_turn(resid, first, len(self.blocks), call, pre, post, stop_early, inside)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from e2edict.backbones.activations import checked
-from e2edict.backbones.base import Backbone, Head, HookFn, StopForward
+from e2edict.backbones.base import Backbone, Head, HookFn, KeptHooks, StopForward
 from e2edict.backbones.hf_blocks import BlockCalls, first_tensor, passes
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
@@ -120,6 +120,7 @@ class HFBackbone(Backbone):
         self._final_norm = self._find_final_norm()  # the head's input: fp32 under bf16 (`run_from`), named by `e2edict hooks`
         self._head_ok = self._check_head()
         self._blocks_in_turn = BlockCalls(model, self.blocks, self._embed_dim, self._gelus)
+        self._kept = KeptHooks(lambda name, fn: self._register({name: fn})[0])  # hooks inside blocks (`keep_hooks`)
         self.plain = self._check_plain()
 
     @property
@@ -356,7 +357,7 @@ class HFBackbone(Backbone):
 
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
         hooks = self.at_block_inputs(hooks)
-        if self.plain and (hidden or not logits) and self._residual_only(hooks):
+        if self.plain and (hidden or not logits) and self._plain_hooks(hooks):
             return self._run_plain(resid, layer, hooks, hidden)
         remove = self._check_block_removal(layer)  # before any hook below is in place (it runs the model)
         if not hidden:
@@ -446,18 +447,29 @@ class HFBackbone(Backbone):
         base = f"{self.blocks_path}.{m.group(1)}"
         return (int(m.group(1)), hook != base) if hook in (base, base + INPUT_SUFFIX) else None
 
-    def _residual_only(self, hooks: dict[str, HookFn]) -> bool:
-        return bool(hooks) and all(self._boundary(h) is not None for h in hooks)
+    def keep_hooks(self, names) -> None:
+        if self.plain:  # otherwise every run is the model's own forward, with hooks registered per run
+            self._kept.keep(n for n in names if self._boundary(n) is None and self._block_re.match(n))
+
+    def _plain_hooks(self, hooks: dict[str, HookFn]) -> bool:
+        """Whether `_run_plain` can run ``hooks``: block inputs and outputs, and kept hooks."""
+        return bool(hooks) and all(self._boundary(h) is not None or self._kept.covers(h) for h in hooks)
 
     def _run_plain(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], hidden: bool):
-        """`run_from` for block input and output hooks: blocks ``layer..`` called in turn, hooks
-        between them; the final hidden states with ``hidden``, else None after the last hook."""
+        """`run_from` for block input and output hooks and kept hooks inside blocks: blocks
+        ``layer..`` called in turn, boundary hooks between them; the final hidden states with
+        ``hidden``, else None after the last hook."""
         pre: dict[int, HookFn] = {}
         post: dict[int, HookFn] = {}
+        inner: dict[str, HookFn] = {}
         for name, fn in hooks.items():
-            i, is_input = self._boundary(name)
-            (pre if is_input else post)[i] = fn
-        resid = self._blocks_in_turn.run(resid, layer, pre, post, stop_early=not hidden)
+            at = self._boundary(name)
+            if at is None:
+                inner[name] = fn
+            else:
+                (pre if at[1] else post)[at[0]] = fn
+        inside = [self.block_of(n) for n in inner]
+        resid = self._kept.run(inner, lambda: self._blocks_in_turn.run(resid, layer, pre, post, not hidden, inside))
         return None if resid is None else self._hidden(resid)
 
     def _hidden(self, resid: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,13 @@ import torch
 from torch.nn.utils import parametrize
 
 from e2edict.backbones.activations import checked, swapped
-from e2edict.backbones.base import Backbone, Head, HookFn, StopForward, blocks_in_turn
+from e2edict.backbones.base import Backbone, Head, HookFn, KeptHooks, StopForward, blocks_in_turn
 from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
 from e2edict.sources import bos_id  # the one BOS lookup
 
 EMBEDDED = {"tiny"}
 _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
-def _residual_only(hooks: dict) -> bool:
-    return bool(hooks) and all(_RESID_RE.match(h) for h in hooks)
 
 
 _HF_HOOK_RE = re.compile(r"^(?:[A-Za-z_][\w]*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
@@ -140,6 +136,7 @@ class TLBackbone(Backbone):
         # GPT-2's GELU formula as one kernel in the backbone's own runs (`e2edict.backbones.activations`)
         mlps = [getattr(b, "mlp", None) for b in model.blocks]
         self._gelus = checked([(m, "act_fn") for m in mlps if getattr(getattr(m, "act_fn", None), "__name__", "") == "gelu_new"])
+        self._kept = KeptHooks(self._register_kept)  # hooks inside blocks for `_run_plain` (`keep_hooks`)
 
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
@@ -201,8 +198,15 @@ class TLBackbone(Backbone):
             return None
         return f"blocks.{int(m.group(1)) + 1}.hook_resid_pre"
 
+    def keep_hooks(self, names) -> None:
+        self._kept.keep(n for n in names if n.startswith("blocks.") and n in self.model.hook_dict and not _RESID_RE.match(n))
+
+    def _register_kept(self, name: str, fn: HookFn):
+        # a torch hook on the HookPoint, not TransformerLens's own: its reset_hooks leaves it in place
+        return self.model.hook_dict[name].register_forward_hook(lambda module, args, out: fn(out))
+
     def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, hidden: bool):
-        if _residual_only(hooks):
+        if hooks and all(_RESID_RE.match(h) or self._kept.covers(h) for h in hooks):
             return self._run_plain(resid, layer, hooks, logits, hidden)
 
         def wrap(fn, act, hook):
@@ -221,18 +225,25 @@ class TLBackbone(Backbone):
             return None
 
     def _run_plain(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, hidden: bool):
-        """`run_from` for hooks on the residual stream alone: the blocks are called one after the
-        other and each hook is applied between them, with none of TransformerLens's hook machinery
-        (no hook registered and removed per call, no exception to stop early), which a compiler
-        sees as one straight function. Without logits or hidden states the run ends after the
-        last hooked block."""
-        pre, post = {}, {}
+        """`run_from` for hooks on the residual stream and kept hooks inside blocks (`keep_hooks`):
+        the blocks are called one after the other and each residual hook is applied between them,
+        with none of TransformerLens's hook machinery (no hook registered and removed per call,
+        no exception to stop early), which a compiler sees as one straight function. Without
+        logits or hidden states the run ends after the last hooked block."""
+        pre, post, inner = {}, {}, {}
         for name, fn in hooks.items():
             m = _RESID_RE.match(name)
-            (pre if m.group(2) == "pre" else post)[int(m.group(1))] = fn
-        resid = blocks_in_turn(
-            resid, layer, self.n_layers, lambda i, x: self.model.blocks[i](x), pre, post, stop_early=not (logits or hidden)
-        )
+            if m is None:
+                inner[name] = fn
+            else:
+                (pre if m.group(2) == "pre" else post)[int(m.group(1))] = fn
+        inside = [self.block_of(n) for n in inner]
+
+        def blocks() -> torch.Tensor | None:
+            call = lambda i, x: self.model.blocks[i](x)  # noqa: E731
+            return blocks_in_turn(resid, layer, self.n_layers, call, pre, post, not (logits or hidden), inside)
+
+        resid = self._kept.run(inner, blocks)
         if resid is None:
             return None
         if hidden:
