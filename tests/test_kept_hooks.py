@@ -124,3 +124,22 @@ def test_kept_hooks_do_nothing_between_runs_and_a_local_run_stops_after_their_bl
         bb.release_hooks()
     assert len(_point(bb, position)._forward_hooks) == 0
     torch.testing.assert_close(logits(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("backend", "kind", "position"), CASES)
+@pytest.mark.parametrize("preset", ["e2e", "local"])
+def test_a_step_with_kept_hooks_reads_nothing_back(small_gpt2_dir, monkeypatch, backend, kind, position, preset):
+    """The forward and backward on the meta device, where any read of a value to the host raises
+    (as `test_speed_paths.test_step_reads_nothing_back_from_the_device` at residual positions)."""
+    from e2edict.run import open_backbone
+
+    bb = open_backbone(str(small_gpt2_dir), backend=backend)
+    saes = {h: s.to("meta") for h, s in make_saes(bb, kind, position).items()}
+    w = loss_weights(bb, saes, preset)
+    bb.keep_hooks(step_positions(saes, w))
+    bb.model.to("meta")
+    no_per_run_hooks(bb, monkeypatch)
+    out = training_forward(bb, saes, torch.zeros(2, 16, dtype=torch.long, device="meta"), w)
+    out.loss.backward()
+    sae = next(iter(saes.values()))
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.device.type == "meta"
