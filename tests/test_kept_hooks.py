@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from e2edict.saes import registry
-from e2edict.splice import LossWeights, training_forward
+from e2edict.splice import LossWeights, hooked_positions, training_forward
 
 PRESETS = {"e2e": dict(kl=1.0), "e2e+ds": dict(kl=0.5, downstream=2.5), "local": dict(local=1.0)}
 CASES = [  # (backend, kind, position): an SAE at an MLP's output, a transcoder over an MLP
@@ -45,11 +45,6 @@ def loss_weights(bb, saes: dict, preset: str) -> LossWeights:
     return LossWeights(sparsity=dict.fromkeys(saes, 1.0), downstream_positions=ds, **PRESETS[preset])
 
 
-def step_positions(saes: dict, w: LossWeights) -> list[str]:
-    """What `TrainStep` keeps: the SAE inputs, transcoder outputs and downstream positions."""
-    return [*saes, *(s.hook_name_out for s in saes.values() if s.hook_name_out), *w.downstream_positions]
-
-
 def loss_and_grads(bb, saes: dict, w: LossWeights, tokens: torch.Tensor):
     out = training_forward(bb, saes, tokens, w)
     params = [p for s in saes.values() for p in s.parameters()]
@@ -62,7 +57,9 @@ def no_per_run_hooks(bb, monkeypatch) -> None:
     def registered(*args, **kwargs):
         raise AssertionError("hooks registered per run")
 
-    if hasattr(bb, "_run_plain") and hasattr(bb, "_boundary"):  # Hugging Face: the model's own forward
+    from e2edict.backbones import HFBackbone
+
+    if isinstance(bb, HFBackbone):  # Hugging Face: the model's own forward
         monkeypatch.setattr(bb, "_run_from", registered)
     else:  # TransformerLens: its hook context
         monkeypatch.setattr(bb.model, "hooks", registered)
@@ -76,7 +73,7 @@ def test_kept_hooks_give_the_losses_and_gradients_of_hooks_registered_per_run(bb
     w = loss_weights(bb, saes, preset)
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(3))
     want_loss, want_grads = loss_and_grads(bb, saes, w, tokens)
-    bb.keep_hooks(step_positions(saes, w))
+    bb.keep_hooks(hooked_positions(saes, w))
     try:
         with monkeypatch.context() as m:
             no_per_run_hooks(bb, m)
@@ -136,7 +133,7 @@ def test_a_step_with_kept_hooks_reads_nothing_back(small_gpt2_dir, monkeypatch, 
     bb = open_backbone(str(small_gpt2_dir), backend=backend)
     saes = {h: s.to("meta") for h, s in make_saes(bb, kind, position).items()}
     w = loss_weights(bb, saes, preset)
-    bb.keep_hooks(step_positions(saes, w))
+    bb.keep_hooks(hooked_positions(saes, w))
     bb.model.to("meta")
     no_per_run_hooks(bb, monkeypatch)
     out = training_forward(bb, saes, torch.zeros(2, 16, dtype=torch.long, device="meta"), w)

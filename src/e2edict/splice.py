@@ -168,6 +168,12 @@ def _new_output() -> SpliceOutput:
     return SpliceOutput(torch.zeros(()), {}, {}, {}, {})
 
 
+def hooked_positions(saes: dict[str, SAE], weights: LossWeights) -> list[str]:
+    """Every hook a step's runs read or replace: the SAEs' inputs, the transcoders' outputs and
+    the downstream positions (what `TrainStep` keeps hooks at, `Backbone.keep_hooks`)."""
+    return [*saes, *_transcoder_outputs(saes).values(), *weights.downstream_positions]
+
+
 def _transcoder_outputs(saes: dict[str, SAE]) -> dict[str, str]:
     """Each transcoder's input hook mapped to the output hook it writes."""
     outputs = {}

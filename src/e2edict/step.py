@@ -23,7 +23,7 @@ from e2edict.distributed import DistContext
 from e2edict.errors import E2EDictError
 from e2edict.losses import mean_l0
 from e2edict.saes import SAE
-from e2edict.splice import LossWeights, Prefix, shared_prefix, training_forward_from
+from e2edict.splice import LossWeights, Prefix, hooked_positions, shared_prefix, training_forward_from
 
 _GRAD_PREFIX, _WEIGHT_PREFIX = "grad_norm/", "weight_norm/"
 
@@ -61,8 +61,7 @@ class TrainStep:
             self.named += [(f"adapter.{n}", p) for n, p in self.adapter.named_parameters()]
         self.params = [p for _, p in self.named]
         # the positions inside blocks get lasting hooks before the first (compiled) run
-        outs = [s.hook_name_out for s in self.saes.values() if s.hook_name_out]
-        self.backbone.keep_hooks([*self.saes, *outs, *self.weights.downstream_positions])
+        self.backbone.keep_hooks(hooked_positions(self.saes, self.weights))
         mode = self.compile if isinstance(self.compile, str) and self.compile != "default" else None
         self.forward = torch.compile(self._forward, dynamic=False, mode=mode) if self.compile else self._forward
         # CUDA graphs replay into the same output memory: each micro-batch starts a new "step" for

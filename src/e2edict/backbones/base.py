@@ -180,18 +180,44 @@ class Backbone(ABC):
                 moved[at] = chain(fn, moved[at])
         return moved
 
+    _kept: KeptHooks | None = None  # the backbones that call their blocks in turn set one
+
+    def _boundary(self, hook_name: str) -> tuple[int, bool] | None:
+        """``(block, True)`` for a block's input hook, ``(block, False)`` for its output, else
+        None: the positions `blocks_in_turn` applies between the blocks itself."""
+        return None
+
     def keep_hooks(self, names: Iterable[str]) -> None:
         """Register a lasting hook (`KeptHooks`) at each of ``names`` that sits inside a block (an
         MLP's output, a transcoder's input), for runs that call the blocks in turn: what the
         training step does before it first runs, so its compiled graph holds those hooks. A
         backbone without such runs keeps none, and its hooks are registered per run."""
-        return None
+        if self._kept is not None:
+            self._kept.keep(n for n in names if self._boundary(n) is None and _inside_block(self, n))
 
     def release_hooks(self) -> None:
         """Remove the hooks `keep_hooks` registered: the model without any hook of e2edict's."""
-        kept = getattr(self, "_kept", None)
-        if kept is not None:
-            kept.release()
+        if self._kept is not None:
+            self._kept.release()
+
+    def _plain_hooks(self, hooks: dict[str, HookFn]) -> bool:
+        """Whether the blocks called in turn can run ``hooks``: block inputs and outputs, and kept hooks."""
+        return bool(hooks) and all(self._boundary(h) is not None or self._kept.covers(h) for h in hooks)
+
+    def _in_turn(self, hooks: dict[str, HookFn], run: Callable[..., torch.Tensor | None]) -> torch.Tensor | None:
+        """``run(pre, post, inside)`` (`blocks_in_turn`'s arguments) for ``hooks``: the block input
+        and output hooks by block, the others in their kept slots while it runs."""
+        pre: dict[int, HookFn] = {}
+        post: dict[int, HookFn] = {}
+        inner: dict[str, HookFn] = {}
+        for name, fn in hooks.items():
+            at = self._boundary(name)
+            if at is None:
+                inner[name] = fn
+            else:
+                (pre if at[1] else post)[at[0]] = fn
+        inside = [self.block_of(n) for n in inner]
+        return self._kept.run(inner, lambda: run(pre, post, inside))
 
     def block_order(self, hook_name: str) -> int:
         """Position of a hook in the order of the forward pass."""
@@ -300,6 +326,14 @@ class Backbone(ABC):
         if final != hook_name:
             hooks.append(final)
         return hooks
+
+
+def _inside_block(backbone: Backbone, hook_name: str) -> bool:
+    try:
+        backbone.block_of(hook_name)
+    except E2EDictError:
+        return False
+    return True
 
 
 def replaced(fn: HookFn, act: torch.Tensor) -> torch.Tensor:

@@ -440,7 +440,6 @@ class HFBackbone(Backbone):
         return out.logits
 
     def _boundary(self, hook: str) -> tuple[int, bool] | None:
-        """``(block, True)`` for a block's input hook, ``(block, False)`` for its output, else None."""
         m = self._block_re.match(hook)
         if m is None:
             return None
@@ -449,27 +448,15 @@ class HFBackbone(Backbone):
 
     def keep_hooks(self, names) -> None:
         if self.plain:  # otherwise every run is the model's own forward, with hooks registered per run
-            self._kept.keep(n for n in names if self._boundary(n) is None and self._block_re.match(n))
-
-    def _plain_hooks(self, hooks: dict[str, HookFn]) -> bool:
-        """Whether `_run_plain` can run ``hooks``: block inputs and outputs, and kept hooks."""
-        return bool(hooks) and all(self._boundary(h) is not None or self._kept.covers(h) for h in hooks)
+            super().keep_hooks(names)
 
     def _run_plain(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], hidden: bool):
         """`run_from` for block input and output hooks and kept hooks inside blocks: blocks
         ``layer..`` called in turn, boundary hooks between them; the final hidden states with
         ``hidden``, else None after the last hook."""
-        pre: dict[int, HookFn] = {}
-        post: dict[int, HookFn] = {}
-        inner: dict[str, HookFn] = {}
-        for name, fn in hooks.items():
-            at = self._boundary(name)
-            if at is None:
-                inner[name] = fn
-            else:
-                (pre if at[1] else post)[at[0]] = fn
-        inside = [self.block_of(n) for n in inner]
-        resid = self._kept.run(inner, lambda: self._blocks_in_turn.run(resid, layer, pre, post, not hidden, inside))
+        resid = self._in_turn(
+            hooks, lambda pre, post, inside: self._blocks_in_turn.run(resid, layer, pre, post, not hidden, inside)
+        )
         return None if resid is None else self._hidden(resid)
 
     def _hidden(self, resid: torch.Tensor) -> torch.Tensor:

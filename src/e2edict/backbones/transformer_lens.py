@@ -198,15 +198,16 @@ class TLBackbone(Backbone):
             return None
         return f"blocks.{int(m.group(1)) + 1}.hook_resid_pre"
 
-    def keep_hooks(self, names) -> None:
-        self._kept.keep(n for n in names if n.startswith("blocks.") and n in self.model.hook_dict and not _RESID_RE.match(n))
+    def _boundary(self, hook_name: str) -> tuple[int, bool] | None:
+        m = _RESID_RE.match(hook_name)
+        return None if m is None else (int(m.group(1)), m.group(2) == "pre")
 
     def _register_kept(self, name: str, fn: HookFn):
         # a torch hook on the HookPoint, not TransformerLens's own: its reset_hooks leaves it in place
         return self.model.hook_dict[name].register_forward_hook(lambda module, args, out: fn(out))
 
     def _run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool, hidden: bool):
-        if hooks and all(_RESID_RE.match(h) or self._kept.covers(h) for h in hooks):
+        if self._plain_hooks(hooks):
             return self._run_plain(resid, layer, hooks, logits, hidden)
 
         def wrap(fn, act, hook):
@@ -230,20 +231,12 @@ class TLBackbone(Backbone):
         with none of TransformerLens's hook machinery (no hook registered and removed per call,
         no exception to stop early), which a compiler sees as one straight function. Without
         logits or hidden states the run ends after the last hooked block."""
-        pre, post, inner = {}, {}, {}
-        for name, fn in hooks.items():
-            m = _RESID_RE.match(name)
-            if m is None:
-                inner[name] = fn
-            else:
-                (pre if m.group(2) == "pre" else post)[int(m.group(1))] = fn
-        inside = [self.block_of(n) for n in inner]
 
-        def blocks() -> torch.Tensor | None:
+        def blocks(pre, post, inside) -> torch.Tensor | None:
             call = lambda i, x: self.model.blocks[i](x)  # noqa: E731
             return blocks_in_turn(resid, layer, self.n_layers, call, pre, post, not (logits or hidden), inside)
 
-        resid = self._kept.run(inner, blocks)
+        resid = self._in_turn(hooks, blocks)
         if resid is None:
             return None
         if hidden:
