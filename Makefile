@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
+# pytest-xdist workers for `make test` / `make test-fast` (tests/conftest.py gives each its share
+# of the cores); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
@@ -28,11 +31,11 @@ demo: install
 
 test: install-dev
 	bash scripts/ensure_chromium.sh
-	$(RUN) $(PY) -m pytest -q
+	$(RUN) $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # everything but the slow tier (@pytest.mark.slow: whole training runs, subprocess CLI runs)
 test-fast: install-dev
-	$(RUN) $(PY) -m pytest -q -m "not slow"
+	$(RUN) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint:
 	$(RUN) ruff check src tests scripts benchmarks
