@@ -14,9 +14,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Under pytest-xdist (`-n N`) the cores are shared between the workers: one thread each on 2 cores.
+# Under pytest-xdist (`-n N`) each worker gets its share of the cores, at most 2 threads (one each
+# on 2 cores with 2 workers).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
