@@ -48,7 +48,7 @@ def _graph_ops(out: torch.Tensor) -> set[str]:
 
 
 def test_topk_fixed_k_path_against_dense_with_relu_zeros_b_dec_and_scale():
-    """The fixed-k gather path (`TopKEncode`, `decode_fixed_k`) against a dense reference written
+    """The fixed-k gather path (`TopKEncode`, then `GatherDecode` over its k pairs per token) against a dense reference written
     out here, in float64: some of the top k are negative (ReLU zeroes them, and their gradient),
     b_dec is subtracted first, the rows carry a fixed `decoder_scale`; a sparsity term on the codes
     reaches the encoder. Automatic on a CPU in fp32; ``sparse_decode=False`` keeps the dense path."""
@@ -83,16 +83,17 @@ def test_topk_fixed_k_path_against_dense_with_relu_zeros_b_dec_and_scale():
 
     auto = TopKSAE(16, 96, k=4)  # fp32 on a CPU, k / d_sae below TOPK_GATHER_FRACTION: the gather path
     assert 4 / 96 < base.TOPK_GATHER_FRACTION < 7 / 96
-    assert "EmbeddingBagBackward0" in _graph_ops(auto(torch.randn(3, 16))[0])
+    assert {"TopKEncodeBackward", "GatherDecodeBackward"} <= _graph_ops(auto(torch.randn(3, 16))[0])
     auto.sparse_decode = False  # what train.compile sets
-    assert "EmbeddingBagBackward0" not in _graph_ops(auto(torch.randn(3, 16))[0])
-    assert "EmbeddingBagBackward0" not in _graph_ops(TopKSAE(16, 96, k=7)(torch.randn(3, 16))[0])  # k too large
+    assert "TopKEncodeBackward" not in _graph_ops(auto(torch.randn(3, 16))[0])
+    assert "TopKEncodeBackward" not in _graph_ops(TopKSAE(16, 96, k=7)(torch.randn(3, 16))[0])  # k too large
 
 
 def test_gather_decode_gradients_and_both_dense_decode_routes():
     """The fused gather-decode backward (gradcheck, float64, repeated ids) and the dense decode's
     two equal forms: codes scaled by inverse norms (few tokens) and the normalised dictionary."""
     from e2edict.saes import ReLUSAE
+    from e2edict.saes import sparse as sparse_mod
     from e2edict.saes.sparse import GatherDecode, Pairs
 
     torch.manual_seed(3)
@@ -106,6 +107,26 @@ def test_gather_decode_gradients_and_both_dense_decode_routes():
     ref = torch.zeros(5, 6, dtype=torch.float64).index_add(0, pairs.tok, vals.unsqueeze(1) * D[pairs.lat])
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     assert out[2].abs().sum() == 0
+    # more pairs than rows (the norms from every row, not from the rows used) and pairs spread over
+    # several backward chunks: the same function and the same gradients as a dense reference
+    W_small = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    dense_norms = Pairs(pairs.tok, pairs.lat.remainder(3), 5)  # 8 pairs over 3 rows
+    assert torch.autograd.gradcheck(lambda v, w: GatherDecode.apply(v, dense_norms, w), (vals, W_small))
+    many = Pairs(torch.arange(30).div(3, rounding_mode="floor"), torch.randint(0, 40, (30,)), 10)
+    v30 = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    sparse_mod.GATHER_CHUNK_ELEMENTS, chunk = 4 * 6, sparse_mod.GATHER_CHUNK_ELEMENTS  # 4 pairs per chunk
+    try:
+        for w in (W, W_small):
+            p = many if w is W else Pairs(many.tok, many.lat.remainder(3), 10)
+            got = GatherDecode.apply(v30, p, w)
+            ref = torch.zeros(10, 6, dtype=torch.float64).index_add(
+                0, p.tok, v30.unsqueeze(1) * (w / w.norm(dim=1, keepdim=True))[p.lat]
+            )
+            g = torch.randn(10, 6, dtype=torch.float64)
+            for a, b in zip(torch.autograd.grad(got, [v30, w], g), torch.autograd.grad(ref, [v30, w], g), strict=True):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    finally:
+        sparse_mod.GATHER_CHUNK_ELEMENTS = chunk
     sae = ReLUSAE(16, 64).double()
     for n_tok in (4, 40):  # fewer tokens than d_in: scaled codes; more: normalised dictionary
         c = torch.relu(torch.randn(n_tok, 64, dtype=torch.float64)).requires_grad_(True)

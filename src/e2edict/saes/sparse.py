@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 GATHER_CHUNK_ELEMENTS = 1 << 22  # elements of a [pairs, d] temporary in the sparse backwards
+# Rows are gathered with ``index_select``: on a CPU about twice as fast as ``t[ids]`` at these sizes.
 
 
 def _chunks(n: int, d: int) -> list[slice]:
@@ -60,40 +61,49 @@ class GatherDecode(torch.autograd.Function):
     """``out_t = sum_(t, i) v_ti W[i] / ||W[i]||`` over the pairs of each token: [tokens, d_in].
 
     The normalisation is folded into the per-pair weights, so the normalised dictionary is never
-    built. The backward writes the dictionary's gradient into one dense buffer: the rows used get
-    ``v / n * g_t`` and, through the norms, ``-(sum v (g_t . W_i) / n^3) W_i``; nothing else of the
-    dictionary's size is allocated."""
+    built, and with fewer pairs than dictionary rows only the rows used are read for their norms
+    (`_pair_norms`). The backward makes one pass over the pairs, in chunks: each pair's row of the
+    dictionary's gradient is ``(v / n) g_t - (v (g_t . W_i) / n^3) W_i`` (the direct term and the
+    term through the row's norm), added into one dense buffer; nothing else of the dictionary's
+    size is allocated or read."""
 
     @staticmethod
     def forward(ctx, vals: torch.Tensor, pairs: Pairs, W: torch.Tensor) -> torch.Tensor:
-        norms = W.norm(dim=1)
-        ctx.save_for_backward(vals, W, norms)
+        n_sel = _pair_norms(W, pairs.lat)
+        ctx.save_for_backward(vals, W, n_sel)
         ctx.pairs = pairs
-        weights = vals.to(W.dtype) / norms[pairs.lat]
+        weights = vals.to(W.dtype) / n_sel
         return F.embedding_bag(pairs.lat, W, pairs.offsets, mode="sum", per_sample_weights=weights)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        vals, W, norms = ctx.saved_tensors
+        vals, W, n_sel = ctx.saved_tensors
         tok, lat = ctx.pairs.tok, ctx.pairs.lat
-        n_sel = norms[lat]
         v = vals.to(W.dtype)
         g = g.to(W.dtype)
         need_W = ctx.needs_input_grad[2]
         grad_W = torch.zeros_like(W) if need_W else None
         dots = torch.empty_like(v)  # g_t . W[i] per pair
         for c in _chunks(len(lat), W.shape[1]):  # [pairs, d] temporaries stay within a fixed budget
-            g_rows = g[tok[c]]
-            dots[c] = (W[lat[c]] * g_rows).sum(-1)
+            g_rows, W_rows = g.index_select(0, tok[c]), W.index_select(0, lat[c])
+            dots[c] = (W_rows * g_rows).sum(-1)
             if need_W:
-                grad_W.index_add_(0, lat[c], g_rows.mul_((v[c] / n_sel[c]).unsqueeze(1)))
+                direct = (v[c] / n_sel[c]).unsqueeze(1)
+                via_norm = (-(v[c] * dots[c]) / n_sel[c].pow(3)).unsqueeze(1)
+                grad_W.index_add_(0, lat[c], g_rows.mul_(direct).add_(W_rows.mul_(via_norm)))
         grad_vals = (dots / n_sel).to(vals.dtype) if ctx.needs_input_grad[0] else None
-        if need_W:
-            # d||W_r|| / dW_r = W_r / n_r; dL/dn_r = -sum v (g_t . W_r) / n_r^2
-            dn = torch.zeros_like(norms).index_add_(0, lat, -(v * dots) / n_sel.square())
-            rows = torch.unique(lat)
-            grad_W.index_add_(0, rows, W[rows] * (dn[rows] / norms[rows]).unsqueeze(1))
         return grad_vals, None, grad_W
+
+
+def _pair_norms(W: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+    """``||W[lat_p]||`` for each pair: from the rows used where there are fewer pairs than rows
+    (in chunks), else from every row's norm, whichever reads less."""
+    if len(lat) >= W.shape[0]:
+        return W.norm(dim=1)[lat]
+    out = torch.empty(len(lat), dtype=W.dtype, device=W.device)
+    for c in _chunks(len(lat), W.shape[1]):
+        out[c] = torch.linalg.vector_norm(W.index_select(0, lat[c]), dim=1)
+    return out
 
 
 def _encoder_grads(ctx, x: torch.Tensor, W_T: torch.Tensor, pairs: Pairs, gv: torch.Tensor):
@@ -105,7 +115,7 @@ def _encoder_grads(ctx, x: torch.Tensor, W_T: torch.Tensor, pairs: Pairs, gv: to
     if ctx.needs_input_grad[1]:
         grad_W = torch.zeros_like(W_T)
         for c in _chunks(len(pairs.lat), W_T.shape[1]):  # [pairs, d_in] temporaries stay within a fixed budget
-            grad_W.index_add_(0, pairs.lat[c], x[pairs.tok[c]].to(W_T.dtype).mul_(gv[c].unsqueeze(1)))
+            grad_W.index_add_(0, pairs.lat[c], x.index_select(0, pairs.tok[c]).to(W_T.dtype).mul_(gv[c].unsqueeze(1)))
     if ctx.needs_input_grad[2]:
         grad_b = torch.zeros(W_T.shape[0], dtype=W_T.dtype, device=W_T.device).index_add_(0, pairs.lat, gv)
     return grad_x, grad_W, grad_b
@@ -164,9 +174,3 @@ class TopKEncode(torch.autograd.Function):
             grad_b = torch.zeros(W_T.shape[0], dtype=W_T.dtype, device=W_T.device).index_add_(0, idx.reshape(-1), gv.reshape(-1))
         grad_x = grad_x.detach().to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_W, grad_b, None
-
-
-def decode_fixed_k(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, row_norms: torch.Tensor) -> torch.Tensor:
-    """``sum_j vals_tj W[idx_tj] / row_norms[idx_tj]`` per token, reading k dictionary rows each
-    (``embedding_bag``, whose backward writes only those rows and the values' dot products)."""
-    return F.embedding_bag(idx, W, mode="sum", per_sample_weights=vals.to(W.dtype) / row_norms[idx])

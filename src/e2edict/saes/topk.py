@@ -16,7 +16,7 @@ import torch
 from e2edict.errors import E2EDictError
 from e2edict.saes.base import TOPK_GATHER_FRACTION, affine, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
-from e2edict.saes.sparse import TopKEncode, decode_fixed_k
+from e2edict.saes.sparse import Pairs, TopKEncode
 
 
 class TopKSAE(ReLUSAE):
@@ -132,13 +132,15 @@ class TopKSAE(ReLUSAE):
 
     def _forward_fixed_k(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exactly k pairs per token: the encoder's k values and ids (`TopKEncode`), the decode a
-        gather of those k dictionary rows (`decode_fixed_k`); the dense code is their scatter."""
+        gather of those k dictionary rows (`decode_pairs`, whose backward touches only those rows,
+        their norms' included); the dense code is their scatter."""
         lead = x.shape[:-1]
         xin = self.centered(x).reshape(-1, self.d_in)
         top, idx = TopKEncode.apply(xin, self.W_enc_T, self.b_enc, self.k)
         vals = torch.relu(top)
-        x_hat = decode_fixed_k(vals, idx, self.W_dec, self.decoder_row_norms()) + self.b_dec
-        c = torch.zeros(xin.shape[0], self.d_sae, dtype=vals.dtype, device=vals.device).scatter(1, idx, vals)
+        pairs, _ = Pairs.of_rows(idx)
+        x_hat = self.decode_pairs(vals.reshape(-1), pairs)
+        c = torch.zeros(xin.shape[0], self.d_sae, dtype=vals.dtype, device=vals.device).scatter_(1, idx, vals)
         return x_hat.view(*lead, self.d_out), c.view(*lead, self.d_sae)
 
     def saelens_cfg(self) -> dict[str, Any]:
