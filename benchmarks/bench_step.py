@@ -10,6 +10,8 @@ side by side (equal to 1e-5 in fp32). Each case runs both modes in one process f
 (their steps interleaved, each mode's best step reported) and again in one process for memory:
 the peak resident set during one step of each mode, above the level before it, with large
 allocations served by their own mappings so that the resident set follows the live tensors.
+On the CPU in fp32, each local/e2e pair of cases (`PAIRS`) is also timed side by side: both of
+e2edict's steps in one process, alternating (`pair_worker`), the ratio the local-step target reads.
 
     python benchmarks/bench_step.py                 # every case
     python benchmarks/bench_step.py --cases gpt2-topk --reps 2
