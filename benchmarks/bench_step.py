@@ -70,6 +70,32 @@ def build_model(name: str, n_ctx: int, device: str = "cpu"):
     return model
 
 
+def case_setup(case: str, device: str):
+    """What every step of ``case`` shares: the model, its backbone, the SAE's input width and the
+    tokens (seed 0)."""
+    from e2edict.backbones import TLBackbone
+
+    model_name, hook, _, _, _, _, batch, n_ctx, _ = CASES[case]
+    model = build_model(model_name, n_ctx, device)
+    bb = TLBackbone(model, model_name)
+    d_in = bb.hook_shapes()[hook][0]
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0)).to(device)
+    return model, bb, d_in, tokens
+
+
+def loss_weights(case: str, bb):
+    """e2edict's loss weights for the case's preset (sparsity coefficient 1, as naive's)."""
+    from e2edict.losses import PRESETS
+    from e2edict.splice import LossWeights
+
+    _, hook, _, preset, *_ = CASES[case]
+    ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
+    table = PRESETS[preset]
+    return LossWeights(
+        sparsity={hook: 1.0}, local=table["local"], kl=table["kl"], downstream=table["downstream"], downstream_positions=ds
+    )
+
+
 def starting_sae(case: str, model, d_in: int, tokens: torch.Tensor, device: str):
     """The case's SAE at its starting weights (seed 0); a ReLU SAE with a target L0 gets its
     encoder bias shifted to the L0 a trained one has, not the ~50% of a fresh one."""
@@ -124,11 +150,9 @@ def worker(spec: dict) -> dict:
     ``measure == "time"``: steps alternate between the modes (naive, ours, ours, naive, ...), so a
     slow moment of the shared machine falls on both; each mode's best step counts. ``"memory"``:
     one step per mode, each with the peak-RSS mark reset before it."""
-    from e2edict.backbones import TLBackbone
     from e2edict.backbones.tl_attention import use_fused_attention, use_unfused_attention
-    from e2edict.losses import PRESETS
     from e2edict.optim import make_optimizer
-    from e2edict.splice import LossWeights, splice_forward
+    from e2edict.splice import splice_forward
     from e2edict.trainer import keep_freed_memory
 
     torch.set_num_threads(spec["threads"])
@@ -136,11 +160,10 @@ def worker(spec: dict) -> dict:
     on_gpu = device.startswith("cuda")
     if spec["measure"] == "time" and not on_gpu:  # the trainer's CPU setting (train.reuse_cpu_memory), both modes
         keep_freed_memory()
-    model_name, hook, arch, preset, ratio, k, batch, n_ctx, target_l0 = CASES[spec["case"]]
-    model = build_model(model_name, n_ctx, device)
-    bb = TLBackbone(model, model_name)
-    d_in = bb.hook_shapes()[hook][0]
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0)).to(device)
+    _, hook, _, preset, _, _, batch, n_ctx, _ = CASES[spec["case"]]
+    model, bb, d_in, tokens = case_setup(spec["case"], device)
+    w = loss_weights(spec["case"], bb)
+    ds = w.downstream_positions
 
     def sync() -> None:
         if on_gpu:
@@ -149,12 +172,6 @@ def worker(spec: dict) -> dict:
     def tf32(on: bool) -> None:  # the trainer's train.tf32 for ours; the reference's fp32 for naive
         if on_gpu:
             torch.backends.cuda.matmul.allow_tf32 = on
-
-    ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
-    table = PRESETS[preset]
-    w = LossWeights(
-        sparsity={hook: 1.0}, local=table["local"], kl=table["kl"], downstream=table["downstream"], downstream_positions=ds
-    )
 
     def make_sae():
         return starting_sae(spec["case"], model, d_in, tokens, device)
@@ -249,26 +266,20 @@ def pair_worker(spec: dict) -> dict:
     hook, SAE and tokens, only the preset differs) in one process, their steps alternating
     (local, e2e, e2e, local, ...) so that a slow moment of the shared machine falls on both; each
     step's best time counts. Both SAEs start from the same weights."""
-    from e2edict.backbones import TLBackbone
-    from e2edict.losses import PRESETS
     from e2edict.optim import make_optimizer
-    from e2edict.splice import LossWeights, splice_forward
+    from e2edict.splice import splice_forward
     from e2edict.trainer import keep_freed_memory
 
     torch.set_num_threads(spec["threads"])
     keep_freed_memory()
     cases = spec["pair"]
-    model_name, hook, arch, _, ratio, k, batch, n_ctx, target_l0 = CASES[cases[0]]
-    if {CASES[c][:3] + CASES[c][4:] for c in cases} != {CASES[cases[0]][:3] + CASES[cases[0]][4:]}:
+    if len({CASES[c][:3] + CASES[c][4:] for c in cases}) != 1:
         raise SystemExit(f"{cases}: a pair must differ in the preset only")
-    model = build_model(model_name, n_ctx)
-    bb = TLBackbone(model, model_name)
-    d_in = bb.hook_shapes()[hook][0]
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
+    hook = CASES[cases[0]][1]
+    model, bb, d_in, tokens = case_setup(cases[0], "cpu")
     steps = {}
     for case in cases:
-        table = PRESETS[CASES[case][3]]
-        w = LossWeights(sparsity={hook: 1.0}, local=table["local"], kl=table["kl"], downstream=table["downstream"])
+        w = loss_weights(case, bb)
         sae = starting_sae(case, model, d_in, tokens, "cpu")
         opt = make_optimizer(list(sae.parameters()), 1e-4)
 
