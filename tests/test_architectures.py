@@ -444,15 +444,21 @@ def test_relu_sparse_path_matches_dense_exactly_in_float64(b_dec_in, chunked, mo
     sae.sparse_decode = True
     a, c = sae(x)
     params = [x, sae.W_enc_T, sae.W_dec, sae.b_enc, sae.b_dec]
-    g = torch.autograd.grad(a.square().sum() + 0.3 * c.sum(), params)
+    w_c = torch.rand(3, 9, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g = torch.autograd.grad(a.square().sum() + (w_c * c).sum(), params)  # a gradient into the codes that differs per entry
     xin = x - sae.b_dec if b_dec_in else x
     c_ref = torch.relu(xin @ sae.W_enc + sae.b_enc)
     a_ref = c_ref @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)) + sae.b_dec
-    g_ref = torch.autograd.grad(a_ref.square().sum() + 0.3 * c_ref.sum(), params)
+    g_ref = torch.autograd.grad(a_ref.square().sum() + (w_c * c_ref).sum(), params)
+    assert 0 < (c_ref > 0).sum() < c_ref.numel() // 4  # sparse: the zero codes are most of c
     torch.testing.assert_close(a, a_ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(c, c_ref, atol=1e-12, rtol=0)
     for u, v in zip(g, g_ref, strict=True):
         torch.testing.assert_close(u, v, atol=1e-9, rtol=1e-9)
+    with torch.no_grad():  # the evaluation path (no graph) gives the same codes and reconstruction
+        a_eval, c_eval = sae(x)
+    torch.testing.assert_close(a_eval, a_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(c_eval, c_ref, atol=1e-12, rtol=0)
 
 
 def test_relu_sparse_decode_matches_dense_with_gradients():
@@ -477,6 +483,42 @@ def test_relu_sparse_decode_matches_dense_with_gradients():
     a_auto = sae(x)[0]
     assert uses_gather_decode(a_auto) and not uses_gather_decode(a_dense)
     torch.testing.assert_close(a_auto, a_dense, atol=1e-5, rtol=1e-5)
+
+
+def test_relu_automatic_path_at_high_l0_falls_back_to_dense_with_the_same_gradients():
+    """At a high L0 the automatic path (the product formed latent-major under autograd, then the
+    dense fallback) gives the dense path's codes, reconstruction and gradients."""
+    from e2edict.saes import ReLUSAE
+
+    torch.manual_seed(3)
+    sae = ReLUSAE(16, 256)
+    x = torch.randn(2, 7, 16)
+    params = [sae.W_enc_T, sae.W_dec, sae.b_enc, sae.b_dec]
+    w_c = torch.rand(2, 7, 256, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for mode in (None, False):
+        sae.sparse_decode = mode
+        a, c = sae(x)
+        results[mode] = (a, c, torch.autograd.grad(a.square().sum() + (w_c * c).sum(), params), uses_gather_decode(a))
+    (a_auto, c_auto, g_auto, gather_auto), (a_dense, c_dense, g_dense, _) = results[None], results[False]
+    assert (c_dense > 0).float().mean() > base.SPARSE_DECODE_FRACTION and not gather_auto  # dense: no gather decode
+    torch.testing.assert_close(c_auto, c_dense, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a_auto, a_dense, atol=1e-5, rtol=1e-5)
+    for u, v in zip(g_auto, g_dense, strict=True):
+        torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+
+
+def test_pairs_of_a_latent_major_mask_equal_those_of_the_contiguous_mask():
+    from e2edict.saes.sparse import Pairs
+
+    mask = torch.rand(37, 200, generator=torch.Generator().manual_seed(0)) < 0.05
+    mask[5] = False  # a token with no pairs
+    latent_major = mask.T.contiguous().T  # the same mask, stored [d_sae, tokens]
+    assert not latent_major.is_contiguous()
+    ref, got = Pairs.of_mask(mask), Pairs.of_mask(latent_major)
+    tok, lat = mask.nonzero(as_tuple=True)
+    assert torch.equal(got.tok, tok) and torch.equal(got.lat, lat) and got.n_tokens == 37
+    assert torch.equal(ref.tok, tok) and torch.equal(got.offsets, ref.offsets)
 
 
 def uses_gather_decode(out: torch.Tensor) -> bool:

@@ -71,14 +71,26 @@ class ReLUSAE(SAE):
             c = self.encode(x)
             return self.decode(c), c
         xin = self.centered(x).reshape(-1, self.d_in)
-        flat = torch.addmm(self.b_enc, xin, self.W_enc)  # one [tokens, d_sae] tensor
-        c = torch.relu(flat)
-        active = c.detach().bool()  # ``flat > 0``: as a cast to bool ~2.5x faster on a CPU than the comparison
+        c = self._rectified_product(xin)
+        active = c.detach().bool()  # ``c > 0``: as a cast to bool ~2.5x faster on a CPU than the comparison
         if not (self.sparse_decode or int(torch.count_nonzero(active)) < active.numel() * SPARSE_DECODE_FRACTION):
             c = c.view(*x.shape[:-1], self.d_sae)
             return self.decode(c), c
         # Sparse codes: only the active (token, latent) pairs take part from here on (ReLU zeroes the rest).
-        return self._decode_active(xin, flat.detach(), Pairs.of_mask(active), x.shape[:-1])
+        return self._decode_active(xin, c.detach(), Pairs.of_mask(active), x.shape[:-1])
+
+    def _rectified_product(self, xin: torch.Tensor) -> torch.Tensor:
+        """``ReLU(x W_enc + b_enc)``, [tokens, d_sae], rectified in place: the sparse path reads the
+        pre-activations only where they are positive, which ReLU leaves as they are.
+
+        Under autograd (training) the product is formed as [d_sae, tokens] and the codes are its
+        transposed view: with a few hundred tokens that GEMM runs ~15% faster on a CPU (66 against
+        76 ms at the GPT-2 shape, 256 tokens, 46,080 latents), and `Pairs.of_mask` reads such a
+        mask in its own layout. Without a graph (evaluation, a user's analysis) the codes stay a
+        contiguous [tokens, d_sae] tensor."""
+        if torch.is_grad_enabled():
+            return torch.relu_(torch.addmm(self.b_enc.unsqueeze(1), self.W_enc_T, xin.T)).T
+        return torch.relu_(torch.addmm(self.b_enc, xin, self.W_enc))
 
     def _sparse_ok(self, x: torch.Tensor) -> bool:
         """Whether the sparse path may run: chosen automatically (`sparse_path_allowed`), or forced
@@ -88,16 +100,17 @@ class ReLUSAE(SAE):
         return bool(self.sparse_decode) and x.dtype == self.W_dec.dtype
 
     def _decode_active(
-        self, xin: torch.Tensor, pre: torch.Tensor, pairs: Pairs, lead: torch.Size
+        self, xin: torch.Tensor, codes: torch.Tensor, pairs: Pairs, lead: torch.Size
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction and dense codes from the active pairs of the [tokens, d_sae] pre-activations
-        ``pre`` (computed without a graph): the decode gathers their directions, and the backward
-        (`SparseEncode`, `GatherDecode`) touches only them. Shared by ReLU and TopK."""
-        if torch.is_grad_enabled():
-            vals = SparseEncode.apply(xin, self.W_enc_T, self.b_enc, pre, pairs)
-        else:
-            vals = pre[pairs.tok, pairs.lat]
-        c = torch.zeros_like(pre).index_put_((pairs.tok, pairs.lat), vals).view(*lead, self.d_sae)
+        """Reconstruction and dense codes from the rectified [tokens, d_sae] pre-activations ``codes``
+        (computed without a graph; zero outside ``pairs``): the decode gathers the pairs' directions,
+        and the backward (`SparseEncode`, `GatherDecode`) touches only them."""
+        if not torch.is_grad_enabled():
+            return self.decode_pairs(codes[pairs.tok, pairs.lat], pairs).view(*lead, self.d_out), codes.view(*lead, self.d_sae)
+        vals = SparseEncode.apply(xin, self.W_enc_T, self.b_enc, codes, pairs)
+        # ``codes`` already holds the dense codes; writing the pairs' values back (the same numbers)
+        # gives them their graph, without a second [tokens, d_sae] tensor.
+        c = codes.index_put_((pairs.tok, pairs.lat), vals).view(*lead, self.d_sae)
         return self.decode_pairs(vals, pairs).view(*lead, self.d_out), c
 
     def sparsity_loss(self, x: torch.Tensor, c: torch.Tensor, p: float) -> torch.Tensor:

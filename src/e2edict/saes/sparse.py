@@ -44,7 +44,13 @@ class Pairs:
 
     @classmethod
     def of_mask(cls, active: torch.Tensor) -> Pairs:
-        """The True entries of a [tokens, d_sae] mask."""
+        """The True entries of a [tokens, d_sae] mask. A mask held latent-major (the transposed view
+        of a contiguous [d_sae, tokens] tensor) is read in that layout and its pairs put in token
+        order by a stable sort: ``nonzero`` over the strided view took ~9x as long."""
+        if not active.is_contiguous() and active.T.is_contiguous():
+            lat, tok = active.T.nonzero(as_tuple=True)
+            tok, order = torch.sort(tok, stable=True)
+            return cls(tok, lat[order], active.shape[0])
         tok, lat = active.nonzero(as_tuple=True)
         return cls(tok, lat, active.shape[0])
 
