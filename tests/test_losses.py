@@ -95,7 +95,9 @@ def test_mean_l0_counts_active_latents_and_shares_the_sparsity_kernel_when_compi
     c = torch.relu(torch.randn(6, 10, 64, generator=torch.Generator().manual_seed(0)))
     assert mean_l0(c).item() == pytest.approx((c > 0).sum(-1).float().mean().item())
     odd = torch.tensor([[0.0, -0.0, float("nan"), -2.0, 1e-30, 0.0]])  # -0.0 is zero; NaN and negatives count
-    assert mean_l0(odd).item() == 3.0 and mean_l0(odd.T.contiguous().T).item() == 3.0
+    strided = torch.cat([odd, odd]).T.contiguous().T  # [2, 6] stored column by column
+    assert not strided.is_contiguous()
+    assert mean_l0(odd).item() == 3.0 and mean_l0(strided).item() == 3.0
     torch._dynamo.reset()
     (got_s, got_l0), codes = run_and_get_code(torch.compile(lambda x: (sparsity_loss(x, 16), mean_l0(x))), c)
     torch.testing.assert_close(got_s, sparsity_loss(c, 16))

@@ -59,7 +59,10 @@ class Pairs:
         """The entries of [tokens, k] latent ids (those where ``keep``, if given) and their
         positions in the flattened [tokens * k]."""
         n, k = idx.shape
-        pos = torch.arange(n * k, device=idx.device) if keep is None else keep.reshape(-1).nonzero().squeeze(1)
+        if keep is None:  # every entry: the ids as they are, no gather
+            pos = torch.arange(n * k, device=idx.device)
+            return cls(torch.div(pos, k, rounding_mode="floor"), idx.reshape(-1), n), pos
+        pos = keep.reshape(-1).nonzero().squeeze(1)
         return cls(torch.div(pos, k, rounding_mode="floor"), idx.reshape(-1)[pos], n), pos
 
 
