@@ -58,6 +58,82 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interp_options(args: argparse.Namespace):
+    from e2edict.interpret import METRICS, InterpOptions
+    from e2edict.interpret.absorption import AbsorptionConfig
+    from e2edict.interpret.autointerp import AutointerpConfig
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else METRICS
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks is not None else None
+    llm = None
+    if args.llm_url or args.llm_model:
+        llm = AutointerpConfig(url=args.llm_url or "", model=args.llm_model or "", api_key=args.llm_key,
+                               concurrency=args.llm_concurrency, timeout=args.llm_timeout)  # fmt: skip
+    ab = AbsorptionConfig(min_probe_f1=args.absorption_min_f1, min_letters=args.absorption_min_letters,
+                          max_words=args.absorption_max_words)  # fmt: skip
+    kw = {"tasks": tasks} if tasks is not None else {}
+    return InterpOptions(metrics=metrics, latents=args.latents, contexts=args.contexts, task_data=args.task_data,
+                         text_column=args.text_column, label_column=args.label_column, task_split=args.task_split,
+                         probe_train=args.probe_train, probe_test=args.probe_test, absorption=ab, llm=llm,
+                         **kw).check()  # fmt: skip
+
+
+def _cmd_interp(args: argparse.Namespace) -> int:
+    from e2edict.interpret import format_interp_table, interpret_saes
+    from e2edict.interpret.reading import Reader
+
+    opts = _interp_options(args)
+    if opts.task_data:  # a bad data set is named before any model loads
+        opts.probing_tasks()
+    results = {}
+    for target in _interp_targets(args):
+        rundir, name, backbone, saes, seqs, batch = target()
+        seqs = seqs[: max(4, -(-args.tokens // seqs.shape[1]))]
+        reader = Reader(backbone, saes, batch_size=batch)
+        result = interpret_saes(reader, seqs, opts, rundir.autointerp_cache, progress=not args.quiet, quiet=args.quiet)
+        rundir.write_interp(result)
+        results[name] = result
+        if not args.quiet:
+            print(f"e2edict: wrote {rundir.interp_file}", file=sys.stderr)
+    print(format_interp_table(results))
+    return 0
+
+
+def _interp_targets(args: argparse.Namespace):
+    """One loader per thing to evaluate: each run directory, or the SAEs of ``--saes``."""
+    from e2edict.data import head, open_sequences
+    from e2edict.run import load_run_dir, open_backbone, source_saes
+
+    if args.saes:
+        if args.run_dirs or not args.out:
+            raise E2EDictError("--saes SPEC takes no RUN_DIR and needs --out DIR (where interp.json goes)")
+        RunDir(args.out).check_free(overwrite=True)
+
+        def foreign():
+            backbone = open_backbone(args.model, args.backend)
+            saes = source_saes(args.saes, backbone)
+            backbone.check_saes(saes)
+            n_ctx = min(args.ctx, backbone.n_ctx)
+            n = -(-args.tokens // n_ctx)
+            seqs = head(open_sequences(args.data or "tiny-val", backbone, n_ctx, "bos", "--data", limit_tokens=n * n_ctx), n)
+            return RunDir(args.out), Path(args.out).name, backbone, saes, seqs, 16
+
+        return [foreign]
+    if not args.run_dirs:
+        raise E2EDictError("interp needs RUN_DIR(s), or --saes SPEC --model MODEL --out DIR")
+    for d in args.run_dirs:
+        RunDir(d).require()
+
+    def loader(d):
+        def load():
+            run = load_run_dir(d, args.data, args.tokens)
+            return run.rundir, run.cfg.name, run.backbone, run.saes, run.eval_seqs, run.cfg.eval.batch_size
+
+        return load
+
+    return [loader(d) for d in args.run_dirs]
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from e2edict.analysis.runs import load_runs
 
@@ -209,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     _run_commands(sub)
     _analysis_commands(sub)
+    _interp_command(sub)
     _data_commands(sub)
     return ap
 
@@ -290,6 +367,47 @@ def _analysis_commands(sub) -> None:
     c.set_defaults(fn=_cmd_compare)
 
 
+def _interp_command(sub) -> None:
+    from e2edict.interpret.absorption import AbsorptionConfig
+
+    i = sub.add_parser(
+        "interp",
+        help="interpretability of a run's SAEs: sparse probing, absorption, explanations, autointerp; writes interp.json",
+        description="Evaluate how interpretable each SAE's features are (docs/interpretability.md): SAEBench's sparse "
+        "probing and feature absorption, n-gram explanations scored without an LLM, and SAEBench's autointerp through an "
+        "OpenAI-compatible endpoint. Writes RUN_DIR/interp.json and prints a table.",
+    )
+    i.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    i.add_argument("--metrics", help="comma-separated: sparse_probing, absorption, explanations, autointerp (default: all)")
+    i.add_argument("--tokens", type=int, default=32_768, help="held-out tokens for explanations and autointerp")
+    i.add_argument("--data", help="held-out data instead of the run's data.eval")
+    i.add_argument("--latents", type=int, default=100, help="latents explained per SAE (sampled among the alive)")
+    i.add_argument("--contexts", type=int, default=20, help="top contexts an n-gram explanation is built from")
+    i.add_argument("--tasks", help="built-in probing tasks, comma-separated (source, testament, dialogue; '' for none)")
+    i.add_argument("--task-data", help="a labelled data set for probing: .jsonl/.csv/.parquet or a Hugging Face name")
+    i.add_argument("--text-column", default="text")
+    i.add_argument("--label-column", default="label")
+    i.add_argument("--task-split", default="train", help="Hugging Face data sets: the split")
+    i.add_argument("--probe-train", type=int, default=1000, help="texts per probing task's training split")
+    i.add_argument("--probe-test", type=int, default=250, help="texts per probing task's test split")
+    d = AbsorptionConfig()
+    i.add_argument("--absorption-min-f1", type=float, default=d.min_probe_f1, help="a letter's probe F1 bar (SAEBench: 0.6)")
+    i.add_argument("--absorption-min-letters", type=int, default=d.min_letters, help="letters needed (SAEBench: 20)")
+    i.add_argument("--absorption-max-words", type=int, default=None, help="at most this many words (default: every one)")
+    i.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    i.add_argument("--llm-model", help="the endpoint's model name")
+    i.add_argument("--llm-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
+    i.add_argument("--llm-concurrency", type=int, default=8, help="calls in flight at once")
+    i.add_argument("--llm-timeout", type=float, default=60.0, help="seconds before a call is retried")
+    i.add_argument("--saes", help="SAEs from elsewhere (anything saes.init_from accepts) instead of a run directory")
+    i.add_argument("--model", default="tiny", help="with --saes: the model they read")
+    i.add_argument("--backend", choices=["transformer_lens", "huggingface"], default="transformer_lens")
+    i.add_argument("--ctx", type=int, default=128, help="with --saes: tokens per held-out sequence")
+    i.add_argument("--out", help="with --saes: the folder for interp.json and the autointerp cache")
+    i.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    i.set_defaults(fn=_cmd_interp)
+
+
 def _data_commands(sub) -> None:
     """tokenize, hooks."""
     tk = sub.add_parser("tokenize", help="pack a text or token source into shards for random-access training data")
@@ -339,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "fn", None) is None:
         ap.print_help()
         return 0
-    for opt in ("tokens", "alive_tokens", "features", "per_page", "contexts", "ctx", "max_tokens", "shard_rows"):
+    for opt in ("tokens", "alive_tokens", "features", "per_page", "contexts", "ctx", "max_tokens", "shard_rows",
+                "latents", "probe_train", "probe_test", "llm_concurrency", "absorption_max_words"):
         if getattr(args, opt, None) is not None and getattr(args, opt) <= 0:
             print(f"e2edict: error: --{opt.replace('_', '-')} must be positive", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -4,6 +4,8 @@
       config.yaml            the resolved config (`e2edict train RUN_DIR/config.yaml` repeats the run)
       metrics.jsonl          one JSON object per log step
       eval.json              the final evaluation (a fine-tune's also holds "init": its source's, before any step)
+      interp.json            the interpretability evaluation (`e2edict interp`)
+      interp_cache/          autointerp's prompts and answers (autointerp.jsonl), so no call is made twice
       init_eval.json         a run from saes.init_from: the loaded SAEs' evaluation before any step
       saes/<hook>/           cfg.json + sae_weights.safetensors (SAELens v6) + sparsity.safetensors
       adapter/               a run with an adapter: adapter_config.json + adapter_model.safetensors (peft's files)
@@ -30,10 +32,12 @@ from e2edict.errors import E2EDictError
 from e2edict.evaluation import density_from_log10, log10_density
 from e2edict.saes.base import CFG_FILE, SAE, load_sae, save_sae
 
-CONFIG, METRICS, EVAL, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT, ADAPTER = (
+CONFIG, METRICS, EVAL, INTERP, INTERP_CACHE, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT, ADAPTER = (
     "config.yaml",
     "metrics.jsonl",
     "eval.json",
+    "interp.json",
+    "interp_cache",
     "init_eval.json",
     "saes",
     "sparsity.safetensors",
@@ -64,6 +68,14 @@ class RunDir:
     @property
     def eval_file(self) -> Path:
         return self.path / EVAL
+
+    @property
+    def interp_file(self) -> Path:
+        return self.path / INTERP
+
+    @property
+    def autointerp_cache(self) -> Path:
+        return self.path / INTERP_CACHE / "autointerp.jsonl"
 
     @property
     def init_eval_file(self) -> Path:
@@ -151,6 +163,25 @@ class RunDir:
 
     def write_eval(self, result: dict[str, Any]) -> None:
         _write_text(self.eval_file, json.dumps(result, indent=2) + "\n")
+
+    def has_interp(self) -> bool:
+        return self.interp_file.is_file()
+
+    def read_interp(self) -> dict[str, Any] | None:
+        """interp.json, or None where the run has none."""
+        if not self.has_interp():
+            return None
+        try:
+            result = json.loads(self.interp_file.read_text())
+            if not isinstance(result, dict) or not isinstance(result.get("saes"), dict):
+                raise ValueError("no 'saes' mapping")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise E2EDictError(f"{str(self.interp_file)!r} is not a valid {INTERP} ({e})") from None
+        return result
+
+    def write_interp(self, result: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_text(self.interp_file, json.dumps(result, indent=2, allow_nan=True) + "\n")
 
     def write_sparsity(self, densities: dict[str, torch.Tensor]) -> None:
         """Each latent's log10 firing density, as SAELens stores it (key ``sparsity``)."""

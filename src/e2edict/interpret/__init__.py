@@ -1,0 +1,8 @@
+"""Are the features any good? Interpretability metrics of SAEs, with the field's definitions:
+sparse probing and feature absorption (SAEBench's), explanations scored without an LLM (Gao et
+al. 2024's n-gram patterns) and autointerp with one (SAEBench's detection protocol). One module
+a metric; `e2edict.interpret.suite` runs them together (`docs/interpretability.md`)."""
+
+from e2edict.interpret.suite import METRICS, InterpOptions, format_interp_table, headline, interpret_saes
+
+__all__ = ["METRICS", "InterpOptions", "format_interp_table", "headline", "interpret_saes"]

@@ -1,0 +1,223 @@
+"""Every interpretability metric of a set of SAEs, in one call: what ``e2edict interp`` and
+``e2edict.interp`` run and what ``interp.json`` holds (`docs/interpretability.md`).
+
+Order: explanations (their example pass feeds autointerp), autointerp (so an endpoint that
+refuses stops the command before the slower passes), sparse probing, absorption.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from e2edict.errors import E2EDictError
+from e2edict.interpret import explain
+from e2edict.interpret.absorption import AbsorptionConfig, absorption
+from e2edict.interpret.autointerp import AutointerpConfig, Cache, run_autointerp
+from e2edict.interpret.contexts import collect_examples, firing_stats
+from e2edict.interpret.probing import K_VALUES, sparse_probing
+from e2edict.interpret.reading import Reader, token_strings
+from e2edict.interpret.tasks import BUILTIN_TASKS, Task, builtin_task, user_task
+
+METRICS = ("sparse_probing", "absorption", "explanations", "autointerp")
+DEFAULT_METRICS = ("sparse_probing", "absorption", "explanations", "autointerp")
+
+
+@dataclass
+class InterpOptions:
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    latents: int = 100  # latents explained per SAE (sampled among the alive ones)
+    contexts: int = 20  # top contexts an n-gram explanation is built from
+    tasks: tuple[str, ...] = BUILTIN_TASKS
+    task_data: str | None = None  # a user's labelled data set
+    text_column: str = "text"
+    label_column: str = "label"
+    task_split: str = "train"
+    probe_train: int = 1000
+    probe_test: int = 250
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    llm: AutointerpConfig | None = None  # None: autointerp skipped
+    batch_size: int = 16
+    seed: int = 0
+
+    def check(self) -> InterpOptions:
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad:
+            raise E2EDictError(f"unknown metric(s) {', '.join(map(repr, bad))}; known: {', '.join(METRICS)}")
+        unknown = [t for t in self.tasks if t not in BUILTIN_TASKS]
+        if unknown:
+            raise E2EDictError(
+                f"unknown built-in probing task(s) {', '.join(map(repr, unknown))}; known: {', '.join(BUILTIN_TASKS)}"
+            )
+        if self.latents <= 0 or self.contexts <= 0 or self.probe_train < 4 or self.probe_test < 4:
+            raise E2EDictError("--latents and --contexts must be positive, probe sizes at least 4")
+        if self.llm is not None and not (self.llm.url and self.llm.model):
+            raise E2EDictError("autointerp needs both --llm-url and --llm-model")
+        return self
+
+    def probing_tasks(self) -> list[Task]:
+        tasks = [builtin_task(t) for t in self.tasks]
+        if self.task_data:
+            tasks.append(user_task(self.task_data, self.text_column, self.label_column, self.task_split))
+        return tasks
+
+
+def interpret_saes(
+    reader: Reader,
+    sequences: torch.Tensor,
+    opts: InterpOptions,
+    cache_file: Path | None = None,
+    progress: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """interp.json's content for the SAEs of ``reader`` on held-out ``sequences`` ([N, n_ctx])."""
+    opts.check()
+    n_ctx = sequences.shape[1]
+    result: dict = {"tokens": int(sequences.numel()), "metrics": list(opts.metrics), "saes": {h: {} for h in reader.saes}}
+    if "explanations" in opts.metrics or "autointerp" in opts.metrics:
+        if len(sequences) < 4:
+            raise E2EDictError(f"explanations need at least 4 held-out sequences, got {len(sequences)}")
+        for h in reader.saes:
+            result["saes"][h].update(_explanations(reader, h, sequences, opts, cache_file, progress, quiet))
+    if "autointerp" in opts.metrics and opts.llm is None:
+        result["autointerp_skipped"] = "no endpoint given (--llm-url, --llm-model): autointerp not run"
+        if not quiet:
+            print(f"e2edict: {result['autointerp_skipped']}", file=sys.stderr)
+    if "sparse_probing" in opts.metrics:
+        tasks = opts.probing_tasks()
+        probing = sparse_probing(reader, tasks, opts.probe_train, opts.probe_test, K_VALUES, n_ctx, opts.seed, progress)
+        for h, r in probing.items():
+            result["saes"][h]["sparse_probing"] = r
+    if "absorption" in opts.metrics:
+        for h, r in absorption(reader, n_ctx, opts.absorption, progress).items():
+            result["saes"][h]["absorption"] = r
+            if "skipped" in r and not quiet:
+                print(f"e2edict: absorption: {r['skipped']}", file=sys.stderr)
+    return result
+
+
+def _explanations(reader: Reader, h: str, sequences: torch.Tensor, opts: InterpOptions, cache_file, progress, quiet) -> dict:
+    sae = reader.saes[h]
+    half = len(sequences) // 2
+    build, held = sequences[:half], sequences[half:]
+
+    def all_codes(x):
+        return reader.codes(x, [h])[h]
+
+    count, peak = firing_stats(all_codes, build, sae.d_sae, opts.batch_size, progress, f"alive latents at {h}")
+    alive = torch.nonzero(count > 0).flatten().tolist()
+    rng = random.Random(opts.seed)
+    chosen = sorted(rng.sample(alive, min(opts.latents, len(alive))))
+    out: dict = {}
+    if not chosen:
+        return {"explanations": {"skipped": f"no latent of the SAE at {h} fired on the first half of the held-out text"}}
+    lat = torch.tensor(chosen)
+
+    def acts(x):
+        return reader.codes(x, [h])[h][..., lat.to(reader.device)]
+
+    n_top = max(opts.contexts, (opts.llm.n_top_gen + opts.llm.n_top_score) if opts.llm else 0)
+    llm = opts.llm or AutointerpConfig()
+    n_iw = llm.n_iw_gen + llm.n_iw_score
+    ex = collect_examples(acts, build, len(chosen), n_top, n_iw, llm.n_random_score, opts.batch_size, opts.seed, progress)
+    thresholds = 0.5 * peak[lat]
+
+    def tokens_of(ids):
+        return token_strings(reader.tokenizer, ids)
+
+    if "explanations" in opts.metrics:
+        mask_token = getattr(reader.tokenizer, "pad_token_id", None)
+        mask_token = reader.bos if mask_token is None else mask_token
+        top = _top_only(ex, opts.contexts)
+        patterns = explain.build_patterns(acts, build, top, mask_token, reader.bos, batch_size=max(64, opts.batch_size * 8))
+        vocab = int(max(int(sequences.max()) + 1, len(reader.tokenizer) if reader.tokenizer is not None else 0))
+        sets = explain.token_sets(acts, build, thresholds, vocab, opts.batch_size)
+        ngram, tokset = explain.score(acts, held, thresholds, patterns, sets, opts.batch_size, progress)
+        per_latent = {}
+        for i, latent in enumerate(chosen):
+            per_latent[str(latent)] = {
+                "patterns": [explain.pattern_text(tokens_of, p) for p in patterns[i]],
+                "precision": _num(ngram.precision()[i]),
+                "recall": _num(ngram.recall()[i]),
+                "token_set": tokens_of(sets[i][:20]),
+                "token_set_precision": _num(tokset.precision()[i]),
+                "token_set_recall": _num(tokset.recall()[i]),
+            }
+        out["explanations"] = {
+            "latents": len(chosen),
+            "alive_latents": len(alive),
+            "precision": explain.summary(ngram.precision()),
+            "recall": explain.summary(ngram.recall()),
+            "token_set_precision": explain.summary(tokset.precision()),
+            "token_set_recall": explain.summary(tokset.recall()),
+            "per_latent": per_latent,
+        }
+    if "autointerp" in opts.metrics and opts.llm is not None:
+        if cache_file is None:
+            raise E2EDictError("autointerp needs a cache file")
+        out["autointerp"] = run_autointerp(
+            acts, build, ex, chosen, tokens_of, opts.llm, Cache(cache_file), opts.batch_size, f" at {h}", quiet
+        )
+    return out
+
+
+def _top_only(ex, n: int):
+    from e2edict.interpret.contexts import Examples
+
+    return Examples(ex.top_val[:, :n], ex.top_at[:, :n], ex.iw_at, ex.rand_at)
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else round(v, 4)
+
+
+# --- the table ----------------------------------------------------------------------------------
+def headline(entry: dict) -> dict[str, float]:
+    """One SAE's headline figures (the table's rows, `compare`'s columns)."""
+    out: dict[str, float] = {}
+    sp = entry.get("sparse_probing")
+    if sp:
+        out["probe_llm_acc"] = sp["llm_test_accuracy"]
+        for k in K_VALUES:
+            out[f"probe_top{k}_acc"] = sp[f"sae_top_{k}_test_accuracy"]
+    ab = entry.get("absorption")
+    if ab and "skipped" not in ab:
+        out["absorption_fraction"] = ab["mean_absorption_fraction"]
+        out["full_absorption"] = ab["mean_full_absorption"]
+        out["split_features"] = ab["mean_num_split_features"]
+    ex = entry.get("explanations")
+    if ex and "skipped" not in ex:
+        out["ngram_precision"] = ex["precision"]["mean"]
+        out["ngram_recall"] = ex["recall"]["mean"]
+        out["tokenset_precision"] = ex["token_set_precision"]["mean"]
+        out["tokenset_recall"] = ex["token_set_recall"]["mean"]
+    ai = entry.get("autointerp")
+    if ai:
+        out["autointerp_score"] = ai["score"]
+    return out
+
+
+def format_interp_table(runs: dict[str, dict]) -> str:
+    """One column per run (and SAE), one row per headline figure."""
+    cols = []
+    for name, res in runs.items():
+        for h, entry in res["saes"].items():
+            cols.append((name if len(res["saes"]) == 1 else f"{name}:{h}", headline(entry)))
+    keys = list(dict.fromkeys(k for _, c in cols for k in c))
+    table = [["", *[c[0] for c in cols]]]
+    for k in keys:
+        table.append([k, *[("-" if k not in c or c[k] is None or np.isnan(c[k]) else f"{c[k]:.4f}") for _, c in cols]])
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        for r in table
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
