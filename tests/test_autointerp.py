@@ -99,7 +99,9 @@ def data():
 
 def run(server_url, data, cache, **kw):
     seqs, ex = data
-    cfg = AutointerpConfig(url=server_url, model="judge", concurrency=4, timeout=kw.pop("timeout", 5.0), retries=kw.pop("retries", 3))
+    cfg = AutointerpConfig(
+        url=server_url, model="judge", concurrency=4, timeout=kw.pop("timeout", 5.0), retries=kw.pop("retries", 3)
+    )
     return run_autointerp(fires, seqs, ex, [10, 11, 12], tokens_of, cfg, cache, quiet=True)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from e2edict.version import __version__
 
-__all__ = ["__version__", "evaluate", "load_config", "load_model", "load_saes", "train"]
+__all__ = ["__version__", "evaluate", "interp", "load_config", "load_model", "load_saes", "train"]
 
 
 def load_model(name_or_path: str = "tiny", device: str = "cpu", backend: str = "transformer_lens"):
@@ -55,7 +55,6 @@ def evaluate(
     the mapping is unambiguous (residual stream, MLP output)."""
     import torch
 
-    from e2edict.backbones import HFBackbone, TLBackbone
     from e2edict.evaluation import evaluate_saes
     from e2edict.sources import user_sequences
 
@@ -66,12 +65,64 @@ def evaluate(
             backbone, mapped, torch.from_numpy(seqs), batch_size=batch_size, alive_tokens=alive_tokens, progress=progress
         )
 
+    backbone, inside = _backbone_of(model, tokenizer)
+    with inside:  # the user's model object is handed back as it came
+        return run(backbone)
+
+
+def _backbone_of(model, tokenizer=None):
+    """A `HookedTransformer` or a ``transformers`` causal LM as e2edict's backbone (and the
+    context that hands a TransformerLens model back as it came)."""
+    import contextlib
+
+    from e2edict.backbones import HFBackbone, TLBackbone
+
     if hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
         from e2edict.backbones.tl_attention import fused_attention_inside
 
-        with fused_attention_inside(model):  # the user's model object is handed back as it came
-            return run(TLBackbone(model, model.cfg.model_name))
-    return run(HFBackbone(model, tokenizer, getattr(model.config, "name_or_path", type(model).__name__)))
+        return TLBackbone(model, model.cfg.model_name), fused_attention_inside(model)
+    name = getattr(model.config, "name_or_path", type(model).__name__)
+    return HFBackbone(model, tokenizer, name), contextlib.nullcontext()
+
+
+def interp(
+    model,
+    saes: dict[str, Any],
+    tokens,
+    metrics: tuple[str, ...] | list[str] | None = None,
+    n_ctx: int = 128,
+    tokenizer=None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    **options,
+) -> dict[str, Any]:
+    """Interpretability metrics (interp.json's shape) of ``saes`` read on ``model`` (a
+    `HookedTransformer` or a ``transformers`` causal LM): sparse probing, absorption, n-gram
+    explanations, and autointerp where ``llm=AutointerpConfig(url=..., model=...)`` is given.
+
+    ``tokens``: held-out text for the explanations, as `evaluate` takes it (rows, a 1-D stream or
+    texts). ``options``: the fields of `e2edict.interpret.InterpOptions` (``latents``, ``tasks``,
+    ``task_data``, ``probe_train``, ...). ``cache_dir``: where autointerp caches its calls
+    (needed with ``llm``). Each SAE is read at its own hook, under the name it was given. See
+    docs/interpretability.md."""
+    import torch
+
+    from e2edict.interpret import METRICS, InterpOptions, interpret_saes
+    from e2edict.interpret.reading import Reader
+    from e2edict.sources import user_sequences
+
+    backbone, inside = _backbone_of(model, tokenizer)
+    opts = InterpOptions(metrics=tuple(metrics or METRICS), **options).check()
+    with inside:
+        seqs = torch.from_numpy(user_sequences(tokens, n_ctx, backbone.bos_token_id, tokenizer or backbone.tokenizer))
+        mapped = backbone.adopt_saes(saes)
+        reader = Reader(backbone, mapped, batch_size=opts.batch_size)
+        cache = Path(cache_dir) / "autointerp.jsonl" if cache_dir is not None else None
+        result = interpret_saes(reader, seqs, opts, cache, progress=progress, quiet=not progress)
+    # reported under the names the SAEs were given (a TransformerLens name read on a Hugging Face model, say)
+    given = {id(sae): name for name, sae in saes.items()}
+    result["saes"] = {given[id(sae)]: result["saes"][h] for h, sae in mapped.items()}
+    return result
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None):
