@@ -165,3 +165,34 @@ def test_user_task_from_a_labelled_file(runs, tmp_path):
     result = json.loads((runs["relu"] / "interp.json").read_text())
     tasks = result["saes"]["blocks.2.hook_resid_pre"]["sparse_probing"]["tasks"]
     assert list(tasks) == ["speech/dialogue"] and tasks["speech/dialogue"]["llm_test_accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_interp_joins_compare_and_the_report(runs, tmp_path, capsys):
+    import csv
+
+    for name in ("relu", "jumprelu"):
+        assert main(["interp", str(runs[name]), *QUICK, "--metrics", "explanations,sparse_probing"]) == 0
+    # a later metric keeps the earlier ones (interp.json is merged, not replaced)
+    assert main(["interp", str(runs["relu"]), *QUICK, "--metrics", "absorption"]) == 0
+    kept = json.loads((runs["relu"] / "interp.json").read_text())
+    assert {"explanations", "sparse_probing", "absorption"} <= set(kept["saes"]["blocks.2.hook_resid_pre"])
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs["relu"]), str(runs["jumprelu"]), "--out", str(out), "--quiet"]) == 0
+    assert "probe_top1_acc" in capsys.readouterr().out
+    with open(out / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    sp = kept["saes"]["blocks.2.hook_resid_pre"]["sparse_probing"]
+    assert float(rows[0]["probe_top1_acc"]) == pytest.approx(sp["sae_top_1_test_accuracy"])
+    assert float(rows[0]["ngram_precision"]) == pytest.approx(
+        kept["saes"]["blocks.2.hook_resid_pre"]["explanations"]["precision"]["mean"]
+    )
+    assert (out / "interp_vs_l0.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(runs["relu"]), "--tokens", "2048", "--features", "5", "--quiet"]) == 0
+    pages = "".join(p.read_text() for p in (runs["relu"] / "report").glob("sae0_features_*.html"))
+    explained = kept["saes"]["blocks.2.hook_resid_pre"]["explanations"]["per_latent"]
+    for latent in explained:
+        assert f'id="f{latent}"' in pages
+    assert pages.count('class="interp"') >= len(explained)
+    assert "<<" not in pages and "\ufffd" not in pages

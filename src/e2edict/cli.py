@@ -81,6 +81,7 @@ def _interp_options(args: argparse.Namespace):
 def _cmd_interp(args: argparse.Namespace) -> int:
     from e2edict.interpret import format_interp_table, interpret_saes
     from e2edict.interpret.reading import Reader
+    from e2edict.interpret.table import merge_interp
 
     opts = _interp_options(args)
     if opts.task_data:  # a bad data set is named before any model loads
@@ -91,6 +92,7 @@ def _cmd_interp(args: argparse.Namespace) -> int:
         seqs = seqs[: max(4, -(-args.tokens // seqs.shape[1]))]
         reader = Reader(backbone, saes, batch_size=batch)
         result = interpret_saes(reader, seqs, opts, rundir.autointerp_cache, progress=not args.quiet, quiet=args.quiet)
+        result = merge_interp(rundir.read_interp(), result)
         rundir.write_interp(result)
         results[name] = result
         if not args.quiet:
@@ -139,6 +141,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     runs = load_runs(args.run_dirs)
     print(format_table({r.name: r.eval for r in runs}))
+    if any(r.interp for r in runs):
+        from e2edict.interpret.table import format_interp_table
+
+        print()
+        print(format_interp_table({r.name: r.interp for r in runs if r.interp}))
     if args.out:
         from e2edict.analysis.compare import compare_with_geometry
 
@@ -184,6 +191,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         batch_size=cfg.eval.batch_size,
         run_name=cfg.name,
         progress=not args.quiet,
+        interp=rundir.read_interp(),
     )
     print(f"report: {index}")
     return 0

@@ -1,6 +1,7 @@
 """`e2edict compare`: a table of runs (Markdown and CSV) and the plots researchers read first:
 L0 and alive latents against CE-loss increase with one Pareto frontier per SAE type, downstream
-explained variance by layer, and the SAE output/input norm ratio by position."""
+explained variance by layer, the SAE output/input norm ratio by position, and, for runs that
+`e2edict interp` has evaluated, each interpretability figure against L0 per SAE type."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from e2edict.analysis.runs import COLUMNS, FinishedRun, rows  # noqa: E402
+from e2edict.interpret.table import HEADLINE  # noqa: E402
 
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
 LINE_STYLES = ["-", "--", ":", "-."]  # runs of one type: one colour, a style each
@@ -159,6 +161,32 @@ def _prefix_plot(runs: list[FinishedRun], path: Path) -> None:
     _finish(fig, ax, path, fontsize=7)
 
 
+def _interp_plot(table: list[dict[str, Any]], path: Path) -> bool:
+    """Each interpretability figure against L0, one colour per SAE type (as the Pareto plots)."""
+    keys = [k for k in HEADLINE if any(r[k] is not None and not math.isnan(r[k]) for r in table)]
+    if not keys:
+        return False
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for typ in sorted({r["type"] for r in table}):
+            pts = [(r["l0"], r[key]) for r in table if r["type"] == typ and r[key] is not None and r["l0"] is not None]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), label=typ, color=TYPE_COLORS.get(typ), alpha=0.8)
+        ax.set_xlabel("L0", fontsize=8)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, title="SAE type", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def per_run(runs: list[FinishedRun]) -> list[dict[str, Any]]:
     """One row per run, its SAEs spliced in together: mean L0 and explained variance over them."""
     out = []
@@ -190,6 +218,8 @@ def compare(runs: list[FinishedRun], out: Path) -> dict[str, Path]:
     if any("prefixes" in m for r in runs for m in r.eval["saes"].values()):  # Matryoshka SAEs
         _prefix_plot(runs, out / "prefix_ce.png")
         written["prefix_ce.png"] = out / "prefix_ce.png"
+    if _interp_plot(table, out / "interp_vs_l0.png"):
+        written["interp_vs_l0.png"] = out / "interp_vs_l0.png"
     _downstream_plot(runs, out / "downstream_ev.png")
     _norm_ratio_plot(runs, out / "norm_ratio.png")
     written["downstream_ev.png"] = out / "downstream_ev.png"

@@ -23,6 +23,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm.auto import tqdm
 
 from e2edict.backbones.base import Backbone
+from e2edict.interpret.reading import token_strings
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE
 from e2edict.saes.base import eval_mode
@@ -84,18 +85,11 @@ def _svg_histogram(values: torch.Tensor, bins: int = 24, width: int = 240, heigh
     )
 
 
-def _token_strings(tokenizer, ids: list[int]) -> list[str]:
-    if tokenizer is None:
-        return [f"<{i}>" for i in ids]
-    # newlines and tabs made visible so a context stays on one line
-    return [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") for i in ids]
-
-
 def _logit_tokens(tok, eff: torch.Tensor, n: int) -> tuple[list, list]:
     """The ``n`` tokens a direction promotes most and suppresses most, with their logit effects."""
     up, down = eff.topk(n), (-eff).topk(n)
-    promoted = list(zip(_token_strings(tok, up.indices.tolist()), up.values.tolist(), strict=True))
-    return promoted, list(zip(_token_strings(tok, down.indices.tolist()), (-down.values).tolist(), strict=True))
+    promoted = list(zip(token_strings(tok, up.indices.tolist()), up.values.tolist(), strict=True))
+    return promoted, list(zip(token_strings(tok, down.indices.tolist()), (-down.values).tolist(), strict=True))
 
 
 def _device(saes: dict[str, SAE]) -> torch.device:
@@ -111,10 +105,14 @@ def collect_features(
     k: int,
     batch_size: int,
     progress: bool = False,
+    extra: dict[str, list[int]] | None = None,
 ) -> dict[str, FeatureStats]:
-    """One pass over ``sequences``: for each SAE, the first ``n_features`` latents of `feature_order`: their top-``k``
-    contexts and activation samples (codes from the spliced run with every SAE in place)."""
-    stats = {h: FeatureStats(feature_order(d)[:n_features], k) for h, d in densities.items()}
+    """One pass over ``sequences``: for each SAE, the first ``n_features`` latents of `feature_order`
+    (then those of ``extra``, e.g. the ones interp.json explains): their top-``k`` contexts and
+    activation samples (codes from the spliced run with every SAE in place)."""
+    stats = {
+        h: FeatureStats(_with_extra(feature_order(d)[:n_features], (extra or {}).get(h, [])), k) for h, d in densities.items()
+    }
     n_ctx = sequences.shape[1]
     starts = range(0, len(sequences), batch_size)
     with torch.no_grad():
@@ -127,6 +125,22 @@ def collect_features(
     return stats
 
 
+def _with_extra(ids: torch.Tensor, extra: list[int]) -> torch.Tensor:
+    more = [i for i in extra if i not in set(ids.tolist())]
+    return torch.cat([ids, torch.tensor(more, dtype=ids.dtype)]) if more else ids
+
+
+def interp_by_latent(interp: dict[str, Any] | None, hook: str) -> dict[int, dict[str, Any]]:
+    """interp.json's per-latent figures of one SAE: the n-gram explanation and its scores, the
+    token set, and autointerp's explanation and score, by latent id."""
+    entry = ((interp or {}).get("saes") or {}).get(hook) or {}
+    out: dict[int, dict[str, Any]] = {}
+    for section in ("explanations", "autointerp"):
+        for latent, figures in ((entry.get(section) or {}).get("per_latent") or {}).items():
+            out.setdefault(int(latent), {})[section] = figures
+    return out
+
+
 def _feature_cards(
     sae: SAE,
     stats: FeatureStats,
@@ -136,6 +150,7 @@ def _feature_cards(
     codes: dict[int, torch.Tensor],
     window: int,
     n_logit_tokens: int,
+    interp: dict[int, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     tok = backbone.tokenizer
     n_ctx = sequences.shape[1]
@@ -161,7 +176,7 @@ def _feature_cards(
                     "value": v,
                     "tokens": [
                         {"text": t, "act": a, "alpha": max(0.0, a / peak), "peak": lo + j == pos}
-                        for j, (t, a) in enumerate(zip(_token_strings(tok, ids), acts, strict=True))
+                        for j, (t, a) in enumerate(zip(token_strings(tok, ids), acts, strict=True))
                     ],
                 }
             )
@@ -176,6 +191,7 @@ def _feature_cards(
                 "histogram": _svg_histogram(samples),
                 "promoted": promoted,
                 "suppressed": suppressed,
+                "interp": (interp or {}).get(latent),
             }
         )
     return cards
@@ -277,6 +293,7 @@ def write_report(
     n_logit_tokens: int = 8,
     run_name: str | None = None,
     progress: bool = False,
+    interp: dict[str, Any] | None = None,
 ) -> Path:
     env = Environment(loader=PackageLoader("e2edict.analysis", "templates"), autoescape=select_autoescape(["html"]))
     rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -285,11 +302,14 @@ def write_report(
     out.mkdir(exist_ok=True)
     has_curves = _curves_png(rundir.metrics_file, out / "curves.png")
     with eval_mode(saes):
-        stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size, progress)
+        explained = {h: sorted(interp_by_latent(interp, h)) for h in saes}
+        stats = collect_features(backbone, saes, sequences, densities, n_features, k, batch_size, progress, explained)
         codes = context_codes(backbone, saes, sequences, stats, batch_size)
     sae_pages = []
     for si, (h, sae) in enumerate(saes.items()):
-        cards = _feature_cards(sae, stats[h], densities[h], sequences, backbone, codes[h], window, n_logit_tokens)
+        cards = _feature_cards(
+            sae, stats[h], densities[h], sequences, backbone, codes[h], window, n_logit_tokens, interp_by_latent(interp, h)
+        )
         pages = max(1, math.ceil(len(cards) / per_page))
         names = [f"sae{si}_features_{p + 1}.html" for p in range(pages)]
         for p in range(pages):

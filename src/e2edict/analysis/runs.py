@@ -8,6 +8,7 @@ from typing import Any
 
 from e2edict.config import Config
 from e2edict.errors import E2EDictError
+from e2edict.interpret.table import HEADLINE, headline
 from e2edict.rundir import RunDir
 
 
@@ -17,6 +18,7 @@ class FinishedRun:
     name: str
     config: Config
     eval: dict[str, Any]
+    interp: dict[str, Any] | None = None  # interp.json, where `e2edict interp` has run
 
     @property
     def preset(self) -> str:
@@ -28,7 +30,7 @@ def load_run(path: str | Path) -> FinishedRun:
     if not rundir.is_run():
         raise E2EDictError(f"{str(rundir.path)!r} is not a finished run directory: no config.yaml")
     result, cfg = rundir.read_eval(), rundir.read_config()
-    return FinishedRun(rundir.path, cfg.name, cfg, result)
+    return FinishedRun(rundir.path, cfg.name, cfg, result, rundir.read_interp())
 
 
 def load_runs(paths: list[str | Path]) -> list[FinishedRun]:
@@ -71,7 +73,14 @@ COLUMNS = [
     "no_adapter_ce_loss_increase",
     "adapter_alone_kl",
     "adapter_alone_ce_change",
+    *HEADLINE,  # interp.json's figures (`e2edict interp`), empty where it has not run
 ]
+
+
+def _interp_columns(interp: dict[str, Any] | None, hook: str) -> dict[str, Any]:
+    entry = ((interp or {}).get("saes") or {}).get(hook) or {}
+    figures = headline(entry)
+    return {k: figures.get(k) for k in HEADLINE}
 
 
 def _lambda(cfg: Config, hook: str) -> float | None:
@@ -132,6 +141,7 @@ def rows(runs: list[FinishedRun]) -> list[dict[str, Any]]:
                     "tokens": r.eval.get("tokens"),
                     **_init_columns(r.eval.get("init"), hook),
                     **_adapter_columns(r.eval),
+                    **_interp_columns(r.interp, hook),
                 }
             )
     return out

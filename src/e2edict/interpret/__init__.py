@@ -3,6 +3,7 @@ sparse probing and feature absorption (SAEBench's), explanations scored without 
 al. 2024's n-gram patterns) and autointerp with one (SAEBench's detection protocol). One module
 a metric; `e2edict.interpret.suite` runs them together (`docs/interpretability.md`)."""
 
-from e2edict.interpret.suite import METRICS, InterpOptions, format_interp_table, headline, interpret_saes
+from e2edict.interpret.suite import METRICS, InterpOptions, interpret_saes
+from e2edict.interpret.table import format_interp_table, headline
 
 __all__ = ["METRICS", "InterpOptions", "format_interp_table", "headline", "interpret_saes"]

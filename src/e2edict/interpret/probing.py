@@ -21,9 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from e2edict.interpret.reading import Reader
+from e2edict.interpret.table import K_VALUES
 from e2edict.interpret.tasks import Split, Task, one_vs_rest
-
-K_VALUES = (1, 2, 5, 10)
 
 
 def _pooled(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from e2edict.errors import E2EDictError
@@ -176,48 +175,3 @@ def _top_only(ex, n: int):
 def _num(v) -> float | None:
     v = float(v)
     return None if math.isnan(v) else round(v, 4)
-
-
-# --- the table ----------------------------------------------------------------------------------
-def headline(entry: dict) -> dict[str, float]:
-    """One SAE's headline figures (the table's rows, `compare`'s columns)."""
-    out: dict[str, float] = {}
-    sp = entry.get("sparse_probing")
-    if sp:
-        out["probe_llm_acc"] = sp["llm_test_accuracy"]
-        for k in K_VALUES:
-            out[f"probe_top{k}_acc"] = sp[f"sae_top_{k}_test_accuracy"]
-    ab = entry.get("absorption")
-    if ab and "skipped" not in ab:
-        out["absorption_fraction"] = ab["mean_absorption_fraction"]
-        out["full_absorption"] = ab["mean_full_absorption"]
-        out["split_features"] = ab["mean_num_split_features"]
-    ex = entry.get("explanations")
-    if ex and "skipped" not in ex:
-        out["ngram_precision"] = ex["precision"]["mean"]
-        out["ngram_recall"] = ex["recall"]["mean"]
-        out["tokenset_precision"] = ex["token_set_precision"]["mean"]
-        out["tokenset_recall"] = ex["token_set_recall"]["mean"]
-    ai = entry.get("autointerp")
-    if ai:
-        out["autointerp_score"] = ai["score"]
-    return out
-
-
-def format_interp_table(runs: dict[str, dict]) -> str:
-    """One column per run (and SAE), one row per headline figure."""
-    cols = []
-    for name, res in runs.items():
-        for h, entry in res["saes"].items():
-            cols.append((name if len(res["saes"]) == 1 else f"{name}:{h}", headline(entry)))
-    keys = list(dict.fromkeys(k for _, c in cols for k in c))
-    table = [["", *[c[0] for c in cols]]]
-    for k in keys:
-        table.append([k, *[("-" if k not in c or c[k] is None or np.isnan(c[k]) else f"{c[k]:.4f}") for _, c in cols]])
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
-        for r in table
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
