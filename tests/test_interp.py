@@ -196,3 +196,32 @@ def test_interp_joins_compare_and_the_report(runs, tmp_path, capsys):
         assert f'id="f{latent}"' in pages
     assert pages.count('class="interp"') >= len(explained)
     assert "<<" not in pages and "\ufffd" not in pages
+
+
+@pytest.mark.slow
+def test_autointerp_through_the_cli_caches_in_the_run_and_never_writes_the_key(runs, capsys):
+    from test_autointerp import Server
+
+    target = runs["matryoshka"]
+    srv = Server("oracle")
+    try:
+        args = ["interp", str(target), *QUICK[:-1], "--metrics", "autointerp", "--llm-url", srv.url, "--llm-model", "judge",
+                "--llm-key", "sk-secret-123", "--tokens", "16384"]  # fmt: skip (enough sequences for the windows)
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert "calls to make" in err and "prompt tokens" in err
+        first = srv.requests
+        assert first > 0
+        assert main(args) == 0  # a rerun: every answer from the cache
+        assert srv.requests == first
+    finally:
+        srv.close()
+    result = json.loads((target / "interp.json").read_text())
+    ai = result["saes"][next(iter(result["saes"]))]["autointerp"]
+    assert ai["calls_made"] == 0 and ai["latents_scored"] + ai["malformed"] + ai["latents_skipped"] == 6
+    assert result["settings"]["llm"]["model"] == "judge" and "api_key" not in result["settings"]["llm"]
+    cache = target / "interp_cache" / "autointerp.jsonl"
+    assert len(cache.read_text().splitlines()) == first
+    for path in target.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml"):
+            assert "sk-secret-123" not in path.read_text()

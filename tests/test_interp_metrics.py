@@ -169,3 +169,9 @@ def test_detection_score_arithmetic():
     assert parse_predictions("1, 4 and 13.") == [1, 4, 13]
     assert parse_predictions("None") == []
     assert parse_predictions("maybe three") is None
+
+
+def test_no_projection_along_the_probe_is_no_absorption():
+    cos = torch.tensor([0.9, 0.5])
+    assert word_absorption(torch.tensor([0.0, 1.0]), cos, 0.0, [0], CFG) == (0.0, False)
+    assert word_absorption(torch.tensor([0.0, 1.0]), cos, -0.5, [0], CFG) == (0.0, False)

@@ -79,6 +79,8 @@ def word_absorption(
     mask &= (cos_sims >= cfg.absorption_fraction_cos_threshold) & (proj > 0)
     candidates = proj[mask]
     top = float(candidates.topk(min(cfg.max_absorbing_latents, candidates.numel())).values.sum())
+    if act_probe_proj <= 0:  # nothing along the probe to absorb (SAEBench divides by it here)
+        return 0.0, False
     if main >= act_probe_proj or top / act_probe_proj < cfg.projection_proportion_threshold:
         fraction = 0.0
     elif main <= 0.0:

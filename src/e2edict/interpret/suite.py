@@ -56,9 +56,20 @@ class InterpOptions:
             )
         if self.latents <= 0 or self.contexts <= 0 or self.probe_train < 4 or self.probe_test < 4:
             raise E2EDictError("--latents and --contexts must be positive, probe sizes at least 4")
+        if "sparse_probing" in self.metrics and not self.tasks and not self.task_data:
+            raise E2EDictError("sparse probing needs a task: built-in --tasks or --task-data")
         if self.llm is not None and not (self.llm.url and self.llm.model):
             raise E2EDictError("autointerp needs both --llm-url and --llm-model")
         return self
+
+    def settings(self) -> dict:
+        """What interp.json records of how it was made (never the API key)."""
+        from dataclasses import asdict
+
+        out = {k: v for k, v in asdict(self).items() if k != "llm"}
+        if self.llm is not None:
+            out["llm"] = {k: v for k, v in asdict(self.llm).items() if k != "api_key"}
+        return out
 
     def probing_tasks(self) -> list[Task]:
         tasks = [builtin_task(t) for t in self.tasks]
@@ -78,7 +89,8 @@ def interpret_saes(
     """interp.json's content for the SAEs of ``reader`` on held-out ``sequences`` ([N, n_ctx])."""
     opts.check()
     n_ctx = sequences.shape[1]
-    result: dict = {"tokens": int(sequences.numel()), "metrics": list(opts.metrics), "saes": {h: {} for h in reader.saes}}
+    result: dict = {"tokens": int(sequences.numel()), "metrics": list(opts.metrics), "settings": opts.settings(),
+                    "saes": {h: {} for h in reader.saes}}  # fmt: skip
     if "explanations" in opts.metrics or "autointerp" in opts.metrics:
         if len(sequences) < 4:
             raise E2EDictError(f"explanations need at least 4 held-out sequences, got {len(sequences)}")
