@@ -7,7 +7,7 @@ matrix they never build.
 
 Without --run it trains a short e2e run of the embedded model first (not timed). Targets
 (docs/performance.md): all metrics but autointerp ≤ 2 minutes on the 2-core CPU; GPT-2-shaped
-passes well under the dense matrix.
+passes with a peak memory that does not grow with the tokens read.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def tiny_case(run_dir: Path | None) -> dict:
 
 
 def gpt2_shaped_case(tokens: int) -> dict:
+    """Explanations and sparse probing of a 768 x 46,080 ReLU SAE on a 2-layer GPT-2-width model,
+    first on ``tokens // 4`` held-out tokens, then on ``tokens``: streaming passes keep the peak
+    memory flat while the dense [tokens x latents] matrix they never build grows 4x."""
+    import numpy as np
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from e2edict.assets import TINY_MODEL_DIR
@@ -62,36 +66,34 @@ def gpt2_shaped_case(tokens: int) -> dict:
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=4096, n_positions=128, n_embd=768, n_layer=2, n_head=12, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).eval()
-    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    backbone = HFBackbone(model, tok, "gpt2-shaped")
+    backbone = HFBackbone(GPT2LMHeadModel(cfg).eval(), AutoTokenizer.from_pretrained(TINY_MODEL_DIR), "gpt2-shaped")
     hook = "transformer.h.1:input"
     sae = ReLUSAE(768, 46_080, hook)
     with torch.no_grad():
         sae.b_enc.fill_(-0.5)  # a sparse code, as a trained SAE's
     reader = Reader(backbone, {hook: sae}, batch_size=8)
-    import numpy as np
-
     stream = np.load(TINY_MODEL_DIR / "val_tokens.npy")
-    n = tokens // 127
-    seqs = torch.zeros(n, 128, dtype=torch.long)
-    seqs[:, 1:] = torch.from_numpy(stream[: n * 127].astype(np.int64)).view(n, 127)
-    base = rss_mb()
-    t = time.perf_counter()
     opts = InterpOptions(metrics=("explanations", "sparse_probing"), latents=50, tasks=("testament",), probe_train=200,
                          probe_test=100)  # fmt: skip
-    interpret_saes(reader, seqs, opts, quiet=True)
-    dense_mb = seqs.numel() * 46_080 * 4 / 2**20
-    peak = rss_mb()
-    return {"tokens": int(seqs.numel()), "seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(peak, 0),
-            "rss_growth_mb": round(peak - base, 0), "dense_matrix_mb": round(dense_mb, 0),
-            "streams": (peak - base) < dense_mb / 4}  # fmt: skip
+    out = {"base_rss_mb": round(rss_mb())}
+    for label, n_tok in (("quarter", tokens // 4), ("whole", tokens)):
+        n = n_tok // 127
+        seqs = torch.zeros(n, 128, dtype=torch.long)
+        seqs[:, 1:] = torch.from_numpy(stream[: n * 127].astype(np.int64)).view(n, 127)
+        t = time.perf_counter()
+        interpret_saes(reader, seqs, opts, quiet=True)
+        out[label] = {"tokens": int(seqs.numel()), "seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(rss_mb()),
+                      "dense_matrix_mb": round(seqs.numel() * 46_080 * 4 / 2**20)}  # fmt: skip
+    grew = out["whole"]["peak_rss_mb"] - out["quarter"]["peak_rss_mb"]
+    dense_grew = out["whole"]["dense_matrix_mb"] - out["quarter"]["dense_matrix_mb"]
+    out.update({"peak_growth_mb": grew, "dense_growth_mb": dense_grew, "streams": grew < 0.1 * dense_grew})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, help="a finished run of the embedded model (default: train a short one)")
-    ap.add_argument("--gpt2-tokens", type=int, default=16_384)
+    ap.add_argument("--gpt2-tokens", type=int, default=32_768)
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

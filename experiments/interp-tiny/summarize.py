@@ -32,6 +32,33 @@ def boot(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, floa
     return float(v.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def boot_diff(a: list[float], b: list[float], paired: bool, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its bootstrap 95% interval: resampled in pairs (the same probing
+    tasks) or each sample on its own (different latents)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if paired:
+        return boot(list(a - b), n, seed)
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    rng = np.random.default_rng(seed)
+    d = a[rng.integers(0, len(a), (n, len(a)))].mean(1) - b[rng.integers(0, len(b), (n, len(b)))].mean(1)
+    return float(a.mean() - b.mean()), float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))
+
+
+def samples(run: Path) -> dict[str, list[float]]:
+    """The per-task and per-latent values the intervals are taken over."""
+    it = json.loads((run / "interp.json").read_text())["saes"][HOOK]
+    tasks = [it["sparse_probing"]["tasks"][k] for k in sorted(it["sparse_probing"]["tasks"])]
+    lat = list(it["explanations"]["per_latent"].values())
+    nan = float("nan")
+    return {
+        "probe_top1": [t["sae_top_1_test_accuracy"] for t in tasks],
+        "probe_top5": [t["sae_top_5_test_accuracy"] for t in tasks],
+        "ngram_precision": [nan if x["precision"] is None else x["precision"] for x in lat],
+        "ngram_recall": [nan if x["recall"] is None else x["recall"] for x in lat],
+        "tokenset_precision": [nan if x["token_set_precision"] is None else x["token_set_precision"] for x in lat],
+    }
+
+
 def figures(run: Path) -> dict:
     ev = json.loads((run / "eval.json").read_text())
     it = json.loads((run / "interp.json").read_text())["saes"][HOOK]
@@ -72,6 +99,16 @@ def main() -> int:
     lines = ["| run | L0 | CE-loss increase | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for name, f in found.items():
         lines.append(f"| {name} | {f['l0']:.1f} | {f['ce_loss_increase']:.3f} | " + " | ".join(cell(f[c]) for c in cols) + " |")
+    base = samples(runs / RUNS[0]) if RUNS[0] in found else None
+    if base is not None:
+        keys = list(base)
+        lines += ["", f"Difference from {RUNS[0]} (mean and bootstrap 95% interval; probing paired over its tasks, "
+                  "explanations over latents):", "", "| run | " + " | ".join(f"Δ {k}" for k in keys) + " |",
+                  "|---" * (len(keys) + 1) + "|"]  # fmt: skip
+        for name in list(found)[1:]:
+            other = samples(runs / name)
+            cells = [cell(boot_diff(other[k], base[k], paired=k.startswith("probe"))) for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = {f["absorption"] for f in found.values() if isinstance(f["absorption"], str)}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
