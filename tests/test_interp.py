@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import e2edict
 from e2edict.assets import TINY_MODEL_DIR
@@ -18,7 +19,7 @@ SHORT = ["train.tokens=2048", "eval.tokens=1024", "eval.alive_tokens=1024", "tra
 
 
 def _train(tmp, name, config, *overrides):
-    return e2edict.train(config, overrides=[*SHORT, *overrides], out=tmp / name, progress=False)
+    return e2edict.train(ROOT / config, overrides=[*SHORT, *overrides], out=tmp / name, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def test_interp_api_matches_the_cli_on_the_same_data(runs, tiny_model):
     stream = np.load(TINY_MODEL_DIR / "val_tokens.npy")
     kw = dict(latents=6, contexts=5, tasks=("testament",), probe_train=60, probe_test=20)
     a = e2edict.interp(tiny_model, saes, stream[: 32 * 127], metrics=["explanations", "sparse_probing"], **kw)
+    assert all("forward" not in b.attn.__dict__ for b in tiny_model.blocks)  # handed back as it came
     hf = e2edict.load_model("tiny", backend="huggingface")
     b = e2edict.interp(
         hf, saes, stream[: 32 * 127], metrics=["explanations", "sparse_probing"], tokenizer=tiny_model.tokenizer, **kw

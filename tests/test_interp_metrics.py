@@ -175,3 +175,33 @@ def test_no_projection_along_the_probe_is_no_absorption():
     cos = torch.tensor([0.9, 0.5])
     assert word_absorption(torch.tensor([0.0, 1.0]), cos, 0.0, [0], CFG) == (0.0, False)
     assert word_absorption(torch.tensor([0.0, 1.0]), cos, -0.5, [0], CFG) == (0.0, False)
+
+
+def test_a_hand_built_sae_whose_other_latent_absorbs_gives_the_fraction_by_hand():
+    """Latent 0 (the main one, along the probe e0) fires only past x0 = 1; latent 1 (decoder
+    (e0 + e1)/sqrt 2, cos 0.707 with the probe) fires past x1 = 0.5. Word A = [2, 0, 0, 0]: the main
+    latent carries 1 of the 2 along the probe, nothing absorbs: 0. Word B = [0.8, 1, 0, 0]: the main
+    latent is silent, latent 1 carries 0.5 * 0.707 = 0.354 of 0.8 (44% >= 40%): fully absorbed, 1."""
+    from types import SimpleNamespace
+
+    from e2edict.interpret.absorption import _Probes, _score
+
+    sae = ReLUSAE(4, 3, "h")
+    with torch.no_grad():
+        sae.W_enc_T.zero_()
+        sae.W_enc_T[0, 0], sae.W_enc_T[1, 1] = 1.0, 1.0
+        sae.b_enc.copy_(torch.tensor([-1.0, -0.5, -1.0]))
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.tensor([[1.0, 0, 0, 0], [1.0, 1.0, 0, 0], [0, 0, 1.0, 0]]))
+    reader = Reader(SimpleNamespace(adapter=None), {"h": sae})
+    acts = np.array([[2.0, 0, 0, 0], [0.8, 1.0, 0, 0]], dtype=np.float32)
+    W, b = np.zeros((26, 4)), np.zeros(26)
+    W[0, 0] = 1.0  # the probe of letter "a" is e0
+    probe = _Probes(W, b)
+    y = np.array([0, 0])
+    scores = probe.decision(acts) + 0.1  # both words: the probe says "a"
+    r = _score(reader, "h", sae, acts, probe, y, [0, 1], scores, {0: [0]}, [0], CFG)
+    a = r["letters"]["a"]
+    assert a["num_probe_true_positives"] == 2 and a["num_full_absorption"] == 1
+    assert a["mean_absorption_fraction"] == pytest.approx(0.5) and a["full_absorption_rate"] == pytest.approx(0.5)
+    assert r["mean_absorption_fraction"] == pytest.approx(0.5)

@@ -6,6 +6,7 @@ The data flow, one module a step: `config` -> `backbones` (model) + `saes` -> `d
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +66,23 @@ def evaluate(
             backbone, mapped, torch.from_numpy(seqs), batch_size=batch_size, alive_tokens=alive_tokens, progress=progress
         )
 
-    backbone, inside = _backbone_of(model, tokenizer)
-    with inside:  # the user's model object is handed back as it came
+    with _as_backbone(model, tokenizer) as backbone:
         return run(backbone)
 
 
-def _backbone_of(model, tokenizer=None):
-    """A `HookedTransformer` or a ``transformers`` causal LM as e2edict's backbone (and the
-    context that hands a TransformerLens model back as it came)."""
-    import contextlib
-
+@contextlib.contextmanager
+def _as_backbone(model, tokenizer=None):
+    """A `HookedTransformer` or a ``transformers`` causal LM as e2edict's backbone, for the
+    duration of the block; a TransformerLens model is handed back as it came."""
     from e2edict.backbones import HFBackbone, TLBackbone
 
     if hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
         from e2edict.backbones.tl_attention import fused_attention_inside
 
-        return TLBackbone(model, model.cfg.model_name), fused_attention_inside(model)
-    name = getattr(model.config, "name_or_path", type(model).__name__)
-    return HFBackbone(model, tokenizer, name), contextlib.nullcontext()
+        with fused_attention_inside(model):
+            yield TLBackbone(model, model.cfg.model_name)
+    else:
+        yield HFBackbone(model, tokenizer, getattr(model.config, "name_or_path", type(model).__name__))
 
 
 def interp(
@@ -111,9 +111,8 @@ def interp(
     from e2edict.interpret.reading import Reader
     from e2edict.sources import user_sequences
 
-    backbone, inside = _backbone_of(model, tokenizer)
     opts = InterpOptions(metrics=tuple(metrics or METRICS), **options).check()
-    with inside:
+    with _as_backbone(model, tokenizer) as backbone:
         seqs = torch.from_numpy(user_sequences(tokens, n_ctx, backbone.bos_token_id, tokenizer or backbone.tokenizer))
         mapped = backbone.adopt_saes(saes)
         reader = Reader(backbone, mapped, batch_size=opts.batch_size)

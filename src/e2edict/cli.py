@@ -79,7 +79,7 @@ def _interp_options(args: argparse.Namespace):
 
 
 def _cmd_interp(args: argparse.Namespace) -> int:
-    from e2edict.interpret import format_interp_table, interpret_saes
+    from e2edict.interpret import interpret_saes
     from e2edict.interpret.reading import Reader
     from e2edict.interpret.table import merge_interp
 
@@ -142,8 +142,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs = load_runs(args.run_dirs)
     print(format_table({r.name: r.eval for r in runs}))
     if any(r.interp for r in runs):
-        from e2edict.interpret.table import format_interp_table
-
         print()
         print(format_interp_table({r.name: r.interp for r in runs if r.interp}))
     if args.out:
@@ -278,6 +276,28 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
     table = [["", *[c[0] for c in cols]]]
     for label, fn in rows:
         table.append([label, *[fn(r, m) for _, r, m in cols]])
+    return _aligned(table)
+
+
+def format_interp_table(runs: dict[str, dict[str, Any]]) -> str:
+    """interp.json side by side: one column per run (and SAE), one row per headline figure."""
+    import math
+
+    from e2edict.interpret.table import headline
+
+    cols = []
+    for name, res in runs.items():
+        for h, entry in res["saes"].items():
+            cols.append((name if len(res["saes"]) == 1 else f"{name}:{h}", headline(entry)))
+    keys = list(dict.fromkeys(k for _, c in cols for k in c))
+    table = [["", *[c[0] for c in cols]]]
+    for k in keys:
+        table.append([k, *[("-" if c.get(k) is None or math.isnan(c[k]) else f"{c[k]:.4f}") for _, c in cols]])
+    return _aligned(table)
+
+
+def _aligned(table: list[list[str]]) -> str:
+    """Rows of cells as text: the first column left-aligned, the rest right-aligned, a rule under the header."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))

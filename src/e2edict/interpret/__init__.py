@@ -4,6 +4,6 @@ al. 2024's n-gram patterns) and autointerp with one (SAEBench's detection protoc
 a metric; `e2edict.interpret.suite` runs them together (`docs/interpretability.md`)."""
 
 from e2edict.interpret.suite import METRICS, InterpOptions, interpret_saes
-from e2edict.interpret.table import format_interp_table, headline
+from e2edict.interpret.table import headline
 
-__all__ = ["METRICS", "InterpOptions", "format_interp_table", "headline", "interpret_saes"]
+__all__ = ["METRICS", "InterpOptions", "headline", "interpret_saes"]

@@ -21,7 +21,6 @@ deciles over latents. All of it is deterministic.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,8 +201,3 @@ def summary(values: np.ndarray) -> dict[str, float | list[float]]:
 def pattern_text(tokens_of, pattern: tuple[int | None, ...]) -> str:
     """A pattern as a reader sees it: tokens joined by '·', a wildcard as '*'."""
     return "·".join("*" if t is None else tokens_of([t])[0] for t in pattern)
-
-
-def most_common_tokens(sequences: torch.Tensor, k: int) -> list[int]:
-    c = Counter(sequences[:, 1:].reshape(-1).tolist())
-    return [t for t, _ in c.most_common(k)]

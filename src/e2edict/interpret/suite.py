@@ -19,7 +19,7 @@ from e2edict.errors import E2EDictError
 from e2edict.interpret import explain
 from e2edict.interpret.absorption import AbsorptionConfig, absorption
 from e2edict.interpret.autointerp import AutointerpConfig, Cache, run_autointerp
-from e2edict.interpret.contexts import collect_examples, firing_stats
+from e2edict.interpret.contexts import Examples, collect_examples, firing_stats
 from e2edict.interpret.probing import K_VALUES, sparse_probing
 from e2edict.interpret.reading import Reader, token_strings
 from e2edict.interpret.tasks import BUILTIN_TASKS, Task, builtin_task, user_task
@@ -178,9 +178,8 @@ def _explanations(reader: Reader, h: str, sequences: torch.Tensor, opts: InterpO
     return out
 
 
-def _top_only(ex, n: int):
-    from e2edict.interpret.contexts import Examples
-
+def _top_only(ex: Examples, n: int) -> Examples:
+    """The first ``n`` top contexts of each latent (the explanation reads fewer than autointerp)."""
     return Examples(ex.top_val[:, :n], ex.top_at[:, :n], ex.iw_at, ex.rand_at)
 
 

@@ -1,9 +1,8 @@
-"""interp.json's headline figures: the table `e2edict interp` prints and the columns and plots
-of `e2edict compare` (kept free of the metrics' heavy imports)."""
+"""interp.json's headline figures (the rows of the table `e2edict interp` prints, the columns and
+plots of `e2edict compare`) and how a new interp.json joins an earlier one; free of the metrics'
+heavy imports."""
 
 from __future__ import annotations
-
-import math
 
 K_VALUES = (1, 2, 5, 10)  # sparse probing's k (`e2edict.interpret.probing`)
 HEADLINE = ("probe_llm_acc", *(f"probe_top{k}_acc" for k in K_VALUES), "absorption_fraction", "full_absorption",
@@ -34,25 +33,6 @@ def headline(entry: dict) -> dict[str, float]:
     if ai:
         out["autointerp_score"] = ai["score"]
     return out
-
-
-def format_interp_table(runs: dict[str, dict]) -> str:
-    """One column per run (and SAE), one row per headline figure."""
-    cols = []
-    for name, res in runs.items():
-        for h, entry in res["saes"].items():
-            cols.append((name if len(res["saes"]) == 1 else f"{name}:{h}", headline(entry)))
-    keys = list(dict.fromkeys(k for _, c in cols for k in c))
-    table = [["", *[c[0] for c in cols]]]
-    for k in keys:
-        table.append([k, *[("-" if k not in c or c[k] is None or math.isnan(c[k]) else f"{c[k]:.4f}") for _, c in cols]])
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
-        for r in table
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
 
 
 def merge_interp(old: dict | None, new: dict) -> dict:
