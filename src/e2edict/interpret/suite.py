@@ -113,69 +113,91 @@ def interpret_saes(
     return result
 
 
+@dataclass
+class _Latents:
+    """The latents of one SAE that are explained, with what every explanation pass needs of them."""
+
+    hook: str
+    ids: list[int]  # column i of `acts` is latent ids[i]
+    alive: int
+    thresholds: torch.Tensor  # half each one's maximum on the first half: where it "fires"
+    reader: Reader
+    examples: Examples | None = None  # found by a pass that reads `acts`
+
+    def acts(self, x: torch.Tensor) -> torch.Tensor:
+        lat = torch.tensor(self.ids, device=self.reader.device)
+        return self.reader.codes(x, [self.hook])[self.hook][..., lat]
+
+    def tokens_of(self, ids: list[int]) -> list[str]:
+        return token_strings(self.reader.tokenizer, ids)
+
+
 def _explanations(reader: Reader, h: str, sequences: torch.Tensor, opts: InterpOptions, cache_file, progress, quiet) -> dict:
-    sae = reader.saes[h]
+    """The n-gram explanations and autointerp of the SAE at ``h``: built on the first half of the
+    held-out sequences, scored on the second."""
     half = len(sequences) // 2
     build, held = sequences[:half], sequences[half:]
-
-    def all_codes(x):
-        return reader.codes(x, [h])[h]
-
-    count, peak = firing_stats(all_codes, build, sae.d_sae, opts.batch_size, progress, f"alive latents at {h}")
-    alive = torch.nonzero(count > 0).flatten().tolist()
-    rng = random.Random(opts.seed)
-    chosen = sorted(rng.sample(alive, min(opts.latents, len(alive))))
-    out: dict = {}
-    if not chosen:
+    lat = _choose_latents(reader, h, build, opts, progress)
+    if lat is None:
         return {"explanations": {"skipped": f"no latent of the SAE at {h} fired on the first half of the held-out text"}}
-    lat = torch.tensor(chosen)
-
-    def acts(x):
-        return reader.codes(x, [h])[h][..., lat.to(reader.device)]
-
-    n_top = max(opts.contexts, (opts.llm.n_top_gen + opts.llm.n_top_score) if opts.llm else 0)
-    llm = opts.llm or AutointerpConfig()
-    n_iw = llm.n_iw_gen + llm.n_iw_score
-    ex = collect_examples(acts, build, len(chosen), n_top, n_iw, llm.n_random_score, opts.batch_size, opts.seed, progress)
-    thresholds = 0.5 * peak[lat]
-
-    def tokens_of(ids):
-        return token_strings(reader.tokenizer, ids)
-
+    out: dict = {}
     if "explanations" in opts.metrics:
-        mask_token = getattr(reader.tokenizer, "pad_token_id", None)
-        mask_token = reader.bos if mask_token is None else mask_token
-        top = _top_only(ex, opts.contexts)
-        patterns = explain.build_patterns(acts, build, top, mask_token, reader.bos, batch_size=max(64, opts.batch_size * 8))
-        vocab = int(max(int(sequences.max()) + 1, len(reader.tokenizer) if reader.tokenizer is not None else 0))
-        sets = explain.token_sets(acts, build, thresholds, vocab, opts.batch_size)
-        ngram, tokset = explain.score(acts, held, thresholds, patterns, sets, opts.batch_size, progress)
-        per_latent = {}
-        for i, latent in enumerate(chosen):
-            per_latent[str(latent)] = {
-                "patterns": [explain.pattern_text(tokens_of, p) for p in patterns[i]],
-                "precision": _num(ngram.precision()[i]),
-                "recall": _num(ngram.recall()[i]),
-                "token_set": tokens_of(sets[i][:20]),
-                "token_set_precision": _num(tokset.precision()[i]),
-                "token_set_recall": _num(tokset.recall()[i]),
-            }
-        out["explanations"] = {
-            "latents": len(chosen),
-            "alive_latents": len(alive),
-            "precision": explain.summary(ngram.precision()),
-            "recall": explain.summary(ngram.recall()),
-            "token_set_precision": explain.summary(tokset.precision()),
-            "token_set_recall": explain.summary(tokset.recall()),
-            "per_latent": per_latent,
-        }
+        out["explanations"] = _ngram_explanations(lat, build, held, opts, progress)
     if "autointerp" in opts.metrics and opts.llm is not None:
         if cache_file is None:
             raise E2EDictError("autointerp needs a cache file")
-        out["autointerp"] = run_autointerp(
-            acts, build, ex, chosen, tokens_of, opts.llm, Cache(cache_file), opts.batch_size, f" at {h}", quiet
-        )
+        out["autointerp"] = run_autointerp(lat.acts, build, lat.examples, lat.ids, lat.tokens_of, opts.llm, Cache(cache_file),
+                                           opts.batch_size, f" at {h}", quiet)  # fmt: skip
     return out
+
+
+def _choose_latents(reader: Reader, h: str, build: torch.Tensor, opts: InterpOptions, progress: bool) -> _Latents | None:
+    """``opts.latents`` alive latents sampled with the seed, and their examples (one streaming pass each)."""
+    count, peak = firing_stats(
+        lambda x: reader.codes(x, [h])[h], build, reader.saes[h].d_sae, opts.batch_size, progress, f"alive latents at {h}"
+    )
+    alive = torch.nonzero(count > 0).flatten().tolist()
+    if not alive:
+        return None
+    ids = sorted(random.Random(opts.seed).sample(alive, min(opts.latents, len(alive))))
+    llm = opts.llm or AutointerpConfig()
+    n_top = max(opts.contexts, (llm.n_top_gen + llm.n_top_score) if opts.llm else 0)
+    lat = _Latents(h, ids, len(alive), 0.5 * peak[torch.tensor(ids)], reader)
+    lat.examples = collect_examples(lat.acts, build, len(ids), n_top, llm.n_iw_gen + llm.n_iw_score, llm.n_random_score,
+                                    opts.batch_size, opts.seed, progress)  # fmt: skip
+    return lat
+
+
+def _ngram_explanations(lat: _Latents, build: torch.Tensor, held: torch.Tensor, opts: InterpOptions, progress: bool) -> dict:
+    """Patterns and token sets from ``build``, their precision and recall on ``held``."""
+    reader = lat.reader
+    mask_token = getattr(reader.tokenizer, "pad_token_id", None)
+    mask_token = reader.bos if mask_token is None else mask_token
+    top = _top_only(lat.examples, opts.contexts)
+    patterns = explain.build_patterns(lat.acts, build, top, mask_token, reader.bos, batch_size=max(64, opts.batch_size * 8))
+    vocab = max(int(max(build.max(), held.max())) + 1, len(reader.tokenizer) if reader.tokenizer is not None else 0)
+    sets = explain.token_sets(lat.acts, build, lat.thresholds, vocab, opts.batch_size)
+    ngram, tokset = explain.score(lat.acts, held, lat.thresholds, patterns, sets, opts.batch_size, progress)
+    per_latent = {
+        str(latent): {
+            "patterns": [explain.pattern_text(lat.tokens_of, p) for p in patterns[i]],
+            "precision": _num(ngram.precision()[i]),
+            "recall": _num(ngram.recall()[i]),
+            "token_set": lat.tokens_of(sets[i][:20]),
+            "token_set_precision": _num(tokset.precision()[i]),
+            "token_set_recall": _num(tokset.recall()[i]),
+        }
+        for i, latent in enumerate(lat.ids)
+    }
+    return {
+        "latents": len(lat.ids),
+        "alive_latents": lat.alive,
+        "precision": explain.summary(ngram.precision()),
+        "recall": explain.summary(ngram.recall()),
+        "token_set_precision": explain.summary(tokset.precision()),
+        "token_set_recall": explain.summary(tokset.recall()),
+        "per_latent": per_latent,
+    }
 
 
 def _top_only(ex: Examples, n: int) -> Examples:
