@@ -6,6 +6,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from e2edict.backbones import TLBackbone
+from e2edict.backbones.tl_attention import fused_attention_inside
 from e2edict.interpret import explain
 from e2edict.interpret.absorption import AbsorptionConfig, build_prompts, word_absorption
 from e2edict.interpret.autointerp import parse_predictions, score_predictions
@@ -23,7 +24,11 @@ def test_planted_probe_latent_reaches_the_full_activation_probe(tiny_model):
     """A latent whose encoder is the full-activation probe's direction (and whose bias keeps it
     always on, so its pooled value is the probe's score) is ranked first, and its top-1 accuracy
     is the probe's; the ceiling is recomputed here from TransformerLens's own cache."""
-    backbone = TLBackbone(tiny_model, "tiny")
+    with fused_attention_inside(tiny_model):  # the shared model is handed back as it came
+        _planted(tiny_model, TLBackbone(tiny_model, "tiny"))
+
+
+def _planted(tiny_model, backbone):
     full = builtin_task("testament")
     rng = np.random.default_rng(0)
     keep = sorted(rng.choice(len(full.texts), 600, replace=False).tolist())
