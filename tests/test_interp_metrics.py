@@ -210,3 +210,23 @@ def test_a_hand_built_sae_whose_other_latent_absorbs_gives_the_fraction_by_hand(
     assert a["num_probe_true_positives"] == 2 and a["num_full_absorption"] == 1
     assert a["mean_absorption_fraction"] == pytest.approx(0.5) and a["full_absorption_rate"] == pytest.approx(0.5)
     assert r["mean_absorption_fraction"] == pytest.approx(0.5)
+
+
+def test_user_tasks_from_parquet_and_a_hugging_face_data_set_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from e2edict.errors import E2EDictError
+    from e2edict.interpret.tasks import user_task
+
+    rows = {"sentence": [f"text number {i}" for i in range(40)], "topic": ["a", "b"] * 20}
+    pq.write_table(pa.table(rows), tmp_path / "labelled.parquet")
+    t = user_task(str(tmp_path / "labelled.parquet"), "sentence", "topic")
+    assert t.texts == rows["sentence"] and t.labels == rows["topic"] and t.classes == ["a", "b"]
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    pq.write_table(pa.table(rows), folder / "train.parquet")
+    t = user_task(str(folder), "sentence", "topic", split="train")  # datasets.load_dataset reads the folder offline
+    assert t.texts == rows["sentence"] and t.labels == rows["topic"]
+    with pytest.raises(E2EDictError, match="not a .jsonl/.csv/.parquet file and not a loadable data set"):
+        user_task(str(tmp_path / "missing-data-set"), "sentence", "topic")
