@@ -324,6 +324,7 @@ def write_report(
                 next=names[p + 1] if p + 1 < pages else None,
                 metrics=eval_result["saes"].get(h, {}),
                 shown=len(cards),
+                explained=len(cards) - min(n_features, len(feature_order(densities[h]))),
             )
             (out / names[p]).write_text(html, encoding="utf-8")
         sae_pages.append({"hook": h, "link": names[0], "metrics": eval_result["saes"].get(h, {}), "shown": len(cards)})
