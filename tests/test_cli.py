@@ -142,3 +142,20 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, small_gpt2_dir):
 def test_eval_of_non_run_dir(tmp_path):
     r = run_cli("eval", tmp_path)
     assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+@pytest.mark.slow
+def test_training_into_a_log_writes_a_plain_line_per_log_step(tmp_path):
+    """stderr is a pipe here, not a terminal: no bar's carriage returns, one line per log step."""
+    out = tmp_path / "run"
+    r = run_cli("train", ROOT / "configs/tiny/local.yaml", "train.tokens=8192", "train.batch_size=8", "train.log_every=2",
+                "eval.tokens=1024", "eval.alive_tokens=1024", "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if ": step " in x]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if json.loads(x)["split"] == "train"]
+    assert len(lines) == len(steps) == 5  # steps 1, 3, 5, 7 and the last, 8
+    assert lines[0].startswith("tiny-local: step 1/8, 1,024 tokens, loss ") and "tok/s" in lines[0]
+    quiet = run_cli("train", ROOT / "configs/tiny/local.yaml", "train.tokens=2048", "train.batch_size=8", "eval.tokens=1024",
+                    "eval.alive_tokens=1024", "--out", tmp_path / "quiet", "--quiet")  # fmt: skip
+    assert quiet.returncode == 0 and ": step " not in quiet.stderr

@@ -9,7 +9,6 @@ none; ``state.json`` is written last and holds the checksums of the tensor files
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,26 +19,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from e2edict.atomic import fsync, sha256
 from e2edict.errors import E2EDictError
 from e2edict.rundir import CHECKPOINTS
 
 CKPT_DIR = CHECKPOINTS  # the run directory's layout is `e2edict.rundir`'s
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -79,15 +63,15 @@ def save_checkpoint(
         **state,
         "scheduler": sched_sd,
         "optimizer_param_groups": opt_sd["param_groups"],
-        "files": {f: _sha256(tmp / f) for f in ("saes.safetensors", "optimizer.safetensors")},
+        "files": {f: sha256(tmp / f) for f in ("saes.safetensors", "optimizer.safetensors")},
     }
     (tmp / "state.json").write_text(json.dumps(doc, indent=1))
     for f in tmp.iterdir():
-        _fsync(f)
+        fsync(f)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync(root)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -98,7 +82,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     try:
         doc = json.loads((path / "state.json").read_text())
         for f, digest in doc["files"].items():
-            if _sha256(path / f) != digest:
+            if sha256(path / f) != digest:
                 raise E2EDictError(f"checkpoint {path.name}: {f} does not match its checksum")
         return doc, load_file(str(path / "saes.safetensors")), load_file(str(path / "optimizer.safetensors"))
     except E2EDictError:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from e2edict.atomic import write_atomic, write_text_atomic
 from e2edict.config import load_config
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import density_from_log10, log10_density
@@ -186,10 +187,8 @@ class RunDir:
     def write_sparsity(self, densities: dict[str, torch.Tensor]) -> None:
         """Each latent's log10 firing density, as SAELens stores it (key ``sparsity``)."""
         for h, d in densities.items():
-            path = self.sparsity_file(h)
-            tmp = path.with_name(f".{SPARSITY}.tmp")
-            save_file({"sparsity": log10_density(d)}, str(tmp))
-            tmp.replace(path)
+            tensors = {"sparsity": log10_density(d)}
+            write_atomic(self.sparsity_file(h), lambda tmp, t=tensors: save_file(t, str(tmp)))
 
     def read_densities(self, hooks: list[str]) -> dict[str, torch.Tensor] | None:
         """The firing densities the last evaluation wrote, or None where any is missing."""
@@ -263,6 +262,4 @@ def load_saes(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from e2edict.checkpoint import _sha256
+from e2edict.atomic import sha256
 from e2edict.errors import E2EDictError
 from e2edict.sources import MANIFEST
 
@@ -61,7 +61,7 @@ def write_shards(
                 raise E2EDictError(f"token ids must lie in [0, {vocab_size}), found {int(arr.min())}..{max_id}")
             name = f"shard-{len(shards):05d}.npy"
             np.save(tmp / name, arr.astype(dtype), allow_pickle=False)
-            shards.append({"file": name, "sequences": len(arr), "sha256": _sha256(tmp / name)})
+            shards.append({"file": name, "sequences": len(arr), "sha256": sha256(tmp / name)})
             buf.clear()
 
         for seq in sequences:
@@ -155,5 +155,5 @@ class ShardSequences:
     def verify(self) -> None:
         """Compare every shard with its SHA-256 in the manifest."""
         for entry in self.manifest["shards"]:
-            if _sha256(self.folder / entry["file"]) != entry.get("sha256"):
+            if sha256(self.folder / entry["file"]) != entry.get("sha256"):
                 raise E2EDictError(f"shard {entry['file']} in {str(self.folder)!r} does not match its checksum")

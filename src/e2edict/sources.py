@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from e2edict.atomic import write_atomic
 from e2edict.errors import E2EDictError
 
 log = logging.getLogger(__name__)
@@ -279,10 +280,14 @@ def embedded_stream(split: str, tokenizer, tokenizer_key: str) -> np.ndarray:
             pass  # a damaged cache file is rebuilt below
     stream = encode_texts(tokenizer, corpus_split(split))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, stream.astype(np.int32 if stream.max() >= 2**16 else np.uint16), allow_pickle=False)
-    os.replace(tmp, path)
+    small = stream.astype(np.int32 if stream.max() >= 2**16 else np.uint16)
+    write_atomic(path, lambda tmp: _save_npy(tmp, small))
     return stream
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a handle: np.save would add ".npy" to a bare name
+        np.save(fh, array, allow_pickle=False)
 
 
 def load_token_array(path: str, what: str) -> np.ndarray:

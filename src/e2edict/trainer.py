@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from e2edict.atomic import write_text_atomic
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
 from e2edict.data import Prefetcher, make_batches
@@ -116,9 +117,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step and row.get("split") != "final_eval":
             keep.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(x + "\n" for x in keep))
 
 
 def train(
@@ -165,6 +164,7 @@ class _Training:
     first_step: int = 0
     wandb_run: Any = None
     bar: Any = None
+    plain_log: bool = False  # stderr is a log, not a terminal: one line per log step instead of a bar
     stop_signal: list[int] = field(default_factory=list)
     log: StepLog = field(default_factory=StepLog)
     start: float = 0.0
@@ -180,12 +180,14 @@ class _Training:
 def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, resume: bool) -> Path:
     run = _open_run(cfg, ctx, out, overwrite, resume)
     old_handlers = _install_signal_handlers(run.stop_signal)
+    shown = progress and ctx.is_main
+    run.plain_log = shown and not sys.stderr.isatty()
     run.bar = tqdm(
         total=run.total_steps * run.tokens_per_step,
         initial=run.first_step * run.tokens_per_step,
         unit="tok",
         unit_scale=True,
-        disable=not progress or not ctx.is_main,
+        disable=not shown or run.plain_log,
         desc=cfg.name,
         dynamic_ncols=True,
     )
@@ -377,6 +379,9 @@ def _log_step(run: _Training, step: int, tokens: int, lr: float) -> None:
     if "kl" in sums:
         post["KL"] = f"{sums['kl']:.4f}"
     run.bar.set_postfix(post, refresh=False)
+    if run.plain_log:
+        figures = " ".join(f"{k} {v}" for k, v in post.items())
+        print(f"{run.cfg.name}: step {step}/{run.total_steps}, {tokens:,} tokens, {figures}, {rate:,.0f} tok/s", file=sys.stderr)
 
 
 def _checkpoint(run: _Training, step: int, tokens: int) -> None:

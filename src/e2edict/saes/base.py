@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2edict.atomic import write_atomic
 from e2edict.errors import E2EDictError
 from e2edict.saes.sparse import GatherDecode, Pairs
 
@@ -331,18 +331,6 @@ def eval_mode(saes: dict[str, SAE]):
             s.train(modes[h])
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``sae`` to ``folder`` in the SAELens v6 layout."""
     folder = Path(folder)
@@ -373,8 +361,8 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
             **(metadata or {}),
         },
     }
-    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _atomic_write(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    write_atomic(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     return folder
 
 
