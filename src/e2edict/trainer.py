@@ -177,11 +177,16 @@ class _Training:
         return [self.batches.next()[mine].to(dev, non_blocking=on_gpu) for _ in range(self.cfg.train.grad_accum)]
 
 
+def _writes_to_a_log() -> bool:
+    """Whether stderr is a log: not a terminal, and not a notebook (where tqdm draws a widget)."""
+    return not sys.stderr.isatty() and "ipykernel" not in sys.modules
+
+
 def _train(cfg: Config, ctx: DistContext, out, overwrite: bool, progress: bool, resume: bool) -> Path:
     run = _open_run(cfg, ctx, out, overwrite, resume)
     old_handlers = _install_signal_handlers(run.stop_signal)
     shown = progress and ctx.is_main
-    run.plain_log = shown and not sys.stderr.isatty()
+    run.plain_log = shown and _writes_to_a_log()
     run.bar = tqdm(
         total=run.total_steps * run.tokens_per_step,
         initial=run.first_step * run.tokens_per_step,
