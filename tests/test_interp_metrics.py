@@ -132,10 +132,11 @@ def test_a_latent_that_fires_on_one_token_is_explained_exactly():
     seqs[::3, 5], seqs[::3, 6] = 11, 12  # the bigram appears; 12 also appears alone elsewhere
     count, peak = firing_stats(_synthetic, seqs[:32], 2, 8)
     assert count.tolist() == [int((seqs[:32, 1:] == 7).sum()), int(_synthetic(seqs[:32])[..., 1].gt(0).sum())]
-    ex = collect_examples(_synthetic, seqs[:32], 2, 5, 3, 4, 8, seed=0)
+    counted = explain.TokenSets(0.5 * peak, 40)
+    ex = collect_examples(_synthetic, seqs[:32], 2, 5, 3, 4, 8, seed=0, consumers=[counted.add])
     patterns = explain.build_patterns(_synthetic, seqs[:32], ex, mask_token=0, bos=0)
     assert patterns[0] == [(7,)] and patterns[1] == [(11, 12)]
-    sets = explain.token_sets(_synthetic, seqs[:32], 0.5 * peak, 40, 8)
+    sets = counted.sets()
     assert sets[0] == [7]
     ngram, tokset = explain.score(_synthetic, seqs[32:], 0.5 * peak, patterns, sets, 8)
     assert ngram.precision().tolist() == [1.0, 1.0] and ngram.recall().tolist() == [1.0, 1.0]

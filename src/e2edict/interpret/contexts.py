@@ -9,7 +9,7 @@ is never counted (SAEBench masks it too: many latents fire there for no reason o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +56,13 @@ def collect_examples(
     batch_size: int,
     seed: int,
     progress: bool = False,
+    consumers: Sequence[Callable[[torch.Tensor, torch.Tensor], None]] = (),
 ) -> Examples:
     """One pass: each latent's ``n_top`` highest activations, at most one per sequence (so their
     windows never overlap); ``n_iw`` positions drawn with probability proportional to activation
     (weighted reservoir sampling, keys ``u^(1/a)``) outside the top sequences; ``n_rand`` positions
-    drawn uniformly (their activation, firing or not, is read where they are used)."""
+    drawn uniformly (their activation, firing or not, is read where they are used). Each of
+    ``consumers`` is handed every batch's tokens and codes too, so the same pass serves it."""
     g = torch.Generator().manual_seed(seed)
     n_seq, T = sequences.shape
     top_val = torch.full((n_latents, n_top), -1.0)
@@ -70,7 +72,10 @@ def collect_examples(
     key_at = torch.full((n_latents, m, 2), -1, dtype=torch.long)
     with _bar(n_seq, "collecting examples", progress) as bar:
         for s in range(0, n_seq, batch_size):
-            a = acts_fn(sequences[s : s + batch_size]).float().cpu()  # [B, T, n]
+            x = sequences[s : s + batch_size]
+            a = acts_fn(x).float().cpu()  # [B, T, n]
+            for consume in consumers:
+                consume(x, a)
             a[:, 0] = 0.0
             B = a.shape[0]
             per_seq, where = a.max(1)  # [B, n]

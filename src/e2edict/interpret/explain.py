@@ -95,22 +95,27 @@ def _read(acts_fn: ActsFn, rows: list[list[int]], where: list[tuple[int, int]], 
     return out
 
 
-def token_sets(
-    acts_fn: ActsFn, sequences: torch.Tensor, thresholds: torch.Tensor, vocab: int, batch_size: int
-) -> list[list[int]]:
-    """Per latent, the tokens on which it fired (at least its threshold) on at least half of their occurrences."""
-    n = len(thresholds)
-    fired = torch.zeros(n, vocab)
-    seen = torch.zeros(vocab)
-    for s in range(0, len(sequences), batch_size):
-        x = sequences[s : s + batch_size]
-        a = acts_fn(x).float().cpu()[:, 1:].reshape(-1, n)
+class TokenSets:
+    """Per latent, the tokens on which it fired (at least its threshold) on at least half of their
+    occurrences, counted batch by batch in a pass that reads the codes anyway (`add` is a
+    consumer of `e2edict.interpret.contexts.collect_examples`)."""
+
+    def __init__(self, thresholds: torch.Tensor, vocab: int):
+        self.thresholds = thresholds
+        self.fired = torch.zeros(len(thresholds), vocab)
+        self.seen = torch.zeros(vocab)
+
+    def add(self, x: torch.Tensor, acts: torch.Tensor) -> None:
+        """``x`` [B, T] tokens and the chosen latents' codes of them [B, T, n] (BOS left out)."""
+        a = acts[:, 1:].reshape(-1, len(self.thresholds))
         tok = x[:, 1:].reshape(-1)
-        seen.index_add_(0, tok, torch.ones(len(tok)))
-        fires = (a >= thresholds) & (a > 0)
-        fired.index_add_(1, tok, fires.T.float())
-    keep = (fired * 2 >= seen) & (fired > 0)
-    return [torch.nonzero(keep[i]).flatten().tolist() for i in range(n)]
+        self.seen.index_add_(0, tok, torch.ones(len(tok)))
+        fires = (a >= self.thresholds) & (a > 0)
+        self.fired.index_add_(1, tok, fires.T.float())
+
+    def sets(self) -> list[list[int]]:
+        keep = (self.fired * 2 >= self.seen) & (self.fired > 0)
+        return [torch.nonzero(keep[i]).flatten().tolist() for i in range(len(keep))]
 
 
 def matches(tokens: np.ndarray, pattern: tuple[int | None, ...]) -> np.ndarray:

@@ -123,6 +123,7 @@ class _Latents:
     thresholds: torch.Tensor  # half each one's maximum on the first half: where it "fires"
     reader: Reader
     examples: Examples | None = None  # found by a pass that reads `acts`
+    token_sets: explain.TokenSets | None = None  # counted in that same pass
 
     def acts(self, x: torch.Tensor) -> torch.Tensor:
         lat = torch.tensor(self.ids, device=self.reader.device)
@@ -163,8 +164,10 @@ def _choose_latents(reader: Reader, h: str, build: torch.Tensor, opts: InterpOpt
     llm = opts.llm or AutointerpConfig()
     n_top = max(opts.contexts, (llm.n_top_gen + llm.n_top_score) if opts.llm else 0)
     lat = _Latents(h, ids, len(alive), 0.5 * peak[torch.tensor(ids)], reader)
+    vocab = max(int(build.max()) + 1, len(reader.tokenizer) if reader.tokenizer is not None else 0)
+    lat.token_sets = explain.TokenSets(lat.thresholds, vocab)
     lat.examples = collect_examples(lat.acts, build, len(ids), n_top, llm.n_iw_gen + llm.n_iw_score, llm.n_random_score,
-                                    opts.batch_size, opts.seed, progress)  # fmt: skip
+                                    opts.batch_size, opts.seed, progress, consumers=[lat.token_sets.add])  # fmt: skip
     return lat
 
 
@@ -175,8 +178,7 @@ def _ngram_explanations(lat: _Latents, build: torch.Tensor, held: torch.Tensor, 
     mask_token = reader.bos if mask_token is None else mask_token
     top = _top_only(lat.examples, opts.contexts)
     patterns = explain.build_patterns(lat.acts, build, top, mask_token, reader.bos, batch_size=max(64, opts.batch_size * 8))
-    vocab = max(int(max(build.max(), held.max())) + 1, len(reader.tokenizer) if reader.tokenizer is not None else 0)
-    sets = explain.token_sets(lat.acts, build, lat.thresholds, vocab, opts.batch_size)
+    sets = lat.token_sets.sets()
     ngram, tokset = explain.score(lat.acts, held, lat.thresholds, patterns, sets, opts.batch_size, progress)
     per_latent = {
         str(latent): {
