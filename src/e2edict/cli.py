@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from e2edict.analysis.tables import format_interp_table, format_table
 from e2edict.errors import E2EDictError
 from e2edict.rundir import RunDir
 from e2edict.version import __version__
@@ -103,8 +103,7 @@ def _cmd_interp(args: argparse.Namespace) -> int:
 
 def _interp_targets(args: argparse.Namespace):
     """One loader per thing to evaluate: each run directory, or the SAEs of ``--saes``."""
-    from e2edict.data import head, open_sequences
-    from e2edict.run import load_run_dir, open_backbone, source_saes
+    from e2edict.run import load_foreign_saes, load_run_dir
 
     if args.saes:
         if args.run_dirs or not args.out:
@@ -112,12 +111,7 @@ def _interp_targets(args: argparse.Namespace):
         RunDir(args.out).check_free(overwrite=True)
 
         def foreign():
-            backbone = open_backbone(args.model, args.backend)
-            saes = source_saes(args.saes, backbone)
-            backbone.check_saes(saes)
-            n_ctx = min(args.ctx, backbone.n_ctx)
-            n = -(-args.tokens // n_ctx)
-            seqs = head(open_sequences(args.data or "tiny-val", backbone, n_ctx, "bos", "--data", limit_tokens=n * n_ctx), n)
+            backbone, saes, seqs = load_foreign_saes(args.saes, args.model, args.backend, args.data, args.tokens, args.ctx)
             return RunDir(args.out), Path(args.out).name, backbone, saes, seqs, 16
 
         return [foreign]
@@ -252,59 +246,6 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         f"wrote {m['sequences']} sequences of {m['n_ctx']} tokens ({m['tokens']} tokens, {len(m['shards'])} shards) to {args.out}"
     )
     return 0
-
-
-def format_table(runs: dict[str, dict[str, Any]]) -> str:
-    """One column per run (and SAE): L0, alive, CE-loss increase, KL, explained variance."""
-    cols: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    for name, res in runs.items():
-        for hook, m in res["saes"].items():
-            cols.append((name if len(res["saes"]) == 1 else f"{name}:{hook}", res, m))
-    rows = [
-        ("SAE position", lambda r, m: next(h for h, v in r["saes"].items() if v is m)),
-        ("writes", lambda r, m: m.get("hook_name_out") or "(its input)"),
-        ("L0", lambda r, m: f"{m['l0']:.2f}"),
-        ("alive / d_sae", lambda r, m: f"{m['alive']} / {m['d_sae']}"),
-        ("CE clean", lambda r, m: f"{r['ce_loss_clean']:.4f}"),
-        ("CE spliced", lambda r, m: f"{r['ce_loss_spliced']:.4f}"),
-        ("CE-loss increase", lambda r, m: f"{r['ce_loss_increase']:.4f}"),
-        ("KL", lambda r, m: f"{r['kl']:.4f}"),
-        ("explained variance", lambda r, m: f"{m['explained_variance']:.4f}"),
-        ("MSE", lambda r, m: f"{m['mse']:.4g}"),
-        ("eval tokens", lambda r, m: str(r["tokens"])),
-    ]
-    table = [["", *[c[0] for c in cols]]]
-    for label, fn in rows:
-        table.append([label, *[fn(r, m) for _, r, m in cols]])
-    return _aligned(table)
-
-
-def format_interp_table(runs: dict[str, dict[str, Any]]) -> str:
-    """interp.json side by side: one column per run (and SAE), one row per headline figure."""
-    import math
-
-    from e2edict.interpret.table import headline
-
-    cols = []
-    for name, res in runs.items():
-        for h, entry in res["saes"].items():
-            cols.append((name if len(res["saes"]) == 1 else f"{name}:{h}", headline(entry)))
-    keys = list(dict.fromkeys(k for _, c in cols for k in c))
-    table = [["", *[c[0] for c in cols]]]
-    for k in keys:
-        table.append([k, *[("-" if c.get(k) is None or math.isnan(c[k]) else f"{c[k]:.4f}") for _, c in cols]])
-    return _aligned(table)
-
-
-def _aligned(table: list[list[str]]) -> str:
-    """Rows of cells as text: the first column left-aligned, the rest right-aligned, a rule under the header."""
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-        for row in table
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

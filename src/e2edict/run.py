@@ -11,7 +11,7 @@ import torch
 
 from e2edict.backbones import Backbone
 from e2edict.config import Config
-from e2edict.data import SequenceStream, build_data, eval_sequences
+from e2edict.data import SequenceStream, build_data, eval_sequences, head, open_sequences
 from e2edict.errors import E2EDictError
 from e2edict.initialization import initialize
 from e2edict.rundir import RunDir
@@ -321,6 +321,19 @@ def load_run_dir(run_dir: str | Path, data: str | None = None, tokens: int | Non
     need = max(tokens or 0, cfg.eval.tokens, cfg.eval.alive_tokens)
     seqs = eval_sequences(data or cfg.data.eval, cfg, backbone, need)
     return LoadedRun(rundir, cfg, backbone, saes, seqs)
+
+
+def load_foreign_saes(spec: str, model: str, backend: str, data: str | None, tokens: int, n_ctx: int):
+    """SAEs from elsewhere (anything `saes.init_from` accepts) on ``model``, checked against it, with
+    ``tokens`` of held-out data (``data``, or the embedded held-out text) as ``[N, n_ctx]`` sequences:
+    ``(backbone, saes, sequences)``."""
+    backbone = open_backbone(model, backend)
+    saes = source_saes(spec, backbone)
+    backbone.check_saes(saes)
+    n_ctx = min(n_ctx, backbone.n_ctx)
+    n = -(-tokens // n_ctx)
+    seqs = head(open_sequences(data or "tiny-val", backbone, n_ctx, "bos", "--data", limit_tokens=n * n_ctx), n)
+    return backbone, saes, seqs
 
 
 def evaluate_and_record(rundir, cfg: Config, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor,

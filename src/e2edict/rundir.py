@@ -144,6 +144,23 @@ class RunDir:
     def write_config(self, text: str) -> None:
         _write_text(self.config_file, text)
 
+    # --- metrics.jsonl ------------------------------------------------------------------------
+    def trim_metrics(self, step: int) -> None:
+        """Keep the rows up to ``step`` (those a checkpoint at ``step`` had written), dropping a torn
+        last line and the final evaluation (a resumed run writes them again)."""
+        path = self.metrics_file
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= step and row.get("split") != "final_eval":
+                keep.append(line)
+        write_text_atomic(path, "".join(x + "\n" for x in keep))
+
     # --- evaluation ---------------------------------------------------------------------------
     def has_eval(self) -> bool:
         return self.eval_file.is_file()

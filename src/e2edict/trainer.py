@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from e2edict.atomic import write_text_atomic
 from e2edict.checkpoint import latest_checkpoint, restore, save_checkpoint
 from e2edict.config import Config, dump_config
 from e2edict.data import Prefetcher, make_batches
@@ -103,21 +102,6 @@ class Interrupted(Exception):
 
 def _crossed(tokens: int, step_tokens: int, every: int | None) -> bool:
     return every is not None and tokens // every > (tokens - step_tokens) // every
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows up to ``step`` (those a checkpoint at ``step`` had written); drop a torn last line."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("step", 0) <= step and row.get("split") != "final_eval":
-            keep.append(line)
-    write_text_atomic(path, "".join(x + "\n" for x in keep))
 
 
 def train(
@@ -303,7 +287,7 @@ def _resume(run_dir: Path, ctx: DistContext, saes, opt, sched, batches) -> int:
         if ctx.is_main:
             print(f"e2edict: resuming {run_dir} from step {first_step} ({doc['tokens']} tokens)", file=sys.stderr)
     if ctx.is_main:
-        _truncate_metrics(RunDir(run_dir).metrics_file, first_step)
+        RunDir(run_dir).trim_metrics(first_step)
     ctx.barrier()
     return first_step
 

@@ -119,16 +119,10 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet inverted: the printable stand-in character of each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    """GPT-2's byte-level alphabet inverted: the printable stand-in character of each byte (transformers' table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 _BYTES = _byte_decoder()
