@@ -7,10 +7,10 @@ KL(p_clean || p_spliced) in nats per token; downstream ``(total / K) sum_k mse_k
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+
+from e2edict.precision import no_autocast
 
 # preset -> (local out_to_in, logits_kl, downstream in_to_orig total)
 PRESETS: dict[str, dict[str, float]] = {
@@ -57,13 +57,6 @@ def mse_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def no_autocast(device: torch.device):
-    """A context with autocast off on ``device`` where it is on (a no-op elsewhere, e.g. on meta)."""
-    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 KL_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 logits per chunk

@@ -259,7 +259,7 @@ def _sparsify_position(backbone: Backbone, name: str, sae: SAE) -> str:
     ``layers.6.mlp``) names in ``backbone``; a transcoder's the MLP's input, its output the MLP's."""
     shapes = backbone.hook_shapes()
     ends = [h for h in shapes if h.endswith("." + name)]
-    full = name if name in shapes else ends[0] if len(ends) == 1 else backbone.foreign_hook(name)
+    full = name if name in shapes else ends[0] if len(ends) == 1 else backbone.naming.own(name)
     if full is None or full not in shapes:
         raise E2EDictError(f"sparsify hook point {name!r} is not a hook of model {backbone.name!r} (nor one unambiguous match)")
     if sae.kind == "sae":

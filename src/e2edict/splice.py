@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from e2edict.backbones.base import Backbone, chain
+from e2edict.backbones.base import Backbone
+from e2edict.backbones.in_turn import chain
 from e2edict.errors import E2EDictError
 from e2edict.losses import downstream_loss, head_kl_loss, kl_alpha, kl_loss
 from e2edict.saes.base import SAE

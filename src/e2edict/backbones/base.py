@@ -7,21 +7,15 @@ import contextlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import torch
 
+from e2edict.backbones.head import Head
+from e2edict.backbones.in_turn import HookFn, KeptHooks, StopForward, chain
+from e2edict.backbones.naming import HookNames
 from e2edict.errors import E2EDictError
-from e2edict.losses import no_autocast
 
-HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early (local training runs nothing past the last SAE)."""
 
 
 class Backbone(ABC):
@@ -241,30 +235,11 @@ class Backbone(ABC):
                 f"{what}: unknown hook name(s) {', '.join(map(repr, bad))} for model {self.name!r}; valid: {', '.join(shapes)}"
             )
 
-    def foreign_hook(self, name: str) -> str | None:
-        """This backbone's name for a hook written in the other backend's naming (None: none
-        that is unambiguous). Overridden by each backbone; only the residual stream and the MLP
-        output map, which both backends expose at the same place."""
-        return None
+    naming: HookNames = HookNames("transformer_lens")  # TransformerLens names here; a module-path backbone sets its own
 
     def adopt_saes(self, saes: dict) -> dict:
-        """``saes`` keyed by this backbone's hook names: names of the other backend mapped where
-        the mapping is unambiguous (`foreign_hook`), a one-line error naming both otherwise."""
-        shapes, out = self.hook_shapes(), {}
-        for name, sae in saes.items():
-            if name in shapes:
-                out[name] = sae
-                continue
-            mapped = self.foreign_hook(name)
-            if mapped is None or mapped not in shapes:
-                raise E2EDictError(
-                    f"SAE hook {name!r} is not a hook of model {self.name!r} and has no unambiguous counterpart "
-                    "(residual stream and MLP output hooks map between TransformerLens and Hugging Face names)"
-                )
-            if getattr(sae, "hook_name_out", None) is not None:
-                raise E2EDictError(f"transcoder at {name!r}: its hooks are in the other backend's naming; they are not mapped")
-            out[mapped] = sae
-        return out
+        """``saes`` keyed by this backbone's hook names (`HookNames.adopt`)."""
+        return self.naming.adopt(saes, self.hook_shapes(), self.name)
 
     def check_saes(self, saes: dict) -> None:
         """SAEs loaded from files must sit at hooks of this model, with matching widths."""
@@ -334,158 +309,3 @@ def _inside_block(backbone: Backbone, hook_name: str) -> bool:
     except E2EDictError:
         return False
     return True
-
-
-def replaced(fn: HookFn, act: torch.Tensor) -> torch.Tensor:
-    """What a hook leaves: its replacement, or the activation where it returns None."""
-    new = fn(act)
-    return act if new is None else new
-
-
-def blocks_in_turn(
-    resid: torch.Tensor,
-    first: int,
-    n_layers: int,
-    call_block: Callable[[int, torch.Tensor], torch.Tensor],
-    pre: dict[int, HookFn],
-    post: dict[int, HookFn],
-    stop_early: bool,
-    inside: Iterable[int] = (),
-) -> torch.Tensor | None:
-    """Blocks ``first..`` called one after the other (``call_block(i, x)``), each block input's
-    hook (``pre[i]``) before it and each output's (``post[i]``) after: the last residual stream,
-    or None where ``stop_early`` ends the run after the last hook (or a hook raised
-    `StopForward`); ``inside``: blocks with hooks within them (`KeptHooks`), which the run must
-    finish. No hook is registered and no exception ends the run, so a compiler sees one straight
-    function (the backbones' `_run_plain`)."""
-    # positions in forward order: block i's input is 2i, its output 2i + 1
-    ends = [*(2 * i for i in pre), *(2 * i + 1 for i in post), *(2 * i + 1 for i in inside)]
-    stop = max(ends) if stop_early else None
-    try:
-        for i in range(first, n_layers):
-            if i in pre:
-                resid = replaced(pre[i], resid)
-            if stop == 2 * i:
-                return None
-            resid = call_block(i, resid)
-            if i in post:
-                resid = replaced(post[i], resid)
-            if stop == 2 * i + 1:
-                return None
-    except StopForward:
-        return None
-    return resid
-
-
-class KeptHooks:
-    """Hooks registered once for the positions inside a block, each calling what the current run
-    put in its slot (`active`), and doing nothing between runs.
-
-    Blocks called in turn (`blocks_in_turn`) apply block input and output hooks themselves; a hook
-    inside a block (an MLP's output, a transcoder's input) has to be a module hook. Registering and
-    removing it per run ends a compiled graph there, and `torch.compile` does not see a module hook
-    added after it compiled. So each is registered before the first run and stays."""
-
-    def __init__(self, register: Callable[[str, HookFn], Any]):
-        self._register = register  # (hook name, fn) -> a handle with .remove()
-        self._handles: list[Any] = []  # never read by a traced run (dynamo cannot represent a handle)
-        self.names: frozenset[str] = frozenset()
-        self.active: dict[str, HookFn] = {}
-
-    def keep(self, names: Iterable[str]) -> None:
-        for name in names:
-            if name not in self.names:
-                self._handles.append(self._register(name, partial(self._fire, name)))
-                self.names = self.names | {name}
-
-    def covers(self, name: str) -> bool:
-        return name in self.names
-
-    def _fire(self, name: str, act: torch.Tensor) -> torch.Tensor | None:
-        fn = self.active.get(name)
-        return None if fn is None else fn(act)
-
-    def run(self, hooks: dict[str, HookFn], body: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
-        """``body()`` with ``hooks`` in their slots (empty again afterwards, whatever happens)."""
-        self.active = hooks
-        try:
-            return body()
-        finally:
-            self.active = {}
-
-    def release(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.names = [], frozenset()
-
-
-def chain(first: HookFn, then: HookFn) -> HookFn:
-    """One hook: ``first``, then ``then`` on the activation ``first`` left (its replacement, if any)."""
-
-    def both(act: torch.Tensor):
-        return replaced(then, replaced(first, act))
-
-    return both
-
-
-VOCAB_ALIGN = 64  # GEMM-friendly vocabulary width (Hopper's fast bf16 kernels want multiples of 8; 64 for tiles)
-PAD_LOGIT = -1.0e9  # a padded column's logit: exp() of it is exactly 0 in fp32, and it stays finite
-
-
-@dataclass(frozen=True)
-class Head:
-    """A model's output head as ``logits = cap·tanh((h W + b) / cap) + mask`` on the final hidden
-    states ``h`` (after the final norm), with the vocabulary padded to a multiple of `VOCAB_ALIGN`.
-
-    ``W`` is [d_model, V_pad] (contiguous, so ``h @ W`` is a plain GEMM), ``bias`` [V_pad] or None,
-    ``mask`` [V_pad]: 0 on the ``n_vocab`` real columns, `PAD_LOGIT` on the padding, so padded
-    columns carry no probability and no gradient. Built once per dtype by the backbone."""
-
-    W: torch.Tensor
-    bias: torch.Tensor | None
-    mask: torch.Tensor
-    n_vocab: int
-    softcap: float = 0.0
-
-    @classmethod
-    def padded(cls, W: torch.Tensor, bias: torch.Tensor | None, softcap: float = 0.0) -> Head:
-        """From an unpadded [d_model, vocab] unembedding and its bias."""
-        d, v = W.shape
-        vp = -(-v // VOCAB_ALIGN) * VOCAB_ALIGN
-        Wp = W.new_zeros(d, vp)
-        Wp[:, :v] = W
-        bp = None
-        if bias is not None:
-            bp = bias.new_zeros(vp)
-            bp[:v] = bias
-        mask = torch.zeros(vp, dtype=torch.float32, device=W.device)
-        mask[v:] = PAD_LOGIT
-        return cls(Wp, bp, mask, v, float(softcap or 0.0))
-
-    def to(self, dtype: torch.dtype) -> Head:
-        """This head with its weights in ``dtype`` (itself when they already are)."""
-        if self.W.dtype == dtype:
-            return self
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return Head(self.W.to(dtype), bias, self.mask, self.n_vocab, self.softcap)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, V_pad] in fp32 of hidden states [rows, d_model], padding masked.
-
-        An fp32 GEMM on fp32 weights, whatever ``h``'s dtype: a KL near 1e-3 is a difference of
-        logits of a few hundredths, which bf16 logits (8 significant bits, ±0.06 at a logit of 18)
-        drown. With TF32 on a GPU the weights here hold the model's fp32 values, rounded by the
-        tensor cores to 10 bits of mantissa, still 8 times finer than bf16."""
-        with no_autocast(h.device):
-            h = h.to(self.W.dtype)
-            raw = torch.addmm(self.bias, h, self.W) if self.bias is not None else h @ self.W
-        if self.softcap > 0:
-            raw = torch.tanh(raw.div_(self.softcap)).mul_(self.softcap)
-        # without padding the mask is all zeros: skip a pass over [rows, vocab]
-        return raw.add_(self.mask) if self.W.shape[1] > self.n_vocab else raw
-
-    def softcap_grad(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """d logits / d raw from the capped logits (``1 - (y / cap)^2``); None without a cap."""
-        if self.softcap <= 0:
-            return None
-        return 1 - (logits / self.softcap).square()

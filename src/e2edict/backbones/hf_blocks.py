@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from e2edict.backbones.activations import swapped
-from e2edict.backbones.base import HookFn, blocks_in_turn
+from e2edict.backbones.in_turn import HookFn, blocks_in_turn
 
 Call = tuple[tuple, dict]  # a block's positional arguments after the hidden states, and its keywords
 MAX_LENGTHS = 4  # recordings kept: a few sequence lengths at most (training's, evaluation's)

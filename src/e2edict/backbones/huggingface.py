@@ -27,13 +27,16 @@ import torch
 from torch import nn
 
 from e2edict.backbones.activations import checked
-from e2edict.backbones.base import Backbone, Head, HookFn, KeptHooks, StopForward
+from e2edict.backbones.base import Backbone
+from e2edict.backbones.head import Head
 from e2edict.backbones.hf_blocks import BlockCalls, first_tensor, passes
+from e2edict.backbones.in_turn import HookFn, KeptHooks, StopForward
+from e2edict.backbones.naming import INPUT_SUFFIX, HookNames
 from e2edict.errors import E2EDictError
+from e2edict.precision import is_full
 from e2edict.sources import bos_id  # the one BOS lookup
 
 log = logging.getLogger(__name__)
-INPUT_SUFFIX = ":input"
 
 
 def load_hf_causal_lm(
@@ -103,6 +106,7 @@ class HFBackbone(Backbone):
     def __init__(self, model: nn.Module, tokenizer, name: str):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.blocks_path, self.blocks = _block_list(model)
+        self.naming = HookNames("module", self.blocks_path, self._mlp_of)
         self.n_layers = len(self.blocks)
         self._block_re = re.compile(rf"^{re.escape(self.blocks_path)}\.(\d+)(?:[.:]|$)")
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -130,18 +134,10 @@ class HFBackbone(Backbone):
     def unembed(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.T
 
-    def foreign_hook(self, name: str) -> str | None:
-        """A TransformerLens name: ``blocks.N.hook_resid_pre`` is ``<blocks>.N:input``,
-        ``hook_resid_post`` ``<blocks>.N``, ``hook_mlp_out`` the block's MLP module (where it has one)."""
-        m = re.match(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out)$", name)
-        if m is None:
-            return None
-        block = f"{self.blocks_path}.{m.group(1)}"
-        if m.group(2) != "hook_mlp_out":
-            return block + (INPUT_SUFFIX if m.group(2) == "hook_resid_pre" else "")
-        mlps = [
-            h for h in self.hook_shapes() if h.startswith(block + ".") and _is_mlp(h) and h.count(".") == block.count(".") + 1
-        ]
+    def _mlp_of(self, block: str) -> str | None:
+        """The MLP module directly under ``block`` (a module path), where it has exactly one."""
+        depth = block.count(".") + 1
+        mlps = [h for h in self.hook_shapes() if h.startswith(block + ".") and _is_mlp(h) and h.count(".") == depth]
         return mlps[0] if len(mlps) == 1 else None
 
     def head(self) -> Head | None:
@@ -371,7 +367,7 @@ class HFBackbone(Backbone):
             raise StopForward
 
         # In bf16 the final norm runs in fp32 here (see `_fp32_norm`); the model's own forward stops at its input.
-        norm = self._final_norm if resid.dtype not in (torch.float32, torch.float64) else None
+        norm = self._final_norm if not is_full(resid.dtype) else None
         module = norm if norm is not None else self.model.get_output_embeddings()
         handle = module.register_forward_pre_hook(take)
         try:
@@ -461,7 +457,7 @@ class HFBackbone(Backbone):
 
     def _hidden(self, resid: torch.Tensor) -> torch.Tensor:
         """The final norm of the last block's output: in fp32 when the model is held in bf16."""
-        if resid.dtype in (torch.float32, torch.float64):
+        if is_full(resid.dtype):
             return self._final_norm(resid)
         return _fp32_norm(self._final_norm, resid)
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from e2edict.precision import is_full
+
 _UNSUPPORTED_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
@@ -70,7 +72,7 @@ def _fused_forward(self, query_input, key_input, value_input, past_kv_cache_entr
     one_input = query_input is key_input is value_input or (
         value_input is normed and self.cfg.positional_embedding_type != "shortformer"
     )
-    if one_input and value_input.dtype not in (torch.float32, torch.float64) and _qkv_fusable(self):
+    if one_input and not is_full(value_input.dtype) and _qkv_fusable(self):
         q, k, v = _fused_qkv(self, value_input)
     else:
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
@@ -125,7 +127,7 @@ def _memo_norm_forward(self, x):
     """The block calls its first norm three times on one tensor (for q, k and v): in low precision
     compute it once. The attention after it forgets the memo (`_forget_norm`), so it holds nothing
     between calls."""
-    if x.dtype in (torch.float32, torch.float64):
+    if is_full(x.dtype):
         # fp32 keeps TransformerLens's three norms: one shared output would sum the q, k and v
         # gradients before the norm's backward, a different rounding than TransformerLens's own
         return type(self).forward(self, x)

@@ -15,16 +15,16 @@ import torch
 from torch.nn.utils import parametrize
 
 from e2edict.backbones.activations import checked, swapped
-from e2edict.backbones.base import Backbone, Head, HookFn, KeptHooks, StopForward, blocks_in_turn
+from e2edict.backbones.base import Backbone
+from e2edict.backbones.head import Head
+from e2edict.backbones.in_turn import HookFn, KeptHooks, StopForward, blocks_in_turn
 from e2edict.backbones.tl_attention import use_fused_attention
 from e2edict.errors import E2EDictError
+from e2edict.precision import is_full
 from e2edict.sources import bos_id  # the one BOS lookup
 
 EMBEDDED = {"tiny"}
 _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
-_HF_HOOK_RE = re.compile(r"^(?:[A-Za-z_][\w]*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
 
 
 def resolve_model_path(name_or_path: str) -> Path | None:
@@ -141,19 +141,6 @@ class TLBackbone(Backbone):
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
 
-    def foreign_hook(self, name: str) -> str | None:
-        """A Hugging Face module path: ``<blocks>.N:input`` is ``blocks.N.hook_resid_pre``,
-        ``<blocks>.N`` ``blocks.N.hook_resid_post``, ``<blocks>.N.mlp`` ``blocks.N.hook_mlp_out``."""
-        m = _HF_HOOK_RE.match(name)
-        if m is None:
-            return None
-        layer, tail = m.group(1), m.group(2)
-        return {
-            ":input": f"blocks.{layer}.hook_resid_pre",
-            "": f"blocks.{layer}.hook_resid_post",
-            ".mlp": f"blocks.{layer}.hook_mlp_out",
-        }[tail]
-
     def _build_head(self) -> Head:
         u = self.model.unembed
         cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
@@ -252,7 +239,7 @@ class TLBackbone(Backbone):
         rounds its output to the model's dtype, and the fused KL needs the unrounded states (a
         bf16 rounding of both runs' states is as large as the difference a small KL is made of)."""
         m, kind = self.model, self.model.cfg.normalization_type
-        if residual.dtype in (torch.float32, torch.float64) or kind not in ("LN", "LNPre", "RMS", "RMSPre"):
+        if is_full(residual.dtype) or kind not in ("LN", "LNPre", "RMS", "RMSPre"):
             return self._final_norm(residual)
         x, eps = residual.float(), m.cfg.eps
         w = m.ln_final.w.float() if kind in ("LN", "RMS") else None

@@ -23,6 +23,7 @@ from torch import nn
 
 from e2edict.atomic import write_atomic
 from e2edict.errors import E2EDictError
+from e2edict.precision import is_full
 from e2edict.saes.sparse import GatherDecode, Pairs
 
 CFG_FILE = "cfg.json"
@@ -50,7 +51,7 @@ def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> t
     promote every [tokens, d_sae] code and [tokens, d] reconstruction to fp32. Explicit casts,
     not autocast, so the step computes the same dtypes on every device. In fp32 and fp64 it is
     ``x @ W + b`` as written, so those results are bit for bit what they always were."""
-    if x.dtype in (torch.float32, torch.float64) and W.dtype == x.dtype:
+    if is_full(x.dtype) and W.dtype == x.dtype:
         out = x @ W
         return out if b is None else out + b
     x2 = x.reshape(-1, x.shape[-1])
@@ -65,7 +66,7 @@ def sparse_path_allowed(x: torch.Tensor) -> bool:
     The ragged kernels size their work from the data (how many pairs are active), which on a GPU
     is a read back to the host every step and a new shape for every compiled graph; there the
     dense GEMMs run on tensor cores at these sizes anyway. ``sparse_decode=True`` still forces it."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return x.device.type == "cpu" and is_full(x.dtype)
 
 
 class SAE(nn.Module, ABC):
