@@ -152,8 +152,8 @@ def worker(spec: dict) -> dict:
     one step per mode, each with the peak-RSS mark reset before it."""
     from e2edict.backbones.tl_attention import use_fused_attention, use_unfused_attention
     from e2edict.optim import make_optimizer
-    from e2edict.splice import splice_forward
-    from e2edict.trainer import keep_freed_memory
+    from e2edict.precision import keep_freed_memory
+    from e2edict.splice import training_forward
 
     torch.set_num_threads(spec["threads"])
     device, bf16 = spec["device"], spec["precision"] == "bf16"
@@ -198,7 +198,7 @@ def worker(spec: dict) -> dict:
             def step(sae=sae):
                 tf32(True)
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                    out = splice_forward(bb, {hook: sae}, tokens, w)
+                    out = training_forward(bb, {hook: sae}, tokens, w)
                 out.loss.backward()
                 return out.loss
 
@@ -267,8 +267,8 @@ def pair_worker(spec: dict) -> dict:
     (local, e2e, e2e, local, ...) so that a slow moment of the shared machine falls on both; each
     step's best time counts. Both SAEs start from the same weights."""
     from e2edict.optim import make_optimizer
-    from e2edict.splice import splice_forward
-    from e2edict.trainer import keep_freed_memory
+    from e2edict.precision import keep_freed_memory
+    from e2edict.splice import training_forward
 
     torch.set_num_threads(spec["threads"])
     keep_freed_memory()
@@ -284,7 +284,7 @@ def pair_worker(spec: dict) -> dict:
         opt = make_optimizer(list(sae.parameters()), 1e-4)
 
         def step(sae=sae, w=w, opt=opt) -> None:
-            splice_forward(bb, {hook: sae}, tokens, w).loss.backward()
+            training_forward(bb, {hook: sae}, tokens, w).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 

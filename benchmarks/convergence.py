@@ -251,7 +251,7 @@ def speed_one(a, out: Path) -> int:
         row = run_e2edict(setting, "now", [SPEED_TOKENS], a.relu_lambda, out)[0]
     else:
         if a.speed_one == "sparsify+heap":
-            from e2edict.trainer import keep_freed_memory
+            from e2edict.precision import keep_freed_memory
 
             keep_freed_memory()
         setup = setup_run(load_config(CONFIGS / "e2e.yaml", base_overrides(setting, SPEED_TOKENS, a.relu_lambda)))

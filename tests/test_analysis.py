@@ -139,7 +139,7 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     from safetensors.torch import load_file
 
     from e2edict.analysis.report import DENSE, feature_order
-    from e2edict.evaluation import density_from_log10
+    from e2edict.eval_metrics import density_from_log10
 
     dens = density_from_log10(load_file(str(run / "saes/blocks.1.hook_resid_pre/sparsity.safetensors"))["sparsity"])
     first = (report / "sae0_features_1.html").read_text()

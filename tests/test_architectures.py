@@ -580,11 +580,11 @@ def test_topk_file_with_non_unit_decoder_rows_loads_with_the_source_latents(tmp_
 def test_pre_activations_kept_for_the_loss_terms_are_released_after_them(small_backbone, arch, preset):
     """JumpReLU and Gated keep their forward's pre-activations for the sparsity (and auxiliary)
     term; once the terms are computed nothing of the step stays on the SAE."""
-    from e2edict.splice import LossWeights, splice_forward
+    from e2edict.splice import LossWeights, training_forward
 
     h = "blocks.1.hook_resid_pre"
     sae = registry[arch](32, 64, h)
     w = LossWeights(sparsity={h: 1.0}, **({"kl": 1.0} if preset == "e2e" else {"local": 1.0}))
-    out = splice_forward(small_backbone, {h: sae}, torch.randint(0, 4096, (2, 8)), w)
+    out = training_forward(small_backbone, {h: sae}, torch.randint(0, 4096, (2, 8)), w)
     assert f"sparsity/{h}" in out.terms and sae._pre_cache is None
     out.loss.backward()

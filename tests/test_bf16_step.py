@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from e2edict import losses
 from e2edict.saes import registry
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, training_forward
 
 
 def _big_vocab_backbone():
@@ -124,7 +124,7 @@ def test_bf16_step_makes_no_fp32_tensor_of_mlp_or_dictionary_width(small_gpt2_di
     try:
         trace = _DtypeTrace()
         with trace:
-            out = splice_forward(bb, {h: sae}, tokens, w)
+            out = training_forward(bb, {h: sae}, tokens, w)
             out.loss.backward()
     finally:
         bb.restore_dtype()
@@ -141,7 +141,7 @@ def test_bf16_step_makes_no_fp32_tensor_of_mlp_or_dictionary_width(small_gpt2_di
 
 
 def _meta_step(bb, sae, h, w):
-    out = splice_forward(bb, {h: sae}, torch.zeros(2, 16, dtype=torch.long, device="meta"), w)
+    out = training_forward(bb, {h: sae}, torch.zeros(2, 16, dtype=torch.long, device="meta"), w)
     out.loss.backward()
     return out
 

@@ -12,7 +12,7 @@ from test_cli import ROOT, run_cli
 from e2edict.backbones import HFBackbone, TLBackbone, load_hf_causal_lm
 from e2edict.errors import E2EDictError
 from e2edict.saes.relu import ReLUSAE
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, training_forward
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_activations_and_logits_equal_transformer_lens(hf_tiny, tl_tiny):
 
 
 def _loss_and_grads(bb, sae, x, w) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = splice_forward(bb, {sae.hook_name: sae}, x, w)
+    out = training_forward(bb, {sae.hook_name: sae}, x, w)
     out.loss.backward()
     return out.loss.detach(), {n: q.grad.clone() for n, q in sae.named_parameters()}
 
@@ -134,7 +134,7 @@ def test_block_output_hook_runs_its_block_once(hf_tiny, monkeypatch, preset):
             torch.manual_seed(0)
             sae = ReLUSAE(128, 256, hook_name=hook)
             calls.clear()
-            out = splice_forward(hf_tiny, {hook: sae}, x, w)
+            out = training_forward(hf_tiny, {hook: sae}, x, w)
             out.loss.backward()
             results.append((out.loss.detach(), {n: q.grad.clone() for n, q in sae.named_parameters()}, len(calls)))
     finally:

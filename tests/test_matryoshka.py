@@ -15,7 +15,7 @@ from e2edict.config import load_config
 from e2edict.errors import E2EDictError
 from e2edict.saes import load_sae, registry, save_sae
 from e2edict.saes.matryoshka import resolve_prefixes
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, training_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_local_prefix_losses_equal_hand_computation():
     from e2edict.splice import SpliceOutput, _sae_terms
 
     out = SpliceOutput(torch.zeros(()), {}, {"h": x}, {"h": x_hat}, {"h": c}, targets={"h": x})
-    terms, _ = _sae_terms({"h": sae}, out, LossWeights(sparsity={"h": 0.0}, local=1.0), False)
+    terms, _ = _sae_terms({"h": sae}, out, LossWeights(sparsity={"h": 0.0}, local=1.0))
     assert terms["local/h"].item() == pytest.approx(hand.item(), rel=1e-6)
 
 
@@ -112,7 +112,7 @@ def test_e2e_all_prefixes_equals_naive_per_prefix_runs(small_backbone, preset):
         ds = small_backbone.resid_hooks_after(h) if preset == "e2e+ds" else []
         coeffs = dict(kl=0.5, downstream=2.5) if ds else dict(kl=1.0)
         w = LossWeights(sparsity={h: 0.3}, downstream_positions=ds, **coeffs)
-        ours = splice_forward(small_backbone, {h: sae}, tokens, w)
+        ours = training_forward(small_backbone, {h: sae}, tokens, w)
         assert sae.prefix_mode is None  # put back after the step
         ours.loss.backward()
         g_ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -132,7 +132,7 @@ def test_e2e_drawn_prefix_takes_one_prefix_per_step_in_turn(small_backbone):
     tokens = torch.randint(0, 4096, (2, 10), generator=torch.Generator().manual_seed(2))
     w = LossWeights(sparsity={h: 0.0}, kl=1.0)
     with torch.no_grad():
-        got = [splice_forward(small_backbone, {h: sae}, tokens, w).terms["kl"].item() for _ in range(4)]
+        got = [training_forward(small_backbone, {h: sae}, tokens, w).terms["kl"].item() for _ in range(4)]
         lc = F.log_softmax(small_backbone.model(tokens), -1)
         _, cache = small_backbone.model.run_with_cache(tokens, names_filter=h)
         c = sae.encode(cache[h])
@@ -201,5 +201,5 @@ def test_all_prefixes_need_equal_prefix_counts_across_saes(small_backbone):
     w = LossWeights(sparsity=dict.fromkeys(saes, 0.0), kl=1.0)
     a.e2e_prefixes = b.e2e_prefixes = "all"
     with pytest.raises(E2EDictError, match=r"equally many prefixes, not \[2, 3\]"):
-        splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), w)
+        training_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), w)
     assert a.prefix_mode is None and b.prefix_mode is None

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from e2edict import losses
-from e2edict.backbones.base import Head
+from e2edict.backbones.head import Head
+from e2edict.losses import kl_loss
 from e2edict.saes import registry
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, evaluation_forward, training_forward
 from e2edict.step import NonFinite, StepLog
 
 
@@ -63,10 +64,10 @@ def test_head_kl_equals_splice_kl_on_both_backbones(small_backbone, small_gpt2_d
         sae = registry["relu"](32, 64, h)
         tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(3))
         w = LossWeights(sparsity={h: 1.0}, kl=1.0)
-        fused = splice_forward(bb, {h: sae}, tokens, w)
+        fused = training_forward(bb, {h: sae}, tokens, w)
         assert fused.logits_spliced is None
-        full = splice_forward(bb, {h: sae}, tokens, w, full=True)
-        assert fused.terms["kl"].item() == pytest.approx(full.terms["kl"].item(), rel=1e-5)
+        full = evaluation_forward(bb, {h: sae}, tokens, [])  # the [tokens, vocab] logits, KL computed here
+        assert fused.terms["kl"].item() == pytest.approx(kl_loss(full.logits_clean, full.logits_spliced).item(), rel=1e-5)
 
 
 def test_fused_attention_matches_transformer_lens(tiny_model, monkeypatch):
@@ -131,7 +132,7 @@ def test_cast_to_bf16_and_restore_exactly(small_gpt2_dir, backend):
     sae = registry["relu"](32, 64, h)
     tokens = torch.randint(0, 4096, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = splice_forward(bb, {h: sae}, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0))
+        out = training_forward(bb, {h: sae}, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0))
     out.loss.backward()  # fp32 master weights get fp32 gradients
     assert torch.isfinite(out.loss) and sae.W_dec.grad.dtype == torch.float32
     bb.restore_dtype()
@@ -159,7 +160,7 @@ def test_step_reads_nothing_back_from_the_device(small_gpt2_dir, backend, arch, 
     ds = bb.resid_hooks_after(h) if preset == "e2e+ds" else []
     coeffs = {"e2e": dict(kl=1.0), "e2e+ds": dict(kl=0.5, downstream=2.5), "local": dict(local=1.0)}[preset]
     w = LossWeights(sparsity={h: 1.0}, downstream_positions=ds, **coeffs)
-    out = splice_forward(bb, {h: sae}, torch.zeros(2, 16, dtype=torch.long, device="meta"), w)
+    out = training_forward(bb, {h: sae}, torch.zeros(2, 16, dtype=torch.long, device="meta"), w)
     out.loss.backward()
     assert sae.W_dec.grad is not None and sae.W_dec.grad.device.type == "meta"
 
@@ -259,7 +260,6 @@ def test_fused_block_norms_once_and_projects_qkv_in_one_gemm(small_backbone, dty
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     sae = registry["relu"](32, 64, h)
-    w = LossWeights(sparsity={h: 1.0}, kl=1.0)
     results = {}
     if dtype != torch.float32:
         small_backbone.cast(dtype)
@@ -270,8 +270,9 @@ def test_fused_block_norms_once_and_projects_qkv_in_one_gemm(small_backbone, dty
             hooks = [("blocks.2.ln1.hook_normalized", lambda a, hook, norms=norms: norms.append(1))]
             hooks += [(f"blocks.2.attn.hook_{n}", lambda a, hook, shapes=shapes: shapes.append(tuple(a.shape))) for n in "qkv"]
             with model.hooks(fwd_hooks=hooks), count:
-                out = splice_forward(small_backbone, {h: sae}, tokens, w, full=True)
-                grads = torch.autograd.grad(out.loss, [sae.W_enc_T, sae.W_dec])
+                out = evaluation_forward(small_backbone, {h: sae}, tokens, [])  # logits: the loss written out here
+                loss = sae.sparsity_loss(out.inputs[h], out.codes[h], 1.0) + kl_loss(out.logits_clean, out.logits_spliced)
+                grads = torch.autograd.grad(loss, [sae.W_enc_T, sae.W_dec])
             results[fused] = (out.logits_spliced.detach().float(), grads, len(norms), shapes, count.gemms)
     finally:
         tl_attention.use_fused_attention(model)

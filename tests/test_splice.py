@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from e2edict.losses import kl_loss
 from e2edict.saes import ReLUSAE
-from e2edict.splice import LossWeights, splice_forward
+from e2edict.splice import LossWeights, evaluation_forward, training_forward
 
 
 def make_saes(backbone, positions, ratio=4, seed=0):
@@ -78,7 +79,7 @@ def test_shared_prefix_matches_naive(small_backbone, preset, positions):
         w = LossWeights(sparsity={h: 0.3 + i for i, h in enumerate(positions)}, downstream_positions=ds, **CASES[preset])
         tokens = torch.randint(0, 4096, (3, 16), generator=torch.Generator().manual_seed(0))
 
-        ours = splice_forward(small_backbone, saes, tokens, w).loss
+        ours = training_forward(small_backbone, saes, tokens, w).loss
         ours.backward()
         g_ours = {n: p.grad.clone() for h, s in saes.items() for n, p in s.named_parameters(prefix=h)}
         for s in saes.values():
@@ -112,10 +113,10 @@ def test_identity_sae_leaves_logits_unchanged(small_backbone):
     saes = {h: identity_sae(32, h)}
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(1))
     w = LossWeights(sparsity={h: 1.0}, kl=1.0)
-    full = splice_forward(small_backbone, saes, tokens, w, full=True)  # logits, as evaluation takes them
+    full = evaluation_forward(small_backbone, saes, tokens, [])  # logits, as evaluation takes them
     torch.testing.assert_close(full.logits_spliced, small_backbone.model(tokens), atol=1e-5, rtol=1e-5)
-    assert full.terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
-    out = splice_forward(small_backbone, saes, tokens, w)  # training: the fused head's KL
+    assert kl_loss(full.logits_clean, full.logits_spliced).item() == pytest.approx(0.0, abs=1e-6)
+    out = training_forward(small_backbone, saes, tokens, w)  # training: the fused head's KL
     assert out.logits_spliced is None and out.terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -130,11 +131,11 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
     ]
     try:
         tokens = torch.randint(0, 4096, (2, 16))
-        out = splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, local=1.0))
+        out = training_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, local=1.0))
         out.loss.backward()
         assert seen == []  # local training ran nothing past the SAE's block
         assert out.logits_spliced is None
-        splice_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0)).loss.backward()
+        training_forward(small_backbone, saes, tokens, LossWeights(sparsity={h: 1.0}, kl=1.0)).loss.backward()
         assert seen == ["block2", "final norm", "block2", "final norm"]  # clean and spliced continuations
     finally:
         for hd in handles:
@@ -146,7 +147,7 @@ def test_model_gets_no_gradient_and_local_stops_early(small_backbone):
 def test_prefix_runs_without_graph(small_backbone):
     h = "blocks.2.hook_resid_pre"
     saes = make_saes(small_backbone, [h])
-    out = splice_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), LossWeights(sparsity={h: 1.0}, kl=1.0), full=True)
+    out = evaluation_forward(small_backbone, saes, torch.randint(0, 4096, (2, 8)), [])
     assert not out.inputs[h].requires_grad  # the SAE input came from the no-graph prefix
     assert out.logits_clean is not None and not out.logits_clean.requires_grad
     assert out.logits_spliced.requires_grad
@@ -157,9 +158,9 @@ def test_bf16_autocast_step_keeps_fp32_master_weights(small_backbone):
     saes = make_saes(small_backbone, [h])
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(2))
     w = LossWeights(sparsity={h: 1.0}, kl=1.0)
-    ref = splice_forward(small_backbone, saes, tokens, w).loss
+    ref = training_forward(small_backbone, saes, tokens, w).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = splice_forward(small_backbone, saes, tokens, w)
+        out = training_forward(small_backbone, saes, tokens, w)
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and out.terms["kl"].dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.item(), rel=0.05)  # bf16 forward, fp32 loss
@@ -186,7 +187,7 @@ def test_bf16_autocast_through_the_sparse_paths(small_backbone, arch, shift):
     grads = []
     for bf16 in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = splice_forward(small_backbone, {h: sae}, tokens, w)
+            out = training_forward(small_backbone, {h: sae}, tokens, w)
         assert 5 < (out.codes[h] != 0).sum(-1).float().mean() < 100
         grads.append(torch.autograd.grad(out.loss, [sae.W_enc_T, sae.W_dec]))
     for g32, g16 in zip(*grads, strict=True):
@@ -202,7 +203,7 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap():
 
     code = """
 import ctypes, torch
-from e2edict.trainer import keep_freed_memory
+from e2edict.precision import keep_freed_memory
 class Info(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
     _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
@@ -235,12 +236,12 @@ def test_zero_weighted_terms_are_logged_but_not_in_the_loss(small_backbone):
     h = "blocks.1.hook_resid_pre"
     sae = make_saes(small_backbone, [h])[h]
     tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(3))
-    out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=1.0))
+    out = training_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=1.0))
     assert out.terms[f"sparsity/{h}"].item() > 0
     assert torch.equal(out.loss, out.terms[f"local/{h}"])
     assert out.terms[f"sparsity/{h}"].grad_fn not in _graph(out.loss)
-    out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=0.0, kl=1.0))
+    out = training_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.0}, local=0.0, kl=1.0))
     assert torch.equal(out.loss, out.terms["kl"]) and out.loss.requires_grad
     assert out.terms[f"sparsity/{h}"].grad_fn not in _graph(out.loss)
-    out = splice_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.5}, local=1.0))
+    out = training_forward(small_backbone, {h: sae}, tokens, LossWeights(sparsity={h: 0.5}, local=1.0))
     assert out.terms[f"sparsity/{h}"].grad_fn in _graph(out.loss)

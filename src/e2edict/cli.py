@@ -48,7 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from e2edict.run import evaluate_and_record, load_run_dir
+    from e2edict.evaluation import evaluate_and_record
+    from e2edict.run import load_run_dir
 
     run = load_run_dir(args.run_dir, args.data, max(args.tokens or 0, args.alive_tokens or 0) or None)
     result, _ = evaluate_and_record(
@@ -159,7 +160,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from e2edict.analysis.report import write_report
-    from e2edict.run import evaluate_and_record, load_run_dir
+    from e2edict.evaluation import evaluate_and_record
+    from e2edict.run import load_run_dir
 
     run = load_run_dir(args.run_dir, tokens=args.tokens)
     rundir, cfg, backbone, saes = run.rundir, run.cfg, run.backbone, run.saes

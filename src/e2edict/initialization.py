@@ -7,6 +7,9 @@ dictionary (each latent first reads the direction it writes, so the first top-k 
 meaningful), the encoder bias at 0, and ``b_dec`` at the data's centre, which with
 ``apply_b_dec_to_input`` also centres what the encoder reads. The data-dependent part is computed
 once, from the clean activations of the first training step's tokens, before any step is taken.
+
+`initial_saes` is the one place a run's SAEs get their starting weights: copies of the warm-start
+SAEs (``saes.init_from``), or new ones of the configured architecture, initialised here.
 """
 
 from __future__ import annotations
@@ -15,8 +18,59 @@ import torch
 
 from e2edict.backbones import Backbone
 from e2edict.errors import E2EDictError
-from e2edict.saes import SAE
+from e2edict.saes import SAE, registry
 from e2edict.splice import shared_prefix
+
+
+def initial_saes(setup, batches, grad_accum: int) -> dict[str, SAE]:
+    """The run's SAEs before its first step (``setup``: `e2edict.run.RunSetup`): copies of the
+    warm-start SAEs, or new ones (`build_saes`, `initialize`) with ``b_dec`` from the clean
+    activations of the first step's ``grad_accum`` batches where ``saes.b_dec_init`` asks for it;
+    ``batches`` is rewound to where it was."""
+    cfg = setup.cfg
+    torch.manual_seed(cfg.seed)
+    if setup.init_from is not None:
+        return warm_start(setup.init_from, setup.d_in, cfg.saes, cfg.model.device)
+    saes = build_saes(setup)
+    initialize(saes, cfg.saes)
+    if needs_data(cfg.saes):  # every rank alike, then rewound
+        start = batches.state()
+        first = [batches.next().to(cfg.model.device) for _ in range(grad_accum)]
+        b_dec_from_data(saes, setup.backbone, first, cfg.saes.b_dec_init)
+        batches.load_state(start)
+    return saes
+
+
+def warm_start(loaded: dict[str, SAE], hooks, cfg, device: str) -> dict[str, SAE]:
+    """Copies of the loaded SAEs at ``hooks``, set up for training as the ``saes`` block says:
+    in training mode, or held fixed (inference behaviour, no gradient) under ``trainable: false``."""
+    import copy
+
+    saes = {h: copy.deepcopy(loaded[h]).to(device) for h in hooks}
+    for sae in saes.values():
+        sae.configure_training(cfg)
+        if cfg.trainable:
+            sae.train()  # loaded in eval mode (`load_saes`)
+        else:
+            sae.requires_grad_(False)
+    return saes
+
+
+def build_saes(setup) -> dict[str, SAE]:
+    """New SAEs of the configured architecture at each position, transcoders where the position
+    names an output hook, as their constructors draw them."""
+    s = setup.cfg.saes
+    cls = registry[s.architecture]
+    saes = {}
+    for h, d in setup.d_in.items():
+        sae = cls.from_config(d, setup.d_sae[h], h, s)
+        if h in setup.outputs:
+            out = setup.outputs[h]
+            d_out = setup.backbone.hook_shapes()[out][0]
+            sae.make_transcoder(d_out, out, skip=s.kind == "skip_transcoder", orthogonal_init=s.orthogonal_init)
+        sae.configure_training(s)
+        saes[h] = sae.to(setup.cfg.model.device)
+    return saes
 
 
 def initialize(saes: dict[str, SAE], cfg) -> None:

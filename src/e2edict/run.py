@@ -6,14 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from e2edict.backbones import Backbone
 from e2edict.config import Config
 from e2edict.data import SequenceStream, build_data, eval_sequences, head, open_sequences
 from e2edict.errors import E2EDictError
-from e2edict.initialization import initialize
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE, registry
 from e2edict.saes.pretrained import load_source
@@ -67,33 +65,6 @@ class RunSetup:
         """The adapter the backbone carries (`adapter:` in the config), or None."""
         return self.backbone.adapter
 
-    def build_saes(self) -> dict[str, SAE]:
-        torch.manual_seed(self.cfg.seed)
-        if self.init_from is not None:
-            import copy
-
-            saes = {h: copy.deepcopy(self.init_from[h]).to(self.cfg.model.device) for h in self.d_in}
-            for sae in saes.values():
-                sae.configure_training(self.cfg.saes)
-                if self.cfg.saes.trainable:
-                    sae.train()  # loaded in eval mode (`load_saes`)
-                else:  # held fixed: inference behaviour, no gradient
-                    sae.requires_grad_(False)
-            return saes
-        s = self.cfg.saes
-        cls = registry[s.architecture]
-        saes = {}
-        for h, d in self.d_in.items():
-            sae = cls.from_config(d, self.d_sae[h], h, s)
-            if h in self.outputs:
-                out = self.outputs[h]
-                d_out = self.backbone.hook_shapes()[out][0]
-                sae.make_transcoder(d_out, out, skip=s.kind == "skip_transcoder", orthogonal_init=s.orthogonal_init)
-            sae.configure_training(s)
-            saes[h] = sae.to(self.cfg.model.device)
-        initialize(saes, s)  # saes.init, b_dec_init, apply_b_dec_to_input (the data-free part)
-        return saes
-
     def loss_weights(self) -> LossWeights:
         """The run's coefficients. Under ``loss.preset: finetune`` each loaded SAE keeps the sparsity
         term it was trained with: none where k fixes L0 (TopK, BatchTopK, Matryoshka), its own
@@ -117,18 +88,7 @@ def dictionary_size(cfg: Config, d_in: int) -> int:
     return max(1, round(cfg.saes.dict_ratio * d_in))
 
 
-def check_before_model(cfg: Config) -> None:
-    """Checks that need no model, run before it loads: the training data's size where its files
-    say it without reading the data (a ``.npy`` token stream's shape, a shard folder's manifest)
-    against one step's sequences."""
-    d = cfg.data
-    n = _known_sequences(_train_path(cfg), d.n_ctx)
-    if n is None:
-        return
-    _check_one_step(cfg, n - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0))
-
-
-def _check_one_step(cfg: Config, n_sequences: int) -> None:
+def check_one_step(cfg: Config, n_sequences: int) -> None:
     """Training data must hold at least one step's sequences (train.batch_size x train.grad_accum)."""
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     if n_sequences < per_step:
@@ -138,34 +98,10 @@ def _check_one_step(cfg: Config, n_sequences: int) -> None:
         )
 
 
-def _train_path(cfg: Config) -> str:
-    from e2edict.sources import source_fields
-
-    return source_fields(cfg.data.train)["path"]
-
-
-def _known_sequences(path: str, n_ctx: int) -> int | None:
-    """Sequences of ``n_ctx`` a source holds where its files say so cheaply; None otherwise (the
-    full check after the model loads names whatever is wrong with the files)."""
-    import json
-
-    from e2edict.sources import MANIFEST, source_kind
-
-    try:
-        kind = source_kind(path, "data.train")
-        if kind == "npy":
-            shape = np.load(Path(path).expanduser(), mmap_mode="r", allow_pickle=False).shape
-            return shape[0] // max(1, n_ctx - 1) if len(shape) == 1 else None
-        if kind == "shards":
-            m = json.loads((Path(path).expanduser() / MANIFEST).read_text())
-            return int(m["sequences"]) if int(m["n_ctx"]) == n_ctx else None
-    except (E2EDictError, ValueError, OSError, KeyError, TypeError):
-        return None
-    return None
-
-
-def setup_run(cfg: Config) -> RunSetup:
-    """Load and check everything; raise `E2EDictError` on the first problem."""
+def setup_run(cfg: Config, source: tuple[dict[str, SAE], str] | None = None) -> RunSetup:
+    """Load and check everything that needs the model; raise `E2EDictError` on the first problem.
+    ``source``: ``saes.init_from``'s SAEs as `e2edict.saes.pretrained.load_source` gave them
+    (loaded here where not given)."""
     backbone = build_backbone(cfg)
     resolved, outputs = _resolve_positions(cfg, backbone)
     positions = list(resolved)
@@ -188,11 +124,8 @@ def setup_run(cfg: Config) -> RunSetup:
     registry[cfg.saes.architecture].check_sizes(cfg.saes, {h: dictionary_size(cfg, shapes[h][0]) for h in positions})
     train_data, eval_seqs = build_data(cfg, backbone)
     if not isinstance(train_data, SequenceStream):
-        _check_one_step(cfg, len(train_data))
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    if cfg.train.tokens < per_step * cfg.data.n_ctx:
-        raise E2EDictError(f"train.tokens={cfg.train.tokens} is less than one step ({per_step * cfg.data.n_ctx} tokens)")
-    init = _load_init(cfg, backbone, resolved, outputs) if cfg.saes.init_from else None
+        check_one_step(cfg, len(train_data))
+    init = _load_init(cfg, backbone, resolved, outputs, source) if cfg.saes.init_from else None
     if cfg.adapter is not None:  # the last check: the model is changed only once everything else holds
         from e2edict.adapters import attach_adapter
 
@@ -221,9 +154,9 @@ def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str],
     return written, outputs
 
 
-def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str]) -> dict[str, SAE]:
+def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str], source) -> dict[str, SAE]:
     """The SAEs named by ``saes.init_from``: one for every position, of the configured architecture and kind."""
-    loaded = source_saes(cfg.saes.init_from, backbone)
+    loaded = adopt_source(*(source or load_source(cfg.saes.init_from)), backbone)
     missing = [h for h in positions if h not in loaded]
     if missing:
         raise E2EDictError(
@@ -242,10 +175,14 @@ def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outpu
 
 
 def source_saes(spec: str, backbone: Backbone) -> dict[str, SAE]:
-    """The SAEs of a source (`e2edict.saes.pretrained.load_source`) keyed by ``backbone``'s input
-    hook names: sparsify's module paths matched to the model's hooks, names in the other
-    backend's naming mapped where that is unambiguous (`Backbone.adopt_saes`)."""
-    loaded, kind = load_source(spec)
+    """The SAEs of a source (`e2edict.saes.pretrained.load_source`) keyed by ``backbone``'s input hook names."""
+    return adopt_source(*load_source(spec), backbone)
+
+
+def adopt_source(loaded: dict[str, SAE], kind: str, backbone: Backbone) -> dict[str, SAE]:
+    """A loaded source's SAEs keyed by ``backbone``'s input hook names: sparsify's module paths
+    matched to the model's hooks, names in the other backend's naming mapped where that is
+    unambiguous (`e2edict.backbones.naming.HookNames`)."""
     if kind == "sparsify":
         return {_sparsify_position(backbone, name, sae): sae for name, sae in loaded.items()}
     adopted = backbone.adopt_saes(loaded)
@@ -270,28 +207,6 @@ def _sparsify_position(backbone: Backbone, name: str, sae: SAE) -> str:
         raise E2EDictError(f"sparsify transcoder at {name!r}: {full!r} is not an MLP's output in model {backbone.name!r}")
     sae.hook_name, sae.hook_name_out = by_output[full], full
     return by_output[full]
-
-
-def resolve_from_source(cfg: Config) -> Config:
-    """With ``saes.init_from``, the ``saes`` keys the config leaves out (architecture, k, kind)
-    come from the source's SAEs, so config.yaml records what is trained; keys it gives are kept,
-    and a clash is named by `SAE.check_config` once the SAEs load."""
-    s = cfg.saes
-    if s.init_from is None:
-        return cfg
-    missing = [k for k in ("k", "kind", "architecture") if k not in s.model_fields_set]
-    if not missing:
-        return cfg
-    loaded, _ = load_source(s.init_from)
-    first = next(iter(loaded.values()))
-    found = {"architecture": first.architecture, "k": getattr(first, "k", None), "kind": first.kind}
-    raw = cfg.to_dict()
-    for key in missing:  # k before architecture, so the architecture's own check sees it
-        if found[key] is not None:
-            raw["saes"][key] = found[key]
-    from e2edict.config import config_from_dict
-
-    return config_from_dict(raw)
 
 
 @dataclass
@@ -334,45 +249,3 @@ def load_foreign_saes(spec: str, model: str, backend: str, data: str | None, tok
     n = -(-tokens // n_ctx)
     seqs = head(open_sequences(data or "tiny-val", backbone, n_ctx, "bos", "--data", limit_tokens=n * n_ctx), n)
     return backbone, saes, seqs
-
-
-def evaluate_and_record(rundir, cfg: Config, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor,
-                        tokens: int | None = None, alive_tokens: int | None = None, progress: bool = False):  # fmt: skip
-    """The run's evaluation (its ``eval`` settings, or ``tokens`` / ``alive_tokens``), written to
-    its directory (eval.json and each SAE's sparsity file); returns the result and the densities.
-    The one evaluate-and-write that training's end, ``e2edict eval`` and ``report`` share."""
-    from e2edict.evaluation import evaluate_saes
-
-    densities: dict[str, torch.Tensor] = {}
-    result = evaluate_saes(
-        backbone,
-        saes,
-        seqs,
-        tokens=tokens or cfg.eval.tokens,
-        alive_tokens=alive_tokens or cfg.eval.alive_tokens,
-        batch_size=cfg.eval.batch_size,
-        densities=densities,
-        progress=progress,
-    )
-    if backbone.adapter is not None:
-        result.update(adapter_figures(backbone, saes, seqs, tokens or cfg.eval.tokens, cfg.eval.batch_size))
-    rundir.record_evaluation(result, densities)
-    return result, densities
-
-
-def adapter_figures(backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor, tokens: int, batch_size: int) -> dict:
-    """eval.json's adapter sections beside the figures with SAEs and adapter: ``without_adapter``
-    (the SAEs spliced into the original model) and ``adapter_alone`` (the adapted model without
-    SAEs against the original: how far the model itself moved)."""
-    from e2edict.evaluation import evaluate_adapter, evaluate_saes
-
-    with backbone.original():
-        bare = evaluate_saes(backbone, saes, seqs, tokens=tokens, alive_tokens=tokens, batch_size=batch_size, ce_score=False)
-    keep = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")
-    per_sae = {h: {k: m[k] for k in ("l0", "explained_variance", "mse")} for h, m in bare["saes"].items()}
-    backbone.adapter.check_base_unchanged()
-    return {
-        "adapter": {**backbone.adapter.describe(), "base_unchanged": True},
-        "without_adapter": {**{k: bare[k] for k in keep}, "saes": per_sae},
-        "adapter_alone": evaluate_adapter(backbone, seqs, tokens, batch_size),
-    }

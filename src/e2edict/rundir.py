@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from e2edict.atomic import write_atomic, write_text_atomic
 from e2edict.config import load_config
 from e2edict.errors import E2EDictError
-from e2edict.evaluation import density_from_log10, log10_density
+from e2edict.eval_metrics import density_from_log10, log10_density
 from e2edict.saes.base import CFG_FILE, SAE, load_sae, save_sae
 
 CONFIG, METRICS, EVAL, INTERP, INTERP_CACHE, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT, ADAPTER = (
@@ -145,6 +145,11 @@ class RunDir:
         _write_text(self.config_file, text)
 
     # --- metrics.jsonl ------------------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """One row appended as a JSON line, flushed: a crash loses at most the line being written."""
+        with open(self.metrics_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     def trim_metrics(self, step: int) -> None:
         """Keep the rows up to ``step`` (those a checkpoint at ``step`` had written), dropping a torn
         last line and the final evaluation (a resumed run writes them again)."""

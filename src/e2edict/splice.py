@@ -82,19 +82,6 @@ def unwrap(module: torch.nn.Module) -> SAE:
 Prefix = tuple[int, torch.Tensor]  # the block the runs start at, and the residual stream entering it
 
 
-def splice_forward(
-    backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, weights: LossWeights, full: bool = False
-) -> SpliceOutput:
-    """One training forward (`training_forward`), or with ``full`` one evaluation forward
-    (`evaluation_forward`, which reads ``weights.downstream_positions``).
-
-    A transcoder (an SAE with ``hook_name_out``) reads its input hook and its output replaces the
-    activation at its output hook; its local target is the clean activation there."""
-    if full:
-        return evaluation_forward(backbone, saes, tokens, weights.downstream_positions, weights)
-    return training_forward(backbone, saes, tokens, weights)
-
-
 def shared_prefix(backbone: Backbone, positions: Iterable[str], tokens: torch.Tensor, two_runs: bool = True) -> Prefix:
     """The blocks before the first of ``positions`` (hook names: the SAEs' dict, say) run once,
     without a graph: where the runs start, and the residual stream there. For ``two_runs`` (clean
@@ -122,7 +109,7 @@ def training_forward_from(backbone: Backbone, saes: dict[str, SAE], start: Prefi
     out = _new_output()
     if not weights.needs_output:
         _local_run(backbone, saes, start, out)
-        out.terms, out.loss = _sae_terms(saes, out, weights, full=False)
+        out.terms, out.loss = _sae_terms(saes, out, weights)
         return out
     head = backbone.head() if weights.kl > 0 else None
     copies = _training_copies(saes)
@@ -137,31 +124,18 @@ def training_forward_from(backbone: Backbone, saes: dict[str, SAE], start: Prefi
             core.training_splice(False)
     if copies > 1:
         _stack_clean(out, copies, weights.downstream_positions)
-    out.terms, out.loss = _sae_terms(saes, out, weights, full=False)
-    _output_terms(out, weights, head, full=False)
+    out.terms, out.loss = _sae_terms(saes, out, weights)
+    _output_terms(out, weights, head)
     return out
 
 
-def evaluation_forward(
-    backbone: Backbone,
-    saes: dict[str, SAE],
-    tokens: torch.Tensor,
-    downstream: list[str],
-    weights: LossWeights | None = None,
-    terms: bool = True,
-) -> SpliceOutput:
+def evaluation_forward(backbone: Backbone, saes: dict[str, SAE], tokens: torch.Tensor, downstream: list[str]) -> SpliceOutput:
     """Everything evaluation reads: clean and spliced logits, every SAE's input, code, output and
     target, and both runs' activations at the ``downstream`` hooks; each SAE with its whole
-    dictionary. With ``terms`` every loss term too (its value before its coefficient) and the loss
-    with ``weights``' coefficients (none by default); the metrics (`e2edict.evaluation`) and the
-    report compute what they need from the outputs and ask for none."""
+    dictionary. No loss terms: the metrics (`e2edict.evaluation`) and the report compute what
+    they need from these outputs."""
     out = _new_output()
     _two_runs(backbone, saes, shared_prefix(backbone, saes, tokens), downstream, out, logits=True, hidden=False, copies=1)
-    if not terms:
-        return out
-    weights = weights or LossWeights(sparsity=dict.fromkeys(saes, 0.0), downstream_positions=downstream)
-    out.terms, out.loss = _sae_terms(saes, out, weights, full=True)
-    _output_terms(out, weights, None, full=True)
     return out
 
 
@@ -214,23 +188,23 @@ def _local_run(backbone, saes, start: Prefix, out: SpliceOutput) -> None:
         out.targets[h] = out.clean_acts[outputs[h]] if h in outputs else out.inputs[h]
 
 
-def _output_terms(out: SpliceOutput, weights: LossWeights, head, full: bool) -> None:
+def _output_terms(out: SpliceOutput, weights: LossWeights, head) -> None:
     """The KL and downstream terms (summed over stacked copies), added to the loss."""
     copies = out.copies
-    if out.logits_spliced is not None and (weights.kl > 0 or full):
+    if out.logits_spliced is not None and weights.kl > 0:
         if head is not None:  # final hidden states, not logits
             out.terms["kl"] = copies * head_kl_loss(head, out.logits_clean, out.logits_spliced)
             out.logits_clean = out.logits_spliced = None
         else:
             out.terms["kl"] = copies * kl_loss(out.logits_clean, out.logits_spliced)
         coeff = weights.kl
-        if weights.kl_balance and not full:
+        if weights.kl_balance:
             mse = sum(v for k, v in out.terms.items() if k.startswith("local/"))
             out.terms["kl_alpha"] = kl_alpha(mse, out.terms["kl"])
             coeff = weights.kl * out.terms["kl_alpha"]
         out.loss = out.loss + coeff * out.terms["kl"]
     ds_hooks = weights.downstream_positions
-    if ds_hooks and (weights.downstream > 0 or full):
+    if ds_hooks and weights.downstream > 0:
         # Unit total here; the coefficient multiplies below so the logged term is comparable across runs.
         clean = {h: out.clean_acts[h] for h in ds_hooks}
         out.terms["downstream"] = copies * downstream_loss(out.spliced_acts, clean, 1.0)
@@ -302,7 +276,7 @@ def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutpu
     return hooks
 
 
-def _sae_terms(saes, out: SpliceOutput, weights: LossWeights, full: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _sae_terms(saes, out: SpliceOutput, weights: LossWeights) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each SAE's sparsity term, and its local MSE against its target (its input, or a
     transcoder's clean output activation) and auxiliary loss where wanted, with their weighted sum."""
     terms: dict[str, torch.Tensor] = {}
@@ -310,9 +284,9 @@ def _sae_terms(saes, out: SpliceOutput, weights: LossWeights, full: bool) -> tup
     for h in saes:
         core = unwrap(saes[h])
         parts = {f"sparsity/{h}": (weights.sparsity[h], core.sparsity_loss(out.inputs[h], out.codes[h], weights.p))}
-        if weights.local > 0 or full:
+        if weights.local > 0:
             parts[f"local/{h}"] = (weights.local, core.local_loss(out.recons[h], out.targets[h], out.codes[h]))
-            aux = core.aux_loss(out.inputs[h], out.recons[h], out.codes[h]) if weights.local > 0 else None
+            aux = core.aux_loss(out.inputs[h], out.recons[h], out.codes[h])
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 parts[f"aux/{h}"] = (weights.local, aux)
         core.release_forward()  # every term of this forward is computed

@@ -118,7 +118,7 @@ def collect_features(
     with torch.no_grad():
         for start in tqdm(starts, desc="finding top contexts", unit="batch", disable=True if not progress else None, leave=False):
             x = sequences[start : start + batch_size].to(_device(saes))
-            out = evaluation_forward(backbone, saes, x, [], terms=False)
+            out = evaluation_forward(backbone, saes, x, [])
             for h, s in stats.items():
                 if len(s.ids):
                     s.add(out.codes[h].flatten(0, 1), start * n_ctx)
@@ -208,7 +208,7 @@ def context_codes(
     with torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             idx = wanted[start : start + batch_size]
-            res = evaluation_forward(backbone, saes, sequences[idx].to(_device(saes)), [], terms=False)
+            res = evaluation_forward(backbone, saes, sequences[idx].to(_device(saes)), [])
             for h, s in stats.items():
                 sel = res.codes[h][:, :, s.ids].float().cpu()
                 for row, seq in enumerate(idx):
