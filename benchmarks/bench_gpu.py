@@ -116,8 +116,8 @@ def train_case(name: str, shape: tuple, device: str, steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from e2edict.distributed import DistContext
-    from e2edict.losses import PRESETS
     from e2edict.optim import make_optimizer
+    from e2edict.presets import PRESETS
     from e2edict.splice import LossWeights
     from e2edict.step import StepLog, TrainStep
 
@@ -139,7 +139,7 @@ def train_case(name: str, shape: tuple, device: str, steps: int) -> dict:
         sae.sparse_decode = False
     t = PRESETS[preset]
     ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
-    w = LossWeights({hook: 1.0}, local=t["local"], kl=t["kl"], downstream=t["downstream"], downstream_positions=ds)
+    w = LossWeights({hook: 1.0}, local=t.local, kl=t.kl, downstream=t.downstream, downstream_positions=ds)
     opt = make_optimizer(list(sae.parameters()), 5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     step = TrainStep(bb, {hook: sae}, step_saes, w, opt, sched, DistContext(device=device), 1.0, compile=compile_)

@@ -85,14 +85,14 @@ def case_setup(case: str, device: str):
 
 def loss_weights(case: str, bb):
     """e2edict's loss weights for the case's preset (sparsity coefficient 1, as naive's)."""
-    from e2edict.losses import PRESETS
+    from e2edict.presets import PRESETS
     from e2edict.splice import LossWeights
 
     _, hook, _, preset, *_ = CASES[case]
     ds = bb.resid_hooks_after(hook) if preset == "e2e+ds" else []
     table = PRESETS[preset]
     return LossWeights(
-        sparsity={hook: 1.0}, local=table["local"], kl=table["kl"], downstream=table["downstream"], downstream_positions=ds
+        sparsity={hook: 1.0}, local=table.local, kl=table.kl, downstream=table.downstream, downstream_positions=ds
     )
 
 

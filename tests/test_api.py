@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import e2edict
-from e2edict.config import run_name_for
 from e2edict.errors import E2EDictError
+from e2edict.overrides import run_name_for
 from e2edict.rundir import RunDir
 from e2edict.saes import registry
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from e2edict.config import apply_overrides, config_from_dict, dump_config, load_config
+from e2edict.config import config_from_dict, dump_config, load_config
 from e2edict.errors import E2EDictError
+from e2edict.overrides import apply_overrides
 
 BASE = {"saes": {"positions": ["blocks.1.hook_resid_pre"]}}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import ENV, ROOT, cli_cmd
 
-from e2edict.config import PRESET_TRAIN, config_from_dict
+from e2edict.config import config_from_dict
+from e2edict.presets import PRESETS
 from e2edict.saes import load_sae, registry, save_sae
 from e2edict.splice import LossWeights, training_forward
 
@@ -62,24 +63,24 @@ def config(**blocks):
 
 @pytest.mark.parametrize("preset", ["finetune", "adapter"])
 def test_preset_train_defaults_follow_the_optimizer_given(preset):
-    """Each key left out comes from `PRESET_TRAIN`: the rate of the optimizer in use (AdamW's for
+    """Each key left out comes from the preset's training defaults: the rate of the optimizer in use (AdamW's for
     Adam), its schedule (constant for schedule-free, else linear to 0), AdamW where only a decay
     schedule is given; what is given stays."""
-    best = PRESET_TRAIN[preset]
+    best = PRESETS[preset].train
     extra = {"adapter": {"rank": 4}} if preset == "adapter" else {}
 
     def train_of(**train):
         return config(loss={"preset": preset}, train=train, **extra).train
 
     t = train_of(optimizer="schedulefree")
-    assert (t.lr, t.schedule) == (best["lr"], "constant")
+    assert (t.lr, t.schedule) == (best.lr, "constant")
     for opt in ("adamw", "adam"):
         t = train_of(optimizer=opt)
-        assert (t.optimizer, t.lr, t.schedule, t.min_lr_factor) == (opt, best["lr"], "linear", 0.0)
+        assert (t.optimizer, t.lr, t.schedule, t.min_lr_factor) == (opt, best.lr, "linear", 0.0)
     t = train_of(schedule="cosine")
-    assert (t.optimizer, t.lr, t.schedule) == ("adamw", best["lr"], "cosine")
+    assert (t.optimizer, t.lr, t.schedule) == ("adamw", best.lr, "cosine")
     t = train_of(lr=2e-4, warmup_tokens=512, min_lr_factor=0.1)
-    assert (t.optimizer, t.lr, t.warmup_tokens, t.min_lr_factor) == (best["optimizer"], 2e-4, 512, 0.1)
+    assert (t.optimizer, t.lr, t.warmup_tokens, t.min_lr_factor) == (best.optimizer, 2e-4, 512, 0.1)
     assert config_from_dict({"saes": {"positions": [HOOK]}}).train.optimizer == "adam"  # other presets: unchanged
 
 

@@ -94,7 +94,7 @@ def _assert_same(a, b, atol: float, rtol_loss: float, rtol_grad: float) -> None:
 
 @pytest.mark.parametrize("preset", ["local", "e2e", "e2e+ds"])
 def test_splice_losses_and_gradients_equal_transformer_lens(hf_tiny, tl_tiny, preset):
-    from e2edict.losses import PRESETS
+    from e2edict.presets import PRESETS
 
     x = _tokens(seed=1)
     torch.manual_seed(0)
@@ -104,8 +104,8 @@ def test_splice_losses_and_gradients_equal_transformer_lens(hf_tiny, tl_tiny, pr
     p = PRESETS[preset]
     results = []
     for bb, sae, hook in ((hf_tiny, sae_hf, "transformer.h.1:input"), (tl_tiny, sae_tl, "blocks.1.hook_resid_pre")):
-        ds = bb.resid_hooks_after(hook) if p["downstream"] else []
-        w = LossWeights(sparsity={hook: 0.5}, local=p["local"], kl=p["kl"], downstream=p["downstream"], downstream_positions=ds)
+        ds = bb.resid_hooks_after(hook) if p.downstream else []
+        w = LossWeights(sparsity={hook: 0.5}, local=p.local, kl=p.kl, downstream=p.downstream, downstream_positions=ds)
         results.append(_loss_and_grads(bb, sae, x, w))
     _assert_same(*results, atol=1e-5, rtol_loss=1e-4, rtol_grad=1e-3)
 
@@ -115,7 +115,7 @@ def test_block_output_hook_runs_its_block_once(hf_tiny, monkeypatch, preset):
     """A hook at a block's output fires at the next block's input, so the shared prefix runs that
     block once, not the clean and the spliced run each: the same loss and gradients as with the
     hook at the block itself (the path TransformerLens agreement was shown on), one call of the block."""
-    from e2edict.losses import PRESETS
+    from e2edict.presets import PRESETS
 
     hook = "transformer.h.1"
     assert (hf_tiny.block_of(hook), hf_tiny.start_block(hook)) == (1, 2)
@@ -123,8 +123,8 @@ def test_block_output_hook_runs_its_block_once(hf_tiny, monkeypatch, preset):
     assert hf_tiny.start_block("transformer.h.1:input") == 1 and hf_tiny.start_block("transformer.h.1.mlp") == 1
     x = _tokens(seed=3)
     p = PRESETS[preset]
-    ds = hf_tiny.resid_hooks_after(hook) if p["downstream"] else []
-    w = LossWeights(sparsity={hook: 0.5}, local=p["local"], kl=p["kl"], downstream=p["downstream"], downstream_positions=ds)
+    ds = hf_tiny.resid_hooks_after(hook) if p.downstream else []
+    w = LossWeights(sparsity={hook: 0.5}, local=p.local, kl=p.kl, downstream=p.downstream, downstream_positions=ds)
     calls = []
     handle = hf_tiny.blocks[1].register_forward_hook(lambda m, a, o: calls.append(1))
     results = []
@@ -256,7 +256,7 @@ def test_blocks_called_in_turn_equal_the_models_own_forward(kind, preset, where,
     """Residual-stream hooks run the blocks one after the other with the arguments recorded from
     the model's forward (`HFBackbone._run_plain`); the loss and every gradient equal the hooked
     forward of the model itself, at two sequence lengths (each records its own arguments)."""
-    from e2edict.losses import PRESETS
+    from e2edict.presets import PRESETS
 
     model, blocks = _family(kind)
     bb = HFBackbone(model, None, kind)
@@ -265,8 +265,8 @@ def test_blocks_called_in_turn_equal_the_models_own_forward(kind, preset, where,
     assert bb.shared_prefix == (kind != "gemma2") == bb._check_block_removal(1) and bb._check_block_removal(2)
     hook = f"{blocks}.1" + (":input" if where == "input" else "")
     p = PRESETS[preset]
-    ds = bb.resid_hooks_after(hook) if p["downstream"] else []
-    w = LossWeights(sparsity={hook: 0.5}, local=p["local"], kl=p["kl"], downstream=p["downstream"], downstream_positions=ds)
+    ds = bb.resid_hooks_after(hook) if p.downstream else []
+    w = LossWeights(sparsity={hook: 0.5}, local=p.local, kl=p.kl, downstream=p.downstream, downstream_positions=ds)
     for t in (12, 7):
         x = torch.randint(1, 512, (3, t), generator=torch.Generator().manual_seed(t))
         results = []

@@ -136,8 +136,9 @@ def train(
     """Train from a `Config`, a mapping, or a YAML path, with ``dotted.key=value`` overrides as
     on the command line (``["train.tokens=100000"]``); return the run directory. Without ``out``
     the run goes to ``out/runs/<name>``, its name following the overrides (`config.run_name_for`)."""
-    from e2edict.config import Config, apply_overrides, config_from_dict, run_name_for
+    from e2edict.config import Config, config_from_dict
     from e2edict.config import load_config as _load
+    from e2edict.overrides import apply_overrides, run_name_for
     from e2edict.trainer import train as _train
 
     overrides = list(overrides or [])

@@ -16,7 +16,8 @@ EXIT_BAD_INPUT = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from e2edict.config import load_config, run_name_for
+    from e2edict.config import load_config
+    from e2edict.overrides import run_name_for
     from e2edict.trainer import Interrupted, train
 
     if args.resume:

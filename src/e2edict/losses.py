@@ -1,4 +1,4 @@
-"""Each loss term of method §3 as a small function, and the presets as a table of coefficients.
+"""Each loss term of method §3 as a small function (the presets' coefficients: `e2edict.presets`).
 
 Scalings are exactly the paper's, so its coefficients carry over:
 sparsity ``mean_t ||c_t||_p / d_in``; MSE the mean over all elements; KL the forward
@@ -11,17 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from e2edict.precision import no_autocast
-
-# preset -> (local out_to_in, logits_kl, downstream in_to_orig total)
-PRESETS: dict[str, dict[str, float]] = {
-    "local": {"local": 1.0, "kl": 0.0, "downstream": 0.0},
-    "e2e": {"local": 0.0, "kl": 1.0, "downstream": 0.0},
-    "e2e+ds": {"local": 0.0, "kl": 0.5, "downstream": 2.5},
-    # Karvonen (2025): ½(α·KL + MSE), α = MSE / KL recomputed each step, detached (`kl_alpha`)
-    "finetune": {"local": 0.5, "kl": 0.5, "downstream": 0.0},
-    # Chen, Engels & Tegmark (2025): an adapter around frozen SAEs, trained on the KL alone
-    "adapter": {"local": 0.0, "kl": 1.0, "downstream": 0.0},
-}
 
 
 def kl_alpha(mse: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:

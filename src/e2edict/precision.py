@@ -51,6 +51,47 @@ def end_run_precision(backbone) -> None:
     backbone.restore_dtype()
 
 
+def hold_weights(backbone, dtype: torch.dtype) -> None:
+    """Hold a backbone's frozen floating-point weights in ``dtype`` (once, not per operation);
+    `restore_weights` brings back the exact original weights, kept on the CPU at the first call.
+    Trainable parameters (an adapter's) keep their fp32 master weights."""
+    model = backbone.model
+    if getattr(backbone, "_original", None) is None:
+        # by identity, not by name: an adapter attached later renames the weights it wraps
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        backbone._original = (
+            next(model.parameters()).dtype,
+            [(p, p.detach().to("cpu", copy=True)) for p in frozen],
+            {k: b.detach().to("cpu", copy=True) for k, b in model.named_buffers()},
+        )
+    _frozen_to(backbone, dtype)
+
+
+def restore_weights(backbone) -> bool:
+    """Undo `hold_weights`: the original dtype and weights, bit for bit; False where nothing was held."""
+    original = getattr(backbone, "_original", None)
+    if original is None:
+        return False
+    dtype, params, buffers = original
+    _frozen_to(backbone, dtype)
+    with torch.no_grad():
+        for p, saved in params:
+            p.copy_(saved)
+        for k, b in backbone.model.named_buffers():
+            if k in buffers:
+                b.copy_(buffers[k])
+    backbone._original = None
+    return True
+
+
+def _frozen_to(backbone, dtype: torch.dtype) -> None:
+    """The frozen weights to ``dtype`` (`Backbone._move_to`); trainable parameters stay as they are."""
+    keep = [(p, p.data) for p in backbone.model.parameters() if p.requires_grad]
+    backbone._move_to(dtype)
+    for p, data in keep:
+        p.data = data
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve large allocations from the heap and keep what is freed.
 

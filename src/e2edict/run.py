@@ -12,6 +12,7 @@ from e2edict.backbones import Backbone
 from e2edict.config import Config
 from e2edict.data import SequenceStream, build_data, eval_sequences, head, open_sequences
 from e2edict.errors import E2EDictError
+from e2edict.presets import PRESETS
 from e2edict.rundir import RunDir
 from e2edict.saes import SAE, registry
 from e2edict.saes.pretrained import load_source
@@ -70,7 +71,7 @@ class RunSetup:
         term it was trained with: none where k fixes L0 (TopK, BatchTopK, Matryoshka), its own
         lambda where its file records one, else the configured one."""
         weights = LossWeights.from_config(self.cfg.loss, self.written, self.downstream)
-        if self.cfg.loss.preset == "finetune" and self.init_from is not None:
+        if PRESETS[self.cfg.loss.preset].keeps_source_sparsity and self.init_from is not None:
             for h, sae in self.init_from.items():
                 if not sae.has_sparsity_term:
                     weights.sparsity[h] = 0.0
@@ -142,7 +143,7 @@ def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str],
     written: dict[str, str] = {}
     outputs: dict[str, str] = {}
     for p in cfg.saes.positions:
-        src, dst = backbone.resolve_position(p, kind)
+        src, dst = resolve_position(backbone, p, kind)
         if src in written:
             raise E2EDictError(f"saes.positions: {written[src]!r} and {p!r} both read {src!r}")
         written[src] = p
@@ -152,6 +153,28 @@ def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str],
     if taken:
         raise E2EDictError(f"saes.positions: {taken[0]!r} is written by one transcoder and read or written by another")
     return written, outputs
+
+
+def resolve_position(backbone: Backbone, position: str, kind: str = "sae") -> tuple[str, str | None]:
+    """``(input hook, output hook)`` of a ``saes.positions`` entry: a hook for an SAE
+    (output None); for a transcoder ``"IN -> OUT"`` or an MLP's short name (`mlp_pairs`)."""
+    if kind == "sae":
+        if "->" in position:
+            raise E2EDictError(f"saes.positions: {position!r} names a pair of hooks, but saes.kind is 'sae' (use transcoder)")
+        backbone.check_hooks([position])
+        return position, None
+    mlps = backbone.mlp_pairs()
+    if "->" in position:
+        src, _, dst = (x.strip() for x in position.partition("->"))
+    elif position in mlps:
+        src, dst = mlps[position]
+    else:
+        short = ", ".join(mlps) or "none"
+        raise E2EDictError(
+            f"saes.positions: transcoder position {position!r} must be 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP ({short})"
+        )
+    backbone.check_pair(src, dst, f"saes.positions: transcoder {position!r}")
+    return src, dst
 
 
 def _load_init(cfg: Config, backbone: Backbone, positions: dict[str, str], outputs: dict[str, str], source) -> dict[str, SAE]:

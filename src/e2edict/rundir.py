@@ -31,7 +31,8 @@ from e2edict.atomic import write_atomic, write_text_atomic
 from e2edict.config import load_config
 from e2edict.errors import E2EDictError
 from e2edict.eval_metrics import density_from_log10, log10_density
-from e2edict.saes.base import CFG_FILE, SAE, load_sae, save_sae
+from e2edict.saes.base import SAE
+from e2edict.saes.saelens_format import CFG_FILE, load_sae, save_sae
 
 CONFIG, METRICS, EVAL, INTERP, INTERP_CACHE, INIT_EVAL, SAES, SPARSITY, CHECKPOINTS, REPORT, ADAPTER = (
     "config.yaml",

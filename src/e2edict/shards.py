@@ -40,53 +40,19 @@ def write_shards(
     shard_rows: int = 65_536,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write packed sequences as shards + manifest into ``out``; return the manifest."""
+    """Write packed sequences as shards + manifest into ``out``; return the manifest. Everything is
+    written to a temporary folder beside ``out`` and renamed: a failure leaves nothing behind."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise E2EDictError(f"output folder {str(out)!r} exists and is not empty (use --overwrite to replace it)")
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        shards: list[dict[str, Any]] = []
-        buf: list[np.ndarray] = []
-        max_id = -1
-
-        def flush() -> None:
-            nonlocal max_id
-            arr = np.stack(buf)
-            max_id = max(max_id, int(arr.max()))
-            if arr.min() < 0 or max_id >= vocab_size:
-                raise E2EDictError(f"token ids must lie in [0, {vocab_size}), found {int(arr.min())}..{max_id}")
-            name = f"shard-{len(shards):05d}.npy"
-            np.save(tmp / name, arr.astype(dtype), allow_pickle=False)
-            shards.append({"file": name, "sequences": len(arr), "sha256": sha256(tmp / name)})
-            buf.clear()
-
+        writer = _ShardWriter(tmp, n_ctx, vocab_size, shard_rows)
         for seq in sequences:
-            if len(seq) != n_ctx:
-                raise E2EDictError(f"a packed sequence has {len(seq)} tokens, not n_ctx={n_ctx}")
-            buf.append(seq)
-            if len(buf) == shard_rows:
-                flush()
-        if buf:
-            flush()
-        if not shards:
-            raise E2EDictError("the source gave no complete sequence of n_ctx tokens")
-        total = sum(s["sequences"] for s in shards)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "n_ctx": n_ctx,
-            "dtype": np.dtype(dtype).name,
-            "vocab_size": vocab_size,
-            "max_token_id": max_id,
-            "sequences": total,
-            "tokens": total * n_ctx,
-            **info,
-            "shards": shards,
-        }
+            writer.add(seq)
+        manifest = writer.finish(info)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -95,6 +61,54 @@ def write_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+class _ShardWriter:
+    """Sequences gathered into shards of ``shard_rows`` rows, each checked and saved with its hash."""
+
+    def __init__(self, folder: Path, n_ctx: int, vocab_size: int, shard_rows: int):
+        self.folder, self.n_ctx, self.vocab_size, self.rows = folder, n_ctx, vocab_size, shard_rows
+        self.dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+        self.shards: list[dict[str, Any]] = []
+        self.buf: list[np.ndarray] = []
+        self.max_id = -1
+
+    def add(self, seq: np.ndarray) -> None:
+        if len(seq) != self.n_ctx:
+            raise E2EDictError(f"a packed sequence has {len(seq)} tokens, not n_ctx={self.n_ctx}")
+        self.buf.append(seq)
+        if len(self.buf) == self.rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        arr = np.stack(self.buf)
+        self.max_id = max(self.max_id, int(arr.max()))
+        if arr.min() < 0 or self.max_id >= self.vocab_size:
+            raise E2EDictError(f"token ids must lie in [0, {self.vocab_size}), found {int(arr.min())}..{self.max_id}")
+        name = f"shard-{len(self.shards):05d}.npy"
+        np.save(self.folder / name, arr.astype(self.dtype), allow_pickle=False)
+        self.shards.append({"file": name, "sequences": len(arr), "sha256": sha256(self.folder / name)})
+        self.buf.clear()
+
+    def finish(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The last shard written; the manifest."""
+        if self.buf:
+            self._flush()
+        if not self.shards:
+            raise E2EDictError("the source gave no complete sequence of n_ctx tokens")
+        total = sum(s["sequences"] for s in self.shards)
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "n_ctx": self.n_ctx,
+            "dtype": np.dtype(self.dtype).name,
+            "vocab_size": self.vocab_size,
+            "max_token_id": self.max_id,
+            "sequences": total,
+            "tokens": total * self.n_ctx,
+            **info,
+            "shards": self.shards,
+        }
 
 
 class ShardSequences:

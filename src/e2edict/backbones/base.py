@@ -14,6 +14,7 @@ from e2edict.backbones.head import Head
 from e2edict.backbones.in_turn import HookFn, KeptHooks, StopForward, chain
 from e2edict.backbones.naming import HookNames
 from e2edict.errors import E2EDictError
+from e2edict.precision import hold_weights, restore_weights
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
@@ -66,44 +67,17 @@ class Backbone(ABC):
         return None
 
     def cast(self, dtype: torch.dtype) -> None:
-        """Hold the frozen model's floating-point weights in ``dtype`` (once, not per operation);
-        `restore_dtype` brings back the exact original weights. The fused head is built first,
-        from the original weights, and kept: the KL stays fp32 (see `Head`). Trainable parameters
-        (an adapter's) keep their fp32 master weights."""
-        model = self.model  # type: ignore[attr-defined]
+        """Hold the frozen model's weights in ``dtype`` (`e2edict.precision.hold_weights`; the fused
+        head is built first, from the original weights, and kept)."""
         if getattr(self, "_original", None) is None:
             self._head_cache = None
             self.head()
-            # by identity, not by name: an adapter attached later renames the weights it wraps
-            frozen = [p for p in model.parameters() if not p.requires_grad]
-            self._original = (
-                next(model.parameters()).dtype,
-                [(p, p.detach().to("cpu", copy=True)) for p in frozen],
-                {k: b.detach().to("cpu", copy=True) for k, b in model.named_buffers()},
-            )
-        self._to_dtype(dtype)
+        hold_weights(self, dtype)
 
     def restore_dtype(self) -> None:
         """Undo `cast`: the original dtype and the original weights, bit for bit."""
-        original = getattr(self, "_original", None)
-        if original is None:
-            return
-        dtype, params, buffers = original
-        self._to_dtype(dtype)
-        with torch.no_grad():
-            for p, saved in params:
-                p.copy_(saved)
-            for k, b in self.model.named_buffers():  # type: ignore[attr-defined]
-                if k in buffers:
-                    b.copy_(buffers[k])
-        self._original = self._head_cache = None
-
-    def _to_dtype(self, dtype: torch.dtype) -> None:
-        """The frozen weights to ``dtype``; trainable parameters (an adapter's) stay as they are."""
-        keep = [(p, p.data) for p in self.model.parameters() if p.requires_grad]  # type: ignore[attr-defined]
-        self._move_to(dtype)
-        for p, data in keep:
-            p.data = data
+        if restore_weights(self):
+            self._head_cache = None
 
     def _move_to(self, dtype: torch.dtype) -> None:
         self.model.to(dtype)  # type: ignore[attr-defined]
@@ -250,11 +224,11 @@ class Backbone(ABC):
                 raise E2EDictError(f"SAE at {h!r} has d_in={sae.d_in} but model {self.name!r} has width {shapes[h][0]} there")
             out = getattr(sae, "hook_name_out", None)
             if out is not None:
-                self._check_pair(h, out, f"transcoder at {h!r}")
+                self.check_pair(h, out, f"transcoder at {h!r}")
                 if sae.d_out != shapes[out][0]:
                     raise E2EDictError(f"transcoder at {h!r} writes d_out={sae.d_out} but {out!r} has width {shapes[out][0]}")
 
-    def _check_pair(self, src: str, dst: str, what: str) -> None:
+    def check_pair(self, src: str, dst: str, what: str) -> None:
         """A transcoder's hooks: both known, the output after the input."""
         self.check_hooks([src, dst], what)
         if self.block_order(dst) <= self.block_order(src):
@@ -269,27 +243,6 @@ class Backbone(ABC):
             if all(h in shapes for h in pair):
                 pairs[f"blocks.{layer}.mlp"] = pair
         return pairs
-
-    def resolve_position(self, position: str, kind: str = "sae") -> tuple[str, str | None]:
-        """``(input hook, output hook)`` of a ``saes.positions`` entry: a hook for an SAE
-        (output None); for a transcoder ``"IN -> OUT"`` or an MLP's short name (`mlp_pairs`)."""
-        if kind == "sae":
-            if "->" in position:
-                raise E2EDictError(f"saes.positions: {position!r} names a pair of hooks, but saes.kind is 'sae' (use transcoder)")
-            self.check_hooks([position])
-            return position, None
-        mlps = self.mlp_pairs()
-        if "->" in position:
-            src, _, dst = (x.strip() for x in position.partition("->"))
-        elif position in mlps:
-            src, dst = mlps[position]
-        else:
-            short = ", ".join(mlps) or "none"
-            raise E2EDictError(
-                f"saes.positions: transcoder position {position!r} must be 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP ({short})"
-            )
-        self._check_pair(src, dst, f"saes.positions: transcoder {position!r}")
-        return src, dst
 
     def resid_hooks_after(self, hook_name: str) -> list[str]:
         """The residual-stream hooks strictly after ``hook_name``: every later ``hook_resid_pre``

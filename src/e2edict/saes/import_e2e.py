@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import yaml
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import save_sae
 from e2edict.saes.relu import ReLUSAE
+from e2edict.saes.saelens_format import save_sae
 
 _KEY = re.compile(
     r"^(?:saes\.)?(?P<pos>[A-Za-z0-9_-]+)\.(?P<param>encoder\.0\.weight|encoder\.0\.bias|decoder\.weight|decoder\.bias)$"

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SAE, load_sae
+from e2edict.saes.base import SAE
+from e2edict.saes.saelens_format import load_sae
 from e2edict.saes.sparsify_format import is_sparsify_folder, load_sparsify
 
 SAE_LENS_PREFIX = "sae_lens:"
@@ -51,7 +52,7 @@ def load_source(spec: str) -> tuple[dict[str, SAE], str]:
 
 def load_sae_lens_release(name: str) -> dict[str, SAE]:
     """``RELEASE/SAE_ID`` through sae_lens's registry and loader, converted by writing it in the
-    SAELens layout and reading that back (`e2edict.saes.base.load_sae`), so e2edict reads exactly
+    SAELens layout and reading that back (`e2edict.saes.saelens_format.load_sae`), so e2edict reads exactly
     the file SAELens itself would write."""
     release, sep, sae_id = name.partition("/")
     if not sep or not release or not sae_id:

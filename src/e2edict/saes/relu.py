@@ -15,8 +15,8 @@ from e2edict.saes.base import (
     check_tensor,
     decoder_rows,
     sparse_path_allowed,
-    transcoder_from_saelens,
 )
+from e2edict.saes.saelens_format import transcoder_from_saelens
 from e2edict.saes.sparse import Pairs, SparseEncode
 
 

@@ -1,0 +1,345 @@
+"""The sections of a run config (``model``, ``data``, ``saes``, ``loss``, ``adapter``, ``train``,
+``eval``, ``wandb``) as pydantic models: unknown keys rejected, each field's default and meaning in
+its description, the rules within a section checked where it is read. `e2edict.config.Config`
+joins them and checks the rules across sections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from e2edict.errors import E2EDictError
+from e2edict.presets import PRESETS
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # nan, inf: one-line error
+
+
+class ModelConfig(StrictModel):
+    name: str = "tiny"
+    backend: Literal["transformer_lens", "huggingface"] = Field(
+        "transformer_lens", description="transformer_lens: TransformerLens hook names; huggingface: module paths"
+    )
+    process_weights: bool = Field(False, description="TransformerLens weight processing (fold_ln, centering) for hub names")
+    trust_remote_code: bool = Field(False, description="huggingface: run the model repository's own code (only if you trust it)")
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+    fused_attention: bool = Field(
+        True, description="transformer_lens: attention through SDPA where nothing hooks its scores or pattern"
+    )
+
+
+class DataSource(StrictModel):
+    """A data source with options; a plain string ``path`` is the same with the defaults."""
+
+    path: str = Field(min_length=1, description="tiny, tiny-val, a file, a glob, a folder, or a Hugging Face dataset name")
+    split: str = Field("train", description="Hugging Face datasets: the split")
+    name: str | None = Field(None, description="Hugging Face datasets: the configuration name")
+    column: str | None = Field(None, description="the text or token column (null: input_ids if present, else text)")
+    streaming: bool = Field(False, description="read in order without loading it all (Hugging Face datasets, text files)")
+    max_tokens: int | None = Field(None, gt=0, description="read no more than this many tokens")
+
+
+class DataConfig(StrictModel):
+    train: str | DataSource = "tiny"
+    eval: str | DataSource = Field("tiny-val", description="a source, or 'holdout': the head of data.train, kept out of training")
+    holdout_tokens: int | None = Field(None, gt=0, description="eval: holdout; null: max(eval.tokens, eval.alive_tokens)")
+    n_ctx: int = Field(128, ge=2)
+    packing: Literal["auto", "bos", "rows"] = Field(
+        "auto", description="bos: BOS + n_ctx-1 tokens of the stream; rows: one row each"
+    )
+    shuffle_buffer: int = Field(10_000, ge=1, description="streaming sources: sequences in the seeded shuffle buffer")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must name a data source")
+        return v
+
+    def same_source(self) -> bool:
+        """Whether train and eval name one source (same path, split and configuration)."""
+
+        def key(spec: str | DataSource) -> tuple:
+            s = DataSource(path=spec) if isinstance(spec, str) else spec
+            p = Path(s.path).expanduser()
+            return (str(p.resolve()) if p.exists() else s.path, s.split, s.name)
+
+        if self.eval == "holdout":
+            return False
+        return key(self.train) == key(self.eval)
+
+
+class SAEsConfig(StrictModel):
+    positions: list[str] = Field(
+        min_length=1, description="hook names; transcoders: 'INPUT_HOOK -> OUTPUT_HOOK' or an MLP's short name"
+    )
+    kind: Literal["sae", "transcoder", "skip_transcoder"] = Field(
+        "sae", description="sae: reconstructs its activation; transcoder: reads one hook, writes another (an MLP's output)"
+    )
+    architecture: str = "relu"
+    dict_ratio: float = Field(16.0, gt=0)
+    k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk)")
+    init: Literal["orthogonal", "uniform", "tied"] = Field(
+        "orthogonal",
+        description="new SAEs' weights: orthogonal decoder (the paper's); uniform (Kaiming, nn.Linear's); "
+        "tied: uniform decoder, encoder = its transpose, encoder bias 0 (sparsify's)",
+    )
+    b_dec_init: Literal["uniform", "zero", "mean", "geometric_median"] = Field(
+        "uniform", description="new SAEs' b_dec: drawn (the paper's), zero, or the mean / geometric median of the first batch"
+    )
+    apply_b_dec_to_input: bool = Field(False, description="subtract b_dec from the input before encoding (SAELens's key)")
+    decoder_norm: Literal["reparam", "project"] | None = Field(
+        None,
+        description="unit dictionary rows: normalised in the forward (the paper's), or also kept unit by projecting "
+        "the gradient and renormalising after each step (sparsify's, SAELens's); null: project for loss.preset "
+        "finetune, else reparam",
+    )
+    bandwidth: float = Field(0.001, gt=0, description="jumprelu: width of the rectangle kernel of the STE")
+    init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold")
+    threshold_momentum: float = Field(0.99, ge=0, lt=1, description="batchtopk: EMA momentum of the inference threshold")
+    auxk_coeff: float = Field(0.0, ge=0, description="topk/batchtopk, local training: AuxK dead-latent loss (paper: 1/32)")
+    auxk_k: int | None = Field(None, ge=1, description="AuxK: dead latents used per token (null: d_in / 2)")
+    dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
+    init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
+    trainable: bool | None = Field(
+        None,
+        description="false: the SAEs are held fixed and only the adapter trains; null: false for loss.preset adapter, else true",
+    )
+    matryoshka_prefixes: list[int | float] | None = Field(
+        None, description="matryoshka_batchtopk: nested prefix sizes, fractions of d_sae or counts, increasing, the last all"
+    )
+    matryoshka_e2e: Literal["all", "drawn"] = Field(
+        "drawn", description="matryoshka_batchtopk, e2e: one prefix per step in turn, or every prefix each step (stacked)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the architecture's own keys, checked by its class (`SAE.options_schema`)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, raw: Any) -> Any:
+        """``orthogonal_init: true|false`` (the config.yaml of earlier runs) is ``init: orthogonal|uniform``."""
+        if isinstance(raw, dict) and "orthogonal_init" in raw:
+            raw = dict(raw)
+            legacy = raw.pop("orthogonal_init")
+            if not isinstance(legacy, bool):
+                raise ValueError("orthogonal_init must be true or false (it is the older spelling of init)")
+            if "init" in raw and raw["init"] != ("orthogonal" if legacy else "uniform"):
+                raise ValueError(f"orthogonal_init={legacy} contradicts init={raw['init']!r}; give init only")
+            raw.setdefault("init", "orthogonal" if legacy else "uniform")
+        return raw
+
+    @property
+    def orthogonal_init(self) -> bool:
+        return self.init == "orthogonal"
+
+    @field_validator("positions")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("positions must not repeat a hook name")
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from e2edict.saes import registry
+
+        if v not in registry:
+            raise ValueError(f"unknown {v!r}; known: {', '.join(sorted(registry))}")
+        return v
+
+    @model_validator(mode="after")
+    def _architecture_rules(self) -> SAEsConfig:
+        """Each architecture checks its own keys (`e2edict.saes.base.SAE.validate_config`)."""
+        from e2edict.saes import registry
+
+        registry[self.architecture].validate_config(self)
+        if self.init_from is not None:
+            given = [f"{k}={getattr(self, k)!r}" for k, v in _NEW_SAE_DEFAULTS.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join(given)} describe new SAEs; saes.init_from loads SAEs with their own weights")
+        if self.kind != "sae" and (self.init == "tied" or self.apply_b_dec_to_input):
+            what = "init='tied'" if self.init == "tied" else "apply_b_dec_to_input"
+            raise ValueError(f"saes.{what} is for SAEs: a {self.kind}'s decoder writes another activation than it reads")
+        return self
+
+
+# `saes` keys that only say how a new SAE starts
+_NEW_SAE_DEFAULTS = {"init": "orthogonal", "b_dec_init": "uniform", "apply_b_dec_to_input": False}
+
+
+class SparsityLoss(StrictModel):
+    coeff: float | dict[str, float] = Field(1.0, description="lambda; one number, or a mapping hook -> lambda")
+    p: float = Field(1.0, gt=0)
+
+    @field_validator("coeff")
+    @classmethod
+    def _non_negative(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(x < 0 for x in values):
+            raise ValueError("must be >= 0")
+        return v
+
+
+class Coeff(StrictModel):
+    coeff: float | None = Field(None, ge=0, description="null: taken from loss.preset")
+
+
+class DownstreamLoss(Coeff):
+    positions: list[str] | None = Field(None, description="null: every later residual hook")
+
+
+class LossConfig(StrictModel):
+    preset: Literal[tuple(PRESETS)] = "e2e"  # type: ignore[valid-type]  # the names of `e2edict.presets.PRESETS`
+    sparsity: SparsityLoss = SparsityLoss()
+    kl: Coeff = Coeff()
+    local: Coeff = Coeff()
+    downstream: DownstreamLoss = DownstreamLoss()
+    kl_balance: bool | None = Field(
+        None,
+        description="scale the KL by alpha = MSE / KL each step (detached); null: on for preset finetune "
+        "unless kl.coeff or local.coeff is given",
+    )
+
+    @model_validator(mode="after")
+    def _fill_preset(self) -> LossConfig:
+        preset = PRESETS[self.preset]
+        if preset.sparsity is not None and "sparsity" not in self.model_fields_set:
+            self.sparsity = SparsityLoss(coeff=preset.sparsity)  # adapter: the SAEs are held, the KL alone trains
+        if self.kl_balance is None:
+            self.kl_balance = preset.kl_balance and self.kl.coeff is None and self.local.coeff is None
+        for term, value in preset.coefficients().items():
+            block = getattr(self, term)
+            if block.coeff is None:
+                block.coeff = value
+        if self.kl.coeff == 0 and self.local.coeff == 0 and self.downstream.coeff == 0:
+            raise ValueError("every reconstruction term (kl, local, downstream) has coeff 0: nothing to train")
+        if self.kl_balance and not (self.kl.coeff > 0 and self.local.coeff > 0):
+            raise ValueError("kl_balance scales the KL to the MSE: it needs kl.coeff > 0 and local.coeff > 0")
+        return self
+
+    def sparsity_coeff(self, hook: str, *aliases: str) -> float:
+        """Lambda of the SAE at ``hook`` (a mapping may also name it by an alias: a transcoder's position as written)."""
+        c = self.sparsity.coeff
+        if isinstance(c, dict):
+            for name in (hook, *aliases):
+                if name in c:
+                    return c[name]
+            raise E2EDictError(f"loss.sparsity.coeff has no lambda for SAE position {hook!r}")
+        return c
+
+
+class AdapterConfig(StrictModel):
+    """Low-rank adapters on the model's own weights, trained with (or around) the SAEs (`docs/adapters.md`)."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, description="r: the rank of each update B A")
+    alpha: float | None = Field(None, gt=0, description="the update is (alpha / rank) B A; null: alpha = rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on a LoRA's input (huggingface backend only)")
+    lr: float | None = Field(None, gt=0, description="the adapter's learning rate (its own parameter group); null: train.lr")
+    layers: Literal["after", "all"] | list[int] = Field(
+        "after", description="after: every block after the first SAE; all; or a list of block indices"
+    )
+    modules: list[Literal["attn", "mlp"]] = Field(
+        default_factory=lambda: ["attn", "mlp"], min_length=1, description="which weights of each block: attn, mlp, or both"
+    )
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("modules", "layers")
+    @classmethod
+    def _no_repeats(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("must not repeat an entry")
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one")
+        return v
+
+    @model_validator(mode="after")
+    def _alpha(self) -> AdapterConfig:
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        return self
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class TrainConfig(StrictModel):
+    tokens: int = Field(1_000_000, gt=0)
+    batch_size: int = Field(8, gt=0, description="sequences per step per process")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "schedulefree"] = Field(
+        "adam",
+        description="adam (the reference's), adamw, or schedulefree: schedule-free AdamW (schedule: constant, its default)",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's beta1, beta2")
+    weight_decay: float = Field(0.0, ge=0, description="adamw and schedulefree: decoupled weight decay")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_tokens: int = Field(0, ge=0)
+    min_lr_factor: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(10.0, gt=0)
+    log_every: int = Field(10, gt=0, description="steps")
+    eval_every_tokens: int | None = Field(None, gt=0)
+    checkpoint_every_tokens: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the model held in bf16, SAEs computed in bf16 from fp32 master weights; KL and losses fp32"
+    )
+    tf32: bool = Field(True, description="allow TF32 matmuls on CUDA")
+    compile: bool = Field(
+        False, description="torch.compile the step's forward after the shared prefix (one graph with residual-stream positions)"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile's mode under train.compile; reduce-overhead: CUDA graphs on a GPU"
+    )
+    reuse_cpu_memory: bool = Field(
+        True, description="CPU on Linux: keep freed memory in the process (no page faults on SAE-sized tensors each step)"
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torchrun: nccl on GPU, gloo on CPU")
+    dist_timeout_s: int = Field(600, gt=0, description="torchrun: how long a collective may wait for a rank")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must lie in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _optimizer_rules(self) -> TrainConfig:
+        if self.optimizer == "schedulefree" and "schedule" not in self.model_fields_set:
+            self.schedule = "constant"  # the one schedule it takes
+        if self.optimizer == "schedulefree" and self.schedule != "constant":
+            raise ValueError(
+                f"optimizer=schedulefree takes no decay schedule (it averages its iterates instead); "
+                f"set train.schedule: constant, not {self.schedule!r} (warmup_tokens still applies)"
+            )
+        if self.optimizer == "adam" and self.weight_decay > 0:
+            raise ValueError("weight_decay is decoupled weight decay: use optimizer=adamw or schedulefree, not adam")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} applies only under train.compile: true")
+        return self
+
+
+class EvalConfig(StrictModel):
+    tokens: int = Field(65_536, gt=0)
+    alive_tokens: int = Field(500_000, gt=0, description="window for alive and feature density (or all the data there is)")
+    batch_size: int = Field(16, gt=0)
+    during_training_tokens: int = Field(16_384, gt=0, description="eval tokens for the evaluations during training")
+
+
+class WandbConfig(StrictModel):
+    project: str | None = None
+    entity: str | None = None
