@@ -224,3 +224,39 @@ def test_sparsify_hook_points_map_to_the_backbone_hooks(tmp_path, backend):
     assert set(got) == {sae_hook, mlp_in}
     assert got[sae_hook].kind == "sae" and got[sae_hook].hook_name == sae_hook
     assert got[mlp_in].kind == "transcoder" and (got[mlp_in].hook_name, got[mlp_in].hook_name_out) == (mlp_in, mlp_out)
+
+
+def test_load_saes_reads_every_source_init_from_takes(tmp_path, monkeypatch):
+    """`e2edict.load_saes` on a sparsify folder (its module paths as keys; with a model, that
+    model's hooks), a SAELens-layout folder, and a sae_lens release from a cache the test fills:
+    the same weights as each format's own loader gives, in eval mode."""
+    import e2edict
+    from e2edict.saes import load_sparsify
+
+    sparsify = pytest.importorskip("sparsify")
+    torch.manual_seed(0)
+    sparsify.SparseCoder(128, sparsify.SaeConfig(num_latents=256, k=8)).save_to_disk(tmp_path / "sp" / "h.2")
+    got = e2edict.load_saes(tmp_path / "sp")
+    ref = load_sparsify(tmp_path / "sp" / "h.2")
+    assert list(got) == ["h.2"] and not got["h.2"].training
+    torch.testing.assert_close(got["h.2"].W_dec, ref.W_dec, rtol=0, atol=0)
+    tl, hf = e2edict.load_model("tiny"), e2edict.load_model("tiny", backend="huggingface")
+    assert list(e2edict.load_saes(tmp_path / "sp", model=tl)) == ["blocks.2.hook_resid_post"]
+    assert list(e2edict.load_saes(tmp_path / "sp" / "h.2", model=hf)) == ["transformer.h.2"]
+    # a release of sae_lens's registry, resolved by sae_lens itself from the Hugging Face cache
+    repo, sub = "jbloom/GPT2-Small-SAEs-Reformatted", "blocks.1.hook_resid_pre"  # release gpt2-small-res-jb
+    snap = tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / ("0" * 40)
+    source = registry["relu"](128, 256, sub)
+    save_sae(source, snap / sub)
+    (snap.parent.parent / "refs").mkdir(parents=True)
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    rel = e2edict.load_saes(f"sae_lens:gpt2-small-res-jb/{sub}", model=tl)
+    torch.testing.assert_close(rel[sub].W_enc, source.W_enc, rtol=0, atol=0)
+    from e2edict.errors import E2EDictError
+
+    with pytest.raises(E2EDictError, match="SAE source .* does not exist"):
+        e2edict.load_saes(tmp_path / "nowhere")

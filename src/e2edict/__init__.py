@@ -27,12 +27,25 @@ def load_model(name_or_path: str = "tiny", device: str = "cpu", backend: str = "
     return open_backbone(name_or_path, backend, device, **kw).model
 
 
-def load_saes(path: str | Path, device: str = "cpu") -> dict[str, Any]:
-    """``{hook_name: SAE}`` from a run directory (its ``saes/`` folder) or from one SAE folder,
-    in eval mode (inference behaviour: a BatchTopK threshold is used as saved, not moved)."""
-    from e2edict.rundir import load_saes as _load
+def load_saes(source: str | Path, device: str = "cpu", model=None) -> dict[str, Any]:
+    """``{hook_name: SAE}`` from anything ``saes.init_from`` accepts: a run directory (its
+    ``saes/``), an SAE folder in the SAELens layout, a sparsify folder (one hook point, or one
+    folder per hook point), or ``"sae_lens:RELEASE/SAE_ID"`` (through sae_lens's registry). In eval
+    mode (inference behaviour: a BatchTopK threshold is used as saved, not moved).
 
-    return _load(path, device)
+    Keys are the hook names the source gives (a sparsify folder's module paths, ``h.2``). With
+    ``model`` (a `HookedTransformer` or a ``transformers`` causal LM) they are that model's hook
+    names: sparsify's module paths matched to its hooks, the other backend's names mapped where
+    the mapping is unambiguous, and each SAE's width checked against the model."""
+    from e2edict.run import adopt_source
+    from e2edict.saes.pretrained import load_source
+
+    saes, kind = load_source(str(source), what="SAE source")
+    if model is not None:
+        with _as_backbone(model) as backbone:
+            saes = adopt_source(saes, kind, backbone)
+            backbone.check_saes(saes)
+    return {h: sae.to(device).eval() for h, sae in saes.items()}
 
 
 def evaluate(

@@ -26,11 +26,11 @@ from e2edict.saes.sparsify_format import is_sparsify_folder, load_sparsify
 SAE_LENS_PREFIX = "sae_lens:"
 
 
-def load_source(spec: str) -> tuple[dict[str, SAE], str]:
+def load_source(spec: str, what: str = "saes.init_from") -> tuple[dict[str, SAE], str]:
     """``({hook: SAE}, kind)`` for the source ``spec``; ``kind`` is ``sae_lens``, ``sparsify`` or
-    ``saelens_layout`` (which `e2edict.run` uses to map hook names)."""
+    ``saelens_layout`` (which `e2edict.run` uses to map hook names). ``what`` names the source in errors."""
     if spec.startswith(SAE_LENS_PREFIX):
-        return load_sae_lens_release(spec[len(SAE_LENS_PREFIX) :]), "sae_lens"
+        return load_sae_lens_release(spec[len(SAE_LENS_PREFIX) :], what), "sae_lens"
     path = Path(spec).expanduser()
     if is_sparsify_folder(path):
         return {path.name: load_sparsify(path, hook_name=path.name)}, "sparsify"
@@ -41,26 +41,26 @@ def load_source(spec: str) -> tuple[dict[str, SAE], str]:
     from e2edict.rundir import load_saes
 
     if not path.exists():
-        raise E2EDictError(f"saes.init_from {spec!r} does not exist (a run directory, an SAE folder, or sae_lens:RELEASE/ID)")
+        raise E2EDictError(f"{what} {spec!r} does not exist (a run directory, an SAE folder, or sae_lens:RELEASE/ID)")
     try:
         return load_saes(path), "saelens_layout"
     except E2EDictError as e:
         raise E2EDictError(
-            f"saes.init_from {spec!r} is neither a run directory, an SAE folder (SAELens layout) nor a sparsify folder ({e})"
+            f"{what} {spec!r} is neither a run directory, an SAE folder (SAELens layout) nor a sparsify folder ({e})"
         ) from None
 
 
-def load_sae_lens_release(name: str) -> dict[str, SAE]:
+def load_sae_lens_release(name: str, what: str = "saes.init_from") -> dict[str, SAE]:
     """``RELEASE/SAE_ID`` through sae_lens's registry and loader, converted by writing it in the
     SAELens layout and reading that back (`e2edict.saes.saelens_format.load_sae`), so e2edict reads exactly
     the file SAELens itself would write."""
     release, sep, sae_id = name.partition("/")
     if not sep or not release or not sae_id:
-        raise E2EDictError(f"saes.init_from 'sae_lens:{name}' must be sae_lens:RELEASE/SAE_ID")
+        raise E2EDictError(f"{what} 'sae_lens:{name}' must be sae_lens:RELEASE/SAE_ID")
     try:
         from sae_lens import SAE as SAELensSAE
     except ImportError:
-        raise E2EDictError("saes.init_from sae_lens:... needs SAELens: pip install sae-lens") from None
+        raise E2EDictError(f"{what} sae_lens:... needs SAELens: pip install sae-lens") from None
     try:
         loaded = SAELensSAE.from_pretrained(release, sae_id, device="cpu")
     except Exception as e:  # unknown release or id (ValueError), not cached offline (OSError, hub errors)
