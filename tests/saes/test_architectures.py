@@ -10,7 +10,7 @@ import e2edict
 from e2edict.cli import main as cli_main
 from e2edict.saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE, base, load_sae, registry, save_sae
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_topk_keeps_exactly_k_and_sparse_decode_matches_dense():

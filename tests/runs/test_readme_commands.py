@@ -39,7 +39,7 @@ def _small_configs(dst: Path) -> None:
 
 @pytest.mark.slow
 def test_every_use_command_of_the_readme_runs(tmp_path):
-    from test_import_e2e import reference_checkpoint
+    from support import reference_checkpoint
 
     _small_configs(tmp_path)
     shutil.copytree(ROOT / "scripts", tmp_path / "scripts")

@@ -2,14 +2,10 @@
 protocol and answers from a deterministic policy: an oracle, "None", a 429, a timeout, a
 malformed answer, the cache, a refused connection."""
 
-import json
-import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from support import Server
 
 from e2edict.errors import E2EDictError
 from e2edict.interpret.autointerp import AutointerpConfig, Cache, run_autointerp
@@ -27,65 +23,6 @@ def fires(x: torch.Tensor) -> torch.Tensor:
 
 def tokens_of(ids):
     return [f" [{i}]" for i in ids]
-
-
-class Server:
-    """Chat completions: the explanation names the first marked token; scoring answers follow ``policy``."""
-
-    def __init__(self, policy="oracle", fail_first=None, delay_first=0.0):
-        self.policy, self.fail_first, self.delay_first = policy, fail_first, delay_first
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    outer.requests += 1
-                    n = outer.requests
-                if n == 1 and outer.delay_first:
-                    time.sleep(outer.delay_first)
-                if n == 1 and outer.fail_first:
-                    self.send_response(outer.fail_first)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "slow down", "type": "rate_limit"}}')
-                    return
-                text = outer.answer(body["messages"])
-                out = {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }  # fmt: skip
-                data = json.dumps(out).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def answer(self, messages):
-        user = messages[-1]["content"]
-        if user.startswith("The activating documents"):
-            return f"This neuron activates on {re.search(r'<<(.*?)>>', user).group(1).strip()}."
-        explanation = re.search(r"fires on (.*?)\.\n", user).group(1)
-        if self.policy == "none":
-            return "None"
-        if self.policy == "malformed" and explanation == "[3]":
-            return "I think maybe three"
-        lines = re.findall(r"^(\d+)\. (.*)$", user, flags=re.M)
-        return ", ".join(n for n, text in lines if explanation in text) or "None"
-
-    def close(self):
-        self.httpd.shutdown()
 
 
 @pytest.fixture

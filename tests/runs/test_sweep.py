@@ -9,7 +9,7 @@ from e2edict.cli import main as cli_main
 from e2edict.errors import E2EDictError
 from e2edict.sweep import SweepConfig, expand
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_expand_grid_and_runs():

@@ -1,25 +1,16 @@
 """The `e2edict` command end to end: train, eval, load_saes round trip, and bad input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import run_cli
 
 import e2edict
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "e2edict", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=900
-    )
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -203,7 +203,7 @@ def test_interp_joins_compare_and_the_report(runs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_autointerp_through_the_cli_caches_in_the_run_and_never_writes_the_key(runs, capsys):
-    from test_autointerp import Server
+    from support import Server
 
     target = runs["matryoshka"]
     srv = Server("oracle")

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import ROOT, run_cli
+from conftest import ROOT
+from support import run_cli
 
 from e2edict.backbones import HFBackbone, TLBackbone, load_hf_causal_lm
 from e2edict.errors import E2EDictError

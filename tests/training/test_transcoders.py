@@ -260,7 +260,7 @@ def test_topk_transcoder_round_trip_in_e2edict(tmp_path):
 def cfg_with(positions, kind="transcoder", **saes):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     over = [f"saes.positions={json.dumps(positions)}", f"saes.kind={kind}", "train.tokens=4096", "eval.tokens=2048"]
     over += [f"saes.{k}={v}" for k, v in saes.items()]
     return load_config(root / "configs/tiny/e2e.yaml", over)
@@ -312,7 +312,7 @@ def test_transcoder_runs_through_cli_eval_compare_report_and_init_from(tmp_path)
     ]
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     base[0] = str(root / base[0])
     assert cli_main(["train", *base, "loss.preset=local", "--out", str(tmp_path / "local")]) == 0
     ev = json.loads((tmp_path / "local/eval.json").read_text())

@@ -49,7 +49,7 @@ class ShiftedReLUSAE(ReLUSAE):
         return cls(cfg["d_in"], cfg["d_sae"], shift=cfg["metadata"]["e2edict_shift"])
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(small_gpt2_dir, out, *extra):

@@ -4,33 +4,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-import yaml
+from support import reference_checkpoint
 
 import e2edict
 from e2edict.cli import main as cli_main
-
-
-def reference_checkpoint(tmp_path, prefix="saes."):
-    torch.manual_seed(0)
-    d, n = 16, 64
-    state = {
-        f"{prefix}blocks-1-hook_resid_pre.encoder.0.weight": torch.randn(n, d),
-        f"{prefix}blocks-1-hook_resid_pre.encoder.0.bias": torch.randn(n) * 0.1,
-        f"{prefix}blocks-1-hook_resid_pre.decoder.weight": torch.randn(d, n) * 3,  # columns not unit-norm
-        f"{prefix}blocks-1-hook_resid_pre.decoder.bias": torch.randn(d),
-    }
-    torch.save(state, tmp_path / "samples_400000.pt")
-    (tmp_path / "final_config.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "tlens_model_name": "gpt2",
-                "saes": {"dict_size_to_input_ratio": 4.0, "sae_positions": ["blocks.1.hook_resid_pre"]},
-                "loss": {"sparsity": {"coeff": 3.0, "p_norm": 1.0}, "logits_kl": {"coeff": 1.0}},
-                "train_data": {"n_ctx": 1024},
-            }
-        )
-    )
-    return state
 
 
 def test_import_reproduces_the_reference_reconstruction(tmp_path, capsys):

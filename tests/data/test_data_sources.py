@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import ROOT, run_cli
+from conftest import ROOT
+from support import run_cli
 
 from e2edict.backbones import TLBackbone
 from e2edict.config import config_from_dict

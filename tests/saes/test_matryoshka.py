@@ -17,7 +17,7 @@ from e2edict.saes import load_sae, registry, save_sae
 from e2edict.saes.matryoshka import resolve_prefixes
 from e2edict.splice import LossWeights, training_forward
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_prefix_sizes_from_fractions_and_counts():
