@@ -10,7 +10,6 @@ none; ``state.json`` is written last and holds the checksums of the tensor files
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from e2edict.atomic import fsync, sha256
+from e2edict.atomic import sha256, write_folder_atomic
 from e2edict.errors import E2EDictError
 from e2edict.rundir import CHECKPOINTS
 
@@ -38,10 +37,14 @@ def save_checkpoint(
     root = run_dir / CKPT_DIR
     root.mkdir(exist_ok=True)
     final = root / f"step_{step:09d}"
-    tmp = root / f".tmp_step_{step:09d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    write_folder_atomic(final, lambda tmp: _write_checkpoint(tmp, step, saes, opt, sched, state))
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, saes, opt, sched, state: dict[str, Any]) -> None:
+    """The checkpoint's three files into the (temporary) folder ``tmp``."""
     # state_dict: parameters and buffers (e.g. BatchTopK's running threshold)
     sae_tensors = {f"{h}::{n}": t.detach().cpu().contiguous() for h, s in saes.items() for n, t in s.state_dict().items()}
     save_file(sae_tensors, str(tmp / "saes.safetensors"))
@@ -66,15 +69,6 @@ def save_checkpoint(
         "files": {f: sha256(tmp / f) for f in ("saes.safetensors", "optimizer.safetensors")},
     }
     (tmp / "state.json").write_text(json.dumps(doc, indent=1))
-    for f in tmp.iterdir():
-        fsync(f)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

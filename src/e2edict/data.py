@@ -91,7 +91,7 @@ class SequenceStream:
         for seq in it:
             yield _check_vocab(seq, self.backbone, self.what)
 
-    def head(self, n: int) -> torch.Tensor:
+    def first_rows(self, n: int) -> torch.Tensor:
         rows = list(itertools.islice(self.iterate(), n))
         if not rows:
             raise E2EDictError(f"{self.what}: the source gave no complete sequence")
@@ -145,10 +145,10 @@ def open_sequences(spec, backbone, n_ctx: int, packing: str, what: str, limit_to
     return TensorSequences(pack_stream(_check_vocab(stream, backbone, what), n_ctx, backbone.bos_token_id))
 
 
-def head(source, n: int) -> torch.Tensor:
+def first_rows(source, n: int) -> torch.Tensor:
     """The first ``n`` sequences of a source (fewer if it has fewer)."""
     if isinstance(source, SequenceStream):
-        return source.head(n)
+        return source.first_rows(n)
     return source.take(np.arange(min(n, len(source))))
 
 
@@ -165,7 +165,7 @@ def build_data(cfg, backbone):
     if d.eval == "holdout":
         h = -(-d.holdout_tokens // n_ctx)
         if isinstance(train, SequenceStream):
-            eval_seqs = train.head(h)
+            eval_seqs = train.first_rows(h)
             if len(eval_seqs) < h:
                 raise E2EDictError(f"data.train has {len(eval_seqs)} sequences, not more than data.holdout_tokens needs ({h})")
             train = SequenceStream(train.factory, backbone, "data.train", skip=h)
@@ -181,13 +181,13 @@ def build_data(cfg, backbone):
 def eval_sequences(spec, cfg, backbone, tokens: int) -> torch.Tensor:
     """The first ``tokens`` worth of sequences of an eval source (all of it if it is smaller).
 
-    ``spec`` ``holdout`` is the run's held-out head of ``data.train`` (never more than it)."""
+    ``spec`` ``holdout`` is the run's held-out first rows of ``data.train`` (never more than it)."""
     d = cfg.data
     if spec == "holdout":
         h = -(-d.holdout_tokens // d.n_ctx)
-        return head(open_sequences(d.train, backbone, d.n_ctx, d.packing, "data.train", limit_tokens=h * d.n_ctx), h)
+        return first_rows(open_sequences(d.train, backbone, d.n_ctx, d.packing, "data.train", limit_tokens=h * d.n_ctx), h)
     n = -(-tokens // d.n_ctx)
-    return head(open_sequences(spec, backbone, d.n_ctx, d.packing, "data.eval", limit_tokens=n * d.n_ctx), n)
+    return first_rows(open_sequences(spec, backbone, d.n_ctx, d.packing, "data.eval", limit_tokens=n * d.n_ctx), n)
 
 
 class ShuffledBatches:

@@ -47,14 +47,15 @@ class _Pooled:
 
 class Accumulators:
     """One accumulator per metric family: the output (CE, KL), each SAE (reconstruction, L0, norm
-    ratio, CE-loss score), the downstream hooks, latents' firing, nested dictionaries."""
+    ratio, CE-loss score), the residual hooks after the first SAE (``later``; each SAE's
+    ``downstream_explained_variance`` reads those after it), latents' firing, nested dictionaries."""
 
-    def __init__(self, backbone: Backbone, saes: dict[str, SAE], downstream: list[str], n_ctx: int, device, ce_score: bool):
-        self.backbone, self.saes, self.downstream = backbone, saes, downstream
+    def __init__(self, backbone: Backbone, saes: dict[str, SAE], later: list[str], n_ctx: int, device, ce_score: bool):
+        self.backbone, self.saes, self.later = backbone, saes, later
         self.output = OutputStats()
         self.per_sae = {h: _SAEStats(n_ctx) for h in saes}
         self.ce = _CEScore(backbone, saes) if ce_score else None
-        self.down = {h: _Pooled() for h in downstream}
+        self.down = {h: _Pooled() for h in later}
         self.firing = _Firing(saes, device)
         self.nested = {h: _NestedStats(s) for h, s in saes.items() if s.nested()}
 
@@ -64,7 +65,7 @@ class Accumulators:
             self.per_sae[h].add(out.targets[h][:keep], out.recons[h][:keep], out.codes[h][:keep])
         if self.ce is not None:
             self.ce.add(x, out.logits_spliced[:keep])
-        for h in self.downstream:
+        for h in self.later:
             self.down[h].add(out.clean_acts[h][:keep], out.spliced_acts[h][:keep])
         for h, ns in self.nested.items():
             ns.add(self.backbone, self.saes, h, x, out.codes[h][:keep], out.targets[h][:keep])
@@ -82,7 +83,7 @@ class Accumulators:
                 **self.per_sae[h].result(o.n_tok),
                 **(self.ce.result(h, sae, o.n_pred, clean) if self.ce is not None else _CEScore.empty(sae)),
                 "downstream_explained_variance": {
-                    k: self.down[k].explained_variance() for k in self.downstream if order(k) > order(h)
+                    k: self.down[k].explained_variance() for k in self.later if order(k) > order(h)
                 },
             }
             if h in self.nested:

@@ -48,9 +48,11 @@ def evaluate_saes(
     n_eval = min(len(sequences), len(sequences) if tokens is None else max(1, -(-tokens // n_ctx)))
     n_alive = min(len(sequences), n_eval if alive_tokens is None else max(1, -(-alive_tokens // n_ctx)))
     first = min(saes, key=backbone.block_order)
-    downstream = [h for h in backbone.resid_hooks_after(first) if h not in saes]
+    # every residual hook after the first SAE; each SAE's figures read those after it
+    # (training's downstream loss reads those after the last: `e2edict.run.setup_run`)
+    later = [h for h in backbone.resid_hooks_after(first) if h not in saes]
     device = next(next(iter(saes.values())).parameters()).device
-    acc = Accumulators(backbone, saes, downstream, n_ctx, device, ce_score)
+    acc = Accumulators(backbone, saes, later, n_ctx, device, ce_score)
     n_total = max(n_eval, n_alive)
     bar = tqdm(total=n_total * n_ctx, unit="tok", desc="evaluating", disable=True if not progress else None, leave=False)
     inference = backbone.adapter.evaluating() if backbone.adapter is not None else contextlib.nullcontext()
@@ -62,7 +64,7 @@ def evaluate_saes(
             if keep == 0:  # the alive pass alone: codes only
                 acc.firing.add(codes_only(backbone, saes, x[:alive]))
             else:
-                out = evaluation_forward(backbone, saes, x, downstream)
+                out = evaluation_forward(backbone, saes, x, later)
                 acc.firing.add({h: c[:alive] for h, c in out.codes.items()})
                 acc.add(out, x[:keep], keep)
             bar.update((stop - start) * n_ctx)

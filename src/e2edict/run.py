@@ -10,7 +10,7 @@ import torch
 
 from e2edict.backbones import Backbone
 from e2edict.config import Config
-from e2edict.data import SequenceStream, build_data, eval_sequences, head, open_sequences
+from e2edict.data import SequenceStream, build_data, eval_sequences, first_rows, open_sequences
 from e2edict.errors import E2EDictError
 from e2edict.presets import PRESETS
 from e2edict.rundir import RunDir
@@ -270,5 +270,5 @@ def load_foreign_saes(spec: str, model: str, backend: str, data: str | None, tok
     backbone.check_saes(saes)
     n_ctx = min(n_ctx, backbone.n_ctx)
     n = -(-tokens // n_ctx)
-    seqs = head(open_sequences(data or "tiny-val", backbone, n_ctx, "bos", "--data", limit_tokens=n * n_ctx), n)
+    seqs = first_rows(open_sequences(data or "tiny-val", backbone, n_ctx, "bos", "--data", limit_tokens=n * n_ctx), n)
     return backbone, saes, seqs

@@ -11,10 +11,7 @@ complete, so a folder with a manifest is never half-written.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from e2edict.atomic import sha256
+from e2edict.atomic import sha256, write_folder_atomic
 from e2edict.errors import E2EDictError
 from e2edict.sources import MANIFEST
 
@@ -41,26 +38,23 @@ def write_shards(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write packed sequences as shards + manifest into ``out``; return the manifest. Everything is
-    written to a temporary folder beside ``out`` and renamed: a failure leaves nothing behind."""
+    written to a temporary folder beside ``out`` and renamed (`e2edict.atomic.write_folder_atomic`):
+    a failure leaves nothing behind."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise E2EDictError(f"output folder {str(out)!r} exists and is not empty (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    done: list[dict[str, Any]] = []
+
+    def fill(tmp: Path) -> None:
         writer = _ShardWriter(tmp, n_ctx, vocab_size, shard_rows)
         for seq in sequences:
             writer.add(seq)
-        manifest = writer.finish(info)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        done.append(writer.finish(info))
+        (tmp / MANIFEST).write_text(json.dumps(done[0], indent=2) + "\n")
+
+    write_folder_atomic(out, fill)
+    return done[0]
 
 
 class _ShardWriter:

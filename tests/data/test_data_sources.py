@@ -101,14 +101,14 @@ def test_hf_dataset_on_disk_folder_and_streaming_agree(bb, docs, tmp_path):
     cfg = cfg_for(spec)
     stream = open_sequences(cfg.data.train, bb, N_CTX, "auto", "t")
     assert isinstance(stream, SequenceStream)
-    torch.testing.assert_close(stream.head(len(ref) + 5), ref)
+    torch.testing.assert_close(stream.first_rows(len(ref) + 5), ref)
     # A folder of data files goes through `datasets.load_dataset` (the route of hub names), streaming or not.
     (tmp_path / "files").mkdir()
     ds.to_parquet(str(tmp_path / "files" / "train-00000.parquet"))
     got = all_rows(open_sequences(str(tmp_path / "files"), bb, N_CTX, "auto", "t"))
     torch.testing.assert_close(got, ref)
     spec = cfg_for({"path": str(tmp_path / "files"), "streaming": True}).data.train
-    torch.testing.assert_close(open_sequences(spec, bb, N_CTX, "auto", "t").head(10_000), ref)
+    torch.testing.assert_close(open_sequences(spec, bb, N_CTX, "auto", "t").first_rows(10_000), ref)
     # DatasetDict with splits, and a pretokenized input_ids column (rows packing).
     dd = datasets.DatasetDict({"train": ds, "validation": datasets.Dataset.from_dict({"input_ids": [list(range(1, 40))] * 3})})
     dd.save_to_disk(str(tmp_path / "dd"))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
+from e2edict.atomic import write_folder_atomic
 from e2edict.errors import E2EDictError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
@@ -104,13 +104,8 @@ class Adapter(ABC):
     # --- files and checks ---------------------------------------------------------------------
     def save(self, folder: Path, base_model: str) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder`` (whole or
-        not at all: written under a temporary name, then renamed); ``base_model`` names the model."""
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self._write(tmp, base_model)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
+        not at all: `e2edict.atomic.write_folder_atomic`); ``base_model`` names the model."""
+        write_folder_atomic(folder, lambda tmp: self._write(tmp, base_model))
 
     @abstractmethod
     def _write(self, folder: Path, base_model: str) -> None:
