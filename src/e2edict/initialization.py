@@ -19,6 +19,7 @@ import torch
 from e2edict.backbones import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.saes import SAE, registry
+from e2edict.saes.base import Writes
 from e2edict.splice import shared_prefix
 
 
@@ -63,11 +64,13 @@ def build_saes(setup) -> dict[str, SAE]:
     cls = registry[s.architecture]
     saes = {}
     for h, d in setup.d_in.items():
-        sae = cls.from_config(d, setup.d_sae[h], h, s)
+        writes = None
         if h in setup.outputs:
             out = setup.outputs[h]
-            d_out = setup.backbone.hook_shapes()[out][0]
-            sae.make_transcoder(d_out, out, skip=s.kind == "skip_transcoder", orthogonal_init=s.orthogonal_init)
+            writes = Writes(setup.backbone.hook_shapes()[out][0], out, skip=s.kind == "skip_transcoder")
+        # `writes` only for transcoders: an architecture that cannot be one need not take it
+        extra = {} if writes is None else {"writes": writes}
+        sae = cls.from_config(d, setup.d_sae[h], h, s, **extra)
         sae.configure_training(s)
         saes[h] = sae.to(setup.cfg.model.device)
     return saes

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from e2edict.saes import registry
+from e2edict.saes import Writes, registry
 from e2edict.splice import LossWeights, hooked_positions, training_forward
 
 PRESETS = {"e2e": dict(kl=1.0), "e2e+ds": dict(kl=0.5, downstream=2.5), "local": dict(local=1.0)}
@@ -36,7 +36,7 @@ def make_saes(bb, kind: str, position: str) -> dict:
     if kind == "sae":
         return {position: registry["relu"](32, 128, position)}
     src, dst = bb.mlp_pairs()[position]
-    return {src: registry["relu"](32, 128, src).make_transcoder(32, dst)}
+    return {src: registry["relu"](32, 128, src, writes=Writes(32, dst))}
 
 
 def loss_weights(bb, saes: dict, preset: str) -> LossWeights:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from e2edict.config import load_config
 from e2edict.errors import E2EDictError
 from e2edict.losses import kl_loss
-from e2edict.saes import load_sae, registry, save_sae
+from e2edict.saes import Writes, load_sae, registry, save_sae
 from e2edict.splice import LossWeights, evaluation_forward, training_forward
 
 W = {"e2e": dict(kl=1.0), "e2e+ds": dict(kl=0.5, downstream=2.5), "local": dict(local=1.0)}
@@ -63,8 +63,7 @@ def tl_mlp_transcoder(bb, layer: int):
     W_in = blk.ln2.w[:, None] * blk.mlp.W_in  # reads ln2.hook_normalized, before the LN's affine
     b_in = blk.ln2.b @ blk.mlp.W_in + blk.mlp.b_in
     r = blk.mlp.W_out.norm(dim=1)
-    tc = registry["relu"](16, 24, f"blocks.{layer}.ln2.hook_normalized")
-    tc.make_transcoder(16, f"blocks.{layer}.hook_mlp_out")
+    tc = registry["relu"](16, 24, f"blocks.{layer}.ln2.hook_normalized", writes=Writes(16, f"blocks.{layer}.hook_mlp_out"))
     with torch.no_grad():
         tc.W_enc.copy_(W_in * r)
         tc.b_enc.copy_(b_in * r)
@@ -91,8 +90,8 @@ def test_linear_mlp_reproduced_by_transcoder_and_by_skip_transcoder(linear_hf):
     mlp = linear_hf.model.transformer.h[1].mlp
     A, a, Wo, bo = mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias
     h = "transformer.h.1.mlp:input"
-    plain = registry["relu"](16, 48, h).make_transcoder(16, "transformer.h.1.mlp")
-    skip = registry["relu"](16, 8, h).make_transcoder(16, "transformer.h.1.mlp", skip=True)
+    plain = registry["relu"](16, 48, h, writes=Writes(16, "transformer.h.1.mlp"))
+    skip = registry["relu"](16, 8, h, writes=Writes(16, "transformer.h.1.mlp", skip=True))
     with torch.no_grad():
         # decoder rows of unit norm (the normalisation leaves them be); the codes carry the row norms
         n = Wo.norm(dim=1)
@@ -111,7 +110,7 @@ def test_linear_mlp_reproduced_by_transcoder_and_by_skip_transcoder(linear_hf):
 def test_local_loss_equals_hand_computation(relu_tl):
     torch.manual_seed(3)
     h, out_hook = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
-    tc = registry["relu"](16, 40, h).make_transcoder(16, out_hook)
+    tc = registry["relu"](16, 40, h, writes=Writes(16, out_hook))
     tokens = torch.randint(0, 50, (2, 12))
     got = training_forward(relu_tl, {h: tc}, tokens, LossWeights(sparsity={h: 0.7}, local=1.0))
     _, cache = relu_tl.model.run_with_cache(tokens)
@@ -191,7 +190,7 @@ def test_shared_prefix_matches_naive_two_pass(relu_tl, linear_hf, backend, layer
         tcs = {}
         for i in layers:
             src, dst = bb.mlp_pairs()[f"blocks.{i}.mlp" if backend == "transformer_lens" else f"transformer.h.{i}.mlp"]
-            tcs[src] = registry["relu"](16, 40, src).make_transcoder(16, dst).double()
+            tcs[src] = registry["relu"](16, 40, src, writes=Writes(16, dst)).double()
         ds = (
             bb.resid_hooks_after(max((tc.hook_name_out for tc in tcs.values()), key=bb.block_order)) if preset == "e2e+ds" else []
         )
@@ -219,8 +218,8 @@ def test_shared_prefix_matches_naive_two_pass(relu_tl, linear_hf, backend, layer
 def test_saelens_loads_transcoders_and_computes_the_same(tmp_path, arch, skip):
     sae_lens = pytest.importorskip("sae_lens")
     torch.manual_seed(0)
-    tc = registry[arch](16, 64, "blocks.1.ln2.hook_normalized", **({"k": 4} if arch == "batchtopk" else {}))
-    tc.make_transcoder(24, "blocks.1.hook_mlp_out", skip=skip)
+    writes = Writes(24, "blocks.1.hook_mlp_out", skip=skip)
+    tc = registry[arch](16, 64, "blocks.1.ln2.hook_normalized", writes=writes, **({"k": 4} if arch == "batchtopk" else {}))
     x = torch.randn(30, 16)
     with torch.no_grad():
         if skip:
@@ -248,7 +247,7 @@ def test_saelens_loads_transcoders_and_computes_the_same(tmp_path, arch, skip):
 
 def test_topk_transcoder_round_trip_in_e2edict(tmp_path):
     torch.manual_seed(0)
-    tc = registry["topk"](16, 64, "a", k=4).make_transcoder(24, "b", skip=True)
+    tc = registry["topk"](16, 64, "a", k=4, writes=Writes(24, "b", skip=True))
     with torch.no_grad():
         tc.W_skip.normal_()
     save_sae(tc, tmp_path / "t")
@@ -289,7 +288,7 @@ def test_loaded_transcoder_whose_width_does_not_fit_is_refused(tmp_path):
     from e2edict.run import open_backbone
 
     bb = open_backbone("tiny")
-    tc = registry["relu"](128, 256, "blocks.1.ln2.hook_normalized").make_transcoder(64, "blocks.1.hook_mlp_out")
+    tc = registry["relu"](128, 256, "blocks.1.ln2.hook_normalized", writes=Writes(64, "blocks.1.hook_mlp_out"))
     with pytest.raises(E2EDictError, match="writes d_out=64 but 'blocks.1.hook_mlp_out' has width 128"):
         bb.check_saes({"blocks.1.ln2.hook_normalized": tc})
 
@@ -342,7 +341,7 @@ def test_every_activation_trains_as_transcoder_with_every_loss(relu_tl, arch, pr
     and the transcoder's output (not its input) judged by the local term."""
     torch.manual_seed(6)
     src, dst = relu_tl.mlp_pairs()["blocks.1.mlp"]
-    tc = registry[arch](16, 48, src, **({"k": 4} if "topk" in arch else {})).make_transcoder(16, dst, skip=skip)
+    tc = registry[arch](16, 48, src, writes=Writes(16, dst, skip=skip), **({"k": 4} if "topk" in arch else {}))
     ds = relu_tl.resid_hooks_after(dst) if preset == "e2e+ds" else []
     w = LossWeights(sparsity={src: 0.1}, downstream_positions=ds, **W[preset])
     out = training_forward(relu_tl, {src: tc}, torch.randint(0, 50, (2, 10)), w)

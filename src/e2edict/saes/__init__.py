@@ -1,6 +1,6 @@
 """Sparse autoencoders: one class per architecture, registered by name, one on-disk format."""
 
-from e2edict.saes.base import SAE, registry
+from e2edict.saes.base import SAE, Writes, registry
 from e2edict.saes.gated import GatedSAE
 from e2edict.saes.jumprelu import JumpReLUSAE
 from e2edict.saes.matryoshka import MatryoshkaBatchTopKSAE
@@ -17,6 +17,7 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "ReLUSAE",
     "TopKSAE",
+    "Writes",
     "load_sae",
     "load_sparsify",
     "registry",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -57,6 +58,21 @@ def sparse_path_allowed(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and is_full(x.dtype)
 
 
+@dataclass(frozen=True)
+class Writes:
+    """What a transcoder writes instead of reconstructing its input, given when it is built: a
+    ``d_out``-wide prediction of the activation at ``hook_name_out``; with ``skip``, plus a linear
+    path ``x W_skip^T`` (``W_skip [d_out, d_in]``, zero at the start)."""
+
+    d_out: int
+    hook_name_out: str
+    skip: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "skip_transcoder" if self.skip else "transcoder"
+
+
 class SAE(nn.Module, ABC):
     """An SAE at one hook point: ``forward(a) -> (a_hat, c)``."""
 
@@ -71,14 +87,20 @@ class SAE(nn.Module, ABC):
         if "architecture" in cls.__dict__:
             registry[cls.architecture] = cls
 
-    def __init__(self, d_in: int, d_sae: int, hook_name: str = ""):
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", writes: Writes | None = None):
         super().__init__()
         if d_in <= 0 or d_sae <= 0:
             raise E2EDictError(f"SAE sizes must be positive, got d_in={d_in}, d_sae={d_sae}")
         self.d_in, self.d_sae, self.hook_name = d_in, d_sae, hook_name
-        # A transcoder (`make_transcoder`) writes another activation than it reads: d_out wide, at hook_name_out.
+        # A transcoder (``writes``) writes another activation than it reads: d_out wide, at hook_name_out.
         self.d_out, self.hook_name_out, self.kind = d_in, None, "sae"
         self.register_parameter("W_skip", None)
+        if writes is not None:
+            if isinstance(writes.d_out, bool) or not isinstance(writes.d_out, int) or writes.d_out <= 0:
+                raise E2EDictError(f"a transcoder's d_out must be a positive integer, got {writes.d_out!r}")
+            self.d_out, self.hook_name_out, self.kind = writes.d_out, writes.hook_name_out, writes.kind
+            if writes.skip:
+                self.W_skip = nn.Parameter(torch.zeros(writes.d_out, d_in))
         # A fixed length per dictionary row (None: unit rows, the paper's dictionary). Set where a
         # loaded file's rows have other norms that cannot be folded into the encoder (TopK: the
         # selection would change), so the SAE computes exactly the latents its source does.
@@ -166,23 +188,8 @@ class SAE(nn.Module, ABC):
         c = self.encode(x)
         return self.decode(c), c
 
-    def make_transcoder(self, d_out: int, hook_name_out: str, skip: bool = False, orthogonal_init: bool = True) -> SAE:
-        """Turn this (fresh) SAE into a transcoder: it reads ``d_in`` at its hook and writes a
-        ``d_out``-wide prediction of the activation at ``hook_name_out``; with ``skip``, plus a
-        linear path ``x W_skip^T`` (``W_skip [d_out, d_in]``, zero at the start). The decoder
-        is drawn anew at the new width."""
-        if getattr(self, "apply_b_dec_to_input", False):
-            raise E2EDictError("a transcoder cannot subtract b_dec from its input (b_dec lives in the output space)")
-        self.d_out, self.hook_name_out = d_out, hook_name_out
-        self.kind = "skip_transcoder" if skip else "transcoder"
-        device = self.W_dec.device
-        self._init_decoder(orthogonal_init)
-        if skip:
-            self.W_skip = nn.Parameter(torch.zeros(d_out, self.d_in))
-        return self.to(device)
-
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> SAE:
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes: Writes | None = None) -> SAE:
         """Build from the ``saes`` block of a run config (`e2edict.config.SAEsConfig`)."""
         return cls(d_in, d_sae, hook_name)
 

@@ -37,7 +37,7 @@ class GatedSAE(SAE):
         self._init_decoder(orthogonal_init)
 
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> GatedSAE:
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes=None) -> GatedSAE:
         return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
 
     def _pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, affine, check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, Writes, affine, check_tensor
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
@@ -77,17 +77,19 @@ class JumpReLUSAE(ReLUSAE):
         apply_b_dec_to_input: bool = False,
         bandwidth: float = 0.001,
         init_threshold: float = 0.001,
+        writes: Writes | None = None,
     ):
-        super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input)
+        super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input, writes)
         self.bandwidth = bandwidth
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
 
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> JumpReLUSAE:
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes: Writes | None = None) -> JumpReLUSAE:
         return cls(
             d_in,
             d_sae,
             hook_name,
+            writes=writes,
             orthogonal_init=cfg.orthogonal_init,
             bandwidth=cfg.bandwidth,
             init_threshold=cfg.init_threshold,

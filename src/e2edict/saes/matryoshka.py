@@ -75,8 +75,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         self.register_buffer("prefix_sizes", torch.tensor(self.prefixes, device=self.b_dec.device), persistent=False)
 
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> MatryoshkaBatchTopKSAE:
-        sae = super().from_config(d_in, d_sae, hook_name, cfg)  # BatchTopK's settings
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes=None) -> MatryoshkaBatchTopKSAE:
+        sae = super().from_config(d_in, d_sae, hook_name, cfg, writes)  # BatchTopK's settings
         sae.set_prefixes(cfg.matryoshka_prefixes)
         return sae
 
@@ -167,7 +167,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return {**super().saelens_metadata(), "e2edict_matryoshka_prefixes": self.prefixes}
 
     @classmethod
-    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> MatryoshkaBatchTopKSAE:
+    def _empty_from_saelens(cls, cfg: dict[str, Any], writes=None) -> MatryoshkaBatchTopKSAE:
         base = super()._empty_from_saelens(cfg)
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         prefixes = meta.get("e2edict_matryoshka_prefixes")

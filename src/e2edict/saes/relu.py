@@ -8,15 +8,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from e2edict.errors import E2EDictError
 from e2edict.saes.base import (
     SAE,
     SPARSE_DECODE_FRACTION,
+    Writes,
     affine,
     check_tensor,
     decoder_rows,
     sparse_path_allowed,
 )
-from e2edict.saes.saelens_format import transcoder_from_saelens
+from e2edict.saes.saelens_format import load_skip, writes_from_saelens
 from e2edict.saes.sparse import Pairs, SparseEncode
 
 
@@ -36,9 +38,17 @@ class ReLUSAE(SAE):
     folds_decoder_norms: ClassVar[bool] = True
 
     def __init__(
-        self, d_in: int, d_sae: int, hook_name: str = "", orthogonal_init: bool = True, apply_b_dec_to_input: bool = False
+        self,
+        d_in: int,
+        d_sae: int,
+        hook_name: str = "",
+        orthogonal_init: bool = True,
+        apply_b_dec_to_input: bool = False,
+        writes: Writes | None = None,
     ):
-        super().__init__(d_in, d_sae, hook_name)
+        super().__init__(d_in, d_sae, hook_name, writes)
+        if apply_b_dec_to_input and writes is not None:
+            raise E2EDictError("a transcoder cannot subtract b_dec from its input (b_dec lives in the output space)")
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.sparse_decode: bool | None = None  # None: gather-decode when codes are sparse enough
         # Kaiming-uniform encoder and biases, as torch's nn.Linear initialises them.
@@ -58,8 +68,8 @@ class ReLUSAE(SAE):
         return self.W_enc_T.T
 
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> ReLUSAE:
-        return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init)
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes: Writes | None = None) -> ReLUSAE:
+        return cls(d_in, d_sae, hook_name, orthogonal_init=cfg.orthogonal_init, writes=writes)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(affine(self.centered(x), self.W_enc, self.b_enc))
@@ -125,14 +135,15 @@ class ReLUSAE(SAE):
         return {"apply_b_dec_to_input": self.apply_b_dec_to_input}
 
     @classmethod
-    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> ReLUSAE:
-        return cls(cfg["d_in"], cfg["d_sae"], apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+    def _empty_from_saelens(cls, cfg: dict[str, Any], writes: Writes | None = None) -> ReLUSAE:
+        return cls(cfg["d_in"], cfg["d_sae"], apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)), writes=writes)
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ReLUSAE:
         d_in, d_sae = cfg["d_in"], cfg["d_sae"]
-        sae = cls._empty_from_saelens(cfg)
-        transcoder_from_saelens(sae, tensors, cfg)
+        writes = writes_from_saelens(tensors, cfg)  # a keyword only for transcoders, as `from_config`'s
+        sae = cls._empty_from_saelens(cfg) if writes is None else cls._empty_from_saelens(cfg, writes=writes)
+        load_skip(sae, tensors)
         W_enc = check_tensor(tensors, "W_enc", (d_in, d_sae)).float()
         b_enc = check_tensor(tensors, "b_enc", (d_sae,)).float()
         W_dec = check_tensor(tensors, "W_dec", (d_sae, sae.d_out)).float()

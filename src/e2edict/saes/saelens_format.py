@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from e2edict.atomic import write_atomic
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import SAE, check_tensor, registry
+from e2edict.saes.base import SAE, Writes, check_tensor, registry
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -95,20 +95,24 @@ def _file_d_out(cfg: dict[str, Any]) -> int | None:
     return cfg.get("d_out", cfg["d_in"]) if "transcoder" in str(cfg.get("architecture", "")) else None
 
 
-def transcoder_from_saelens(sae: SAE, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
-    """Make an SAE built from a file a transcoder where its cfg.json names one (``d_out``), with
-    the skip path's weights when the file has them."""
+def writes_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Writes | None:
+    """What a file's SAE writes where its cfg.json names a transcoder (``d_out``, the output hook,
+    a skip path when the file has its weights or names one); None for an SAE."""
     d_out = _file_d_out(cfg)
     if d_out is None:
-        return
+        return None
     if isinstance(d_out, bool) or not isinstance(d_out, int) or d_out <= 0:
         raise E2EDictError(f"a transcoder's d_out must be a positive integer, got {d_out!r}")
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     out_hook = cfg.get("hook_name_out") or meta.get("hook_name_out") or ""
-    sae.make_transcoder(d_out, out_hook, skip="W_skip" in tensors or "skip" in str(cfg["architecture"]))
+    return Writes(d_out, out_hook, skip="W_skip" in tensors or "skip" in str(cfg["architecture"]))
+
+
+def load_skip(sae: SAE, tensors: dict[str, torch.Tensor]) -> None:
+    """A skip transcoder's ``W_skip`` from the file's tensors."""
     if sae.W_skip is not None:
         with torch.no_grad():
-            sae.W_skip.copy_(check_tensor(tensors, "W_skip", (d_out, sae.d_in)).float())
+            sae.W_skip.copy_(check_tensor(tensors, "W_skip", (sae.d_out, sae.d_in)).float())
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import TOPK_GATHER_FRACTION, affine, check_tensor, sparse_path_allowed
+from e2edict.saes.base import TOPK_GATHER_FRACTION, Writes, affine, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs, TopKEncode
 
@@ -37,8 +37,9 @@ class TopKSAE(ReLUSAE):
         auxk_coeff: float = 0.0,
         auxk_k: int | None = None,
         dead_tokens: int = 1_000_000,
+        writes: Writes | None = None,
     ):
-        super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input)
+        super().__init__(d_in, d_sae, hook_name, orthogonal_init, apply_b_dec_to_input, writes)
         if not 1 <= k <= d_sae:
             raise E2EDictError(f"k must lie in [1, d_sae={d_sae}], got {k}")
         self.k = k
@@ -48,11 +49,12 @@ class TopKSAE(ReLUSAE):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> TopKSAE:
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes: Writes | None = None) -> TopKSAE:
         return cls(
             d_in,
             d_sae,
             hook_name,
+            writes=writes,
             k=cfg.k,
             orthogonal_init=cfg.orthogonal_init,
             auxk_coeff=cfg.auxk_coeff,
@@ -147,13 +149,14 @@ class TopKSAE(ReLUSAE):
         return {**super().saelens_cfg(), "k": self.k, "rescale_acts_by_decoder_norm": False}
 
     @classmethod
-    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> TopKSAE:
+    def _empty_from_saelens(cls, cfg: dict[str, Any], writes: Writes | None = None) -> TopKSAE:
         k = cfg.get("k")
         if not isinstance(k, int) or isinstance(k, bool):
             raise E2EDictError(f"a topk SAE's cfg.json needs an integer k, got {k!r}")
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise E2EDictError("topk SAEs with rescale_acts_by_decoder_norm are not supported")
-        return cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+        b_dec_in = bool(cfg.get("apply_b_dec_to_input", False))
+        return cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=b_dec_in, writes=writes)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -172,6 +175,7 @@ class BatchTopKSAE(TopKSAE):
         auxk_coeff: float = 0.0,
         auxk_k: int | None = None,
         dead_tokens: int = 1_000_000,
+        writes: Writes | None = None,
     ):
         super().__init__(
             d_in,
@@ -184,17 +188,19 @@ class BatchTopKSAE(TopKSAE):
             auxk_coeff=auxk_coeff,
             auxk_k=auxk_k,
             dead_tokens=dead_tokens,
+            writes=writes,
         )
         self.momentum = momentum
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any) -> BatchTopKSAE:
+    def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes: Writes | None = None) -> BatchTopKSAE:
         return cls(
             d_in,
             d_sae,
             hook_name,
+            writes=writes,
             k=cfg.k,
             orthogonal_init=cfg.orthogonal_init,
             momentum=cfg.threshold_momentum,
@@ -236,12 +242,13 @@ class BatchTopKSAE(TopKSAE):
         return {"e2edict_k": self.k, "e2edict_threshold_momentum": self.momentum}
 
     @classmethod
-    def _empty_from_saelens(cls, cfg: dict[str, Any]) -> BatchTopKSAE:
+    def _empty_from_saelens(cls, cfg: dict[str, Any], writes: Writes | None = None) -> BatchTopKSAE:
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         k = meta.get("e2edict_k")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg["d_sae"]:
             raise E2EDictError(f"a batchtopk SAE's metadata needs an integer e2edict_k in [1, d_sae], got {k!r}")
-        return cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+        b_dec_in = bool(cfg.get("apply_b_dec_to_input", False))
+        return cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=b_dec_in, writes=writes)
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> BatchTopKSAE:
