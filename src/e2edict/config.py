@@ -120,6 +120,11 @@ class Config(StrictModel):
             raise ValueError("data.holdout_tokens applies only with data.eval: holdout")
         if d.same_source():
             raise ValueError("data.eval is the same source as data.train: use data.eval: holdout to keep them disjoint")
+        if self.train.activation_checkpointing and not (self.loss.kl.coeff > 0 or self.loss.downstream.coeff > 0):
+            raise ValueError(
+                "train.activation_checkpointing: no loss term reads past the SAEs (loss.kl.coeff and loss.downstream.coeff "
+                "are 0), so no block after them runs with a graph: there is nothing to recompute"
+            )
         ds = self.loss.downstream.positions or []
         clash = [h for h in ds if h in self.saes.positions]
         if clash:

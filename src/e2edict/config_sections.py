@@ -301,6 +301,11 @@ class TrainConfig(StrictModel):
     compile: bool = Field(
         False, description="torch.compile the step's forward after the shared prefix (one graph with residual-stream positions)"
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="keep only each frozen block's input for backward and run the block again there: the blocks "
+        "after the first SAE store no activations (less memory, one more forward of them per step, the same gradients)",
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile's mode under train.compile; reduce-overhead: CUDA graphs on a GPU"
     )

@@ -95,6 +95,7 @@ def prepare(cfg: Config, ctx: DistContext, out=None, overwrite: bool = False, re
     opt = optimizer_from_config(_trainable(saes, setup.adapter, cfg.adapter and cfg.adapter.lr), t, warmup)
     sched = make_schedule(opt, t, total_steps, warmup)
     apply_run_precision(t, setup.backbone, cfg.model.device)
+    setup.backbone.checkpoint_blocks = t.activation_checkpointing
     step = TrainStep(
         setup.backbone, saes, _step_saes(cfg, saes, ctx), setup.loss_weights(), opt, sched, ctx, t.max_grad_norm,
         compile=t.compile and t.compile_mode,

@@ -123,6 +123,11 @@ def setup_run(cfg: Config, source: tuple[dict[str, SAE], str] | None = None) -> 
         if not downstream:
             raise E2EDictError("loss.downstream.coeff > 0 but no residual hook lies after the last SAE")
     registry[cfg.saes.architecture].check_sizes(cfg.saes, {h: dictionary_size(cfg, shapes[h][0]) for h in positions})
+    if cfg.train.activation_checkpointing and not backbone.runs_blocks_in_turn():
+        raise E2EDictError(
+            f"train.activation_checkpointing: model {backbone.name!r} cannot have its blocks called one after the other "
+            "(checked on load: see docs/models-and-data.md), which checkpointing needs"
+        )
     train_data, eval_seqs = build_data(cfg, backbone)
     if not isinstance(train_data, SequenceStream):
         check_one_step(cfg, len(train_data))

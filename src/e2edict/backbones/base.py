@@ -149,6 +149,19 @@ class Backbone(ABC):
         return moved
 
     _kept: KeptHooks | None = None  # the backbones that call their blocks in turn set one
+    plain = True  # whether the blocks may be called in turn (the Hugging Face backbone probes it on load)
+    checkpoint_blocks = False  # train.activation_checkpointing: blocks called in turn recompute in backward
+
+    def runs_blocks_in_turn(self) -> bool:
+        """Whether training's runs call the blocks one after the other (`blocks_in_turn`): what
+        activation checkpointing needs. A Hugging Face model whose logits are not the fused head's
+        runs its own forward for the KL (`HFBackbone.run_from`), so it needs that head too."""
+        return self._kept is not None and self.plain and getattr(self, "_head_ok", True)
+
+    def _recompute_context(self):
+        """The context the blocks run under in a forward pass, entered again when a checkpointed
+        block is recomputed in backward (its activation kernels, an adapter's cached weights)."""
+        return contextlib.nullcontext()
 
     def _boundary(self, hook_name: str) -> tuple[int, bool] | None:
         """``(block, True)`` for a block's input hook, ``(block, False)`` for its output, else
@@ -173,8 +186,9 @@ class Backbone(ABC):
         return bool(hooks) and all(self._boundary(h) is not None or self._kept.covers(h) for h in hooks)
 
     def _in_turn(self, hooks: dict[str, HookFn], run: Callable[..., torch.Tensor | None]) -> torch.Tensor | None:
-        """``run(pre, post, inside)`` (`blocks_in_turn`'s arguments) for ``hooks``: the block input
-        and output hooks by block, the others in their kept slots while it runs."""
+        """``run(pre, post, inside, recompute)`` (`blocks_in_turn`'s arguments) for ``hooks``: the
+        block input and output hooks by block, the others in their kept slots while it runs; the
+        recomputation context where blocks are checkpointed (`checkpoint_blocks`)."""
         pre: dict[int, HookFn] = {}
         post: dict[int, HookFn] = {}
         inner: dict[str, HookFn] = {}
@@ -185,7 +199,8 @@ class Backbone(ABC):
             else:
                 (pre if at[1] else post)[at[0]] = fn
         inside = [self.block_of(n) for n in inner]
-        return self._kept.run(inner, lambda: run(pre, post, inside))
+        recompute = self._recompute_context if self.checkpoint_blocks else None
+        return self._kept.run(inner, lambda: run(pre, post, inside, recompute))
 
     def block_order(self, hook_name: str) -> int:
         """Position of a hook in the order of the forward pass."""

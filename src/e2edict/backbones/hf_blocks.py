@@ -119,6 +119,7 @@ class BlockCalls:
         post: dict[int, HookFn],
         stop_early: bool,
         inside: Iterable[int] = (),
+        recompute=None,
     ) -> torch.Tensor | None:
         """Blocks ``first..`` in turn, ``pre[i]`` before block i and ``post[i]`` after it: the
         last block's output, or None where ``stop_early`` ends the run after the last hook (or
@@ -130,4 +131,4 @@ class BlockCalls:
             return first_tensor(self.blocks[i](x, *args, **kwargs))
 
         with swapped(self.gelus):
-            return blocks_in_turn(resid, first, len(self.blocks), call, pre, post, stop_early, inside)
+            return blocks_in_turn(resid, first, len(self.blocks), call, pre, post, stop_early, inside, recompute)

@@ -320,6 +320,9 @@ class HFBackbone(Backbone):
         base = f"{self.blocks_path}.{m.group(1)}"
         return (int(m.group(1)), hook != base) if hook in (base, base + INPUT_SUFFIX) else None
 
+    def _recompute_context(self):
+        return passes(self._gelus)
+
     def keep_hooks(self, names) -> None:
         if self.plain:  # otherwise every run is the model's own forward, with hooks registered per run
             super().keep_hooks(names)
@@ -329,7 +332,7 @@ class HFBackbone(Backbone):
         ``layer..`` called in turn, boundary hooks between them; the final hidden states with
         ``hidden``, else None after the last hook."""
         resid = self._in_turn(
-            hooks, lambda pre, post, inside: self._blocks_in_turn.run(resid, layer, pre, post, not hidden, inside)
+            hooks, lambda pre, post, inside, redo: self._blocks_in_turn.run(resid, layer, pre, post, not hidden, inside, redo)
         )
         return None if resid is None else self._hidden(resid)
 

@@ -4,11 +4,13 @@ hooks for positions inside a block: the forward a compiler sees as one straight 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
@@ -32,13 +34,20 @@ def blocks_in_turn(
     post: dict[int, HookFn],
     stop_early: bool,
     inside: Iterable[int] = (),
+    recompute: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> torch.Tensor | None:
     """Blocks ``first..`` called one after the other (``call_block(i, x)``), each block input's
     hook (``pre[i]``) before it and each output's (``post[i]``) after: the last residual stream,
     or None where ``stop_early`` ends the run after the last hook (or a hook raised
     `StopForward`); ``inside``: blocks with hooks within them (`KeptHooks`), which the run must
     finish. No hook is registered and no exception ends the run, so a compiler sees one straight
-    function (the backbones' `_run_plain`)."""
+    function (the backbones' `_run_plain`).
+
+    With ``recompute`` (activation checkpointing) each block run with a graph keeps only its
+    input for backward and is run again there, under the context ``recompute()`` gives (the one
+    the forward ran under, so the same kernels give the same values); blocks with hooks inside
+    are not, as running them again would run their hooks (an SAE) again."""
+    inside = list(inside)
     # positions in forward order: block i's input is 2i, its output 2i + 1
     ends = [*(2 * i for i in pre), *(2 * i + 1 for i in post), *(2 * i + 1 for i in inside)]
     stop = max(ends) if stop_early else None
@@ -48,7 +57,7 @@ def blocks_in_turn(
                 resid = replaced(pre[i], resid)
             if stop == 2 * i:
                 return None
-            resid = call_block(i, resid)
+            resid = _call(call_block, i, resid, None if i in inside else recompute)
             if i in post:
                 resid = replaced(post[i], resid)
             if stop == 2 * i + 1:
@@ -56,6 +65,13 @@ def blocks_in_turn(
     except StopForward:
         return None
     return resid
+
+
+def _call(call_block, i: int, x: torch.Tensor, recompute) -> torch.Tensor:
+    if recompute is None or not torch.is_grad_enabled():
+        return call_block(i, x)
+    contexts = lambda: (contextlib.nullcontext(), recompute())  # noqa: E731  (forward, recomputation)
+    return checkpoint(call_block, i, x, use_reentrant=False, context_fn=contexts)
 
 
 class KeptHooks:

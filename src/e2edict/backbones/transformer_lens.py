@@ -173,6 +173,11 @@ class TLBackbone(Backbone):
         often the attention reads it (its shape, the fused q/k/v check); a no-op without one."""
         return parametrize.cached() if self.adapter is not None else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def _recompute_context(self):
+        with self._weights_once(), swapped(self._gelus):
+            yield
+
     def run_from(self, resid: torch.Tensor, layer: int, hooks: dict[str, HookFn], logits: bool = True, hidden: bool = False):
         with self._weights_once(), swapped(self._gelus):
             return self._run_from(resid, layer, self.at_block_inputs(hooks), logits, hidden)
@@ -219,9 +224,9 @@ class TLBackbone(Backbone):
         no exception to stop early), which a compiler sees as one straight function. Without
         logits or hidden states the run ends after the last hooked block."""
 
-        def blocks(pre, post, inside) -> torch.Tensor | None:
+        def blocks(pre, post, inside, recompute) -> torch.Tensor | None:
             call = lambda i, x: self.model.blocks[i](x)  # noqa: E731
-            return blocks_in_turn(resid, layer, self.n_layers, call, pre, post, not (logits or hidden), inside)
+            return blocks_in_turn(resid, layer, self.n_layers, call, pre, post, not (logits or hidden), inside, recompute)
 
         resid = self._in_turn(hooks, blocks)
         if resid is None:
