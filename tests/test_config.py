@@ -1,6 +1,7 @@
 """Config validation, presets and dotted overrides."""
 
 import pytest
+import yaml
 
 from e2edict.config import config_from_dict, dump_config, load_config
 from e2edict.errors import E2EDictError
@@ -107,3 +108,29 @@ def test_public_api_is_not_shadowed_by_submodules():
             importlib.import_module(mod.name)
     for name in ("load_model", "load_saes", "evaluate", "train", "load_config"):
         assert callable(getattr(e2edict, name)), name
+
+
+@pytest.mark.parametrize(
+    "arch, key, value",
+    [("relu", "k", 8), ("relu", "bandwidth", 0.01), ("topk", "threshold_momentum", 0.5), ("gated", "auxk_coeff", 0.1),
+     ("jumprelu", "matryoshka_e2e", "all"), ("batchtopk", "init_threshold", 0.1)],
+)  # fmt: skip
+def test_a_key_the_architecture_does_not_read_is_refused_not_ignored(arch, key, value):
+    """A ``saes`` key of another architecture (``k`` under ReLU, say) would change nothing: one
+    line naming it and whose key it is; the architecture's own keys and every default pass, so a
+    run's config.yaml (which writes every key) reads back."""
+    from e2edict.saes import registry
+
+    base = {"positions": ["blocks.1.hook_resid_pre"], "architecture": arch, **({"k": 8} if "topk" in arch else {})}
+    with pytest.raises(E2EDictError, match=rf"saes.{key}=.* is not read by architecture '{arch}'") as e:
+        config_from_dict({"saes": {**base, key: value}})
+    assert "\n" not in str(e.value)
+    owner = next(a for a, c in sorted(registry.items()) if key in c.reads)
+    own = {"positions": ["blocks.1.hook_resid_pre"], "architecture": owner, key: value}
+    if "topk" in owner and key != "k":
+        own["k"] = 8
+    if owner == "matryoshka_batchtopk":
+        own["matryoshka_prefixes"] = [0.5, 1.0]
+    cfg = config_from_dict({"saes": own})
+    assert getattr(cfg.saes, key) == value
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg

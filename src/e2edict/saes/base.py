@@ -73,12 +73,19 @@ class Writes:
         return "skip_transcoder" if self.skip else "transcoder"
 
 
+# The ``saes`` keys that belong to an architecture (each class lists those it reads in `SAE.reads`):
+# one set away from its default under an architecture that does not read it is refused, not ignored.
+ARCHITECTURE_KEYS = ("k", "bandwidth", "init_threshold", "threshold_momentum", "auxk_coeff", "auxk_k", "dead_tokens",
+                     "matryoshka_prefixes", "matryoshka_e2e")  # fmt: skip
+
+
 class SAE(nn.Module, ABC):
     """An SAE at one hook point: ``forward(a) -> (a_hat, c)``."""
 
     architecture: ClassVar[str]  # e2edict's name, used in configs
     saelens_architecture: ClassVar[str]  # the name written to cfg.json
     transcoder_ok: ClassVar[bool] = False  # whether it can be a transcoder (saes.kind)
+    reads: ClassVar[frozenset[str]] = frozenset()  # the `ARCHITECTURE_KEYS` its constructor and training read
     # the pydantic model of the architecture's own keys (``saes.options``); None: it takes none
     options_schema: ClassVar[type | None] = None
 
@@ -198,9 +205,17 @@ class SAE(nn.Module, ABC):
     def validate_config(cls, cfg: Any) -> None:
         """Checks that need no model (run while the config is read); raise ValueError."""
         cls.options(cfg)
-        if cfg.matryoshka_prefixes is not None:
+        if cfg.matryoshka_prefixes is not None and "matryoshka_prefixes" not in cls.reads:
             raise ValueError(
                 f"matryoshka_prefixes is for architecture matryoshka_batchtopk; {cls.architecture!r} has no prefixes"
+            )
+        fields = type(cfg).model_fields
+        unread = [k for k in ARCHITECTURE_KEYS if k not in cls.reads and getattr(cfg, k) != fields[k].default]
+        if unread:
+            owners = sorted(a for a, c in registry.items() if unread[0] in c.reads)
+            raise ValueError(
+                f"saes.{unread[0]}={getattr(cfg, unread[0])!r} is not read by architecture {cls.architecture!r} "
+                f"(it is a key of {', '.join(owners)})"
             )
         if cfg.kind != "sae" and not cls.transcoder_ok:
             ok = [a for a, c in registry.items() if c.transcoder_ok]

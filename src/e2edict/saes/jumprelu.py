@@ -67,6 +67,7 @@ class _Step(torch.autograd.Function):
 class JumpReLUSAE(ReLUSAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
+    reads = frozenset({"bandwidth", "init_threshold"})
 
     def __init__(
         self,

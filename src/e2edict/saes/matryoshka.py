@@ -60,6 +60,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
     saelens_architecture = "jumprelu"
     transcoder_ok = False
+    reads = BatchTopKSAE.reads | {"matryoshka_prefixes", "matryoshka_e2e"}
 
     def __init__(self, d_in: int, d_sae: int, hook_name: str = "", k: int = 32, prefixes=None, **kw: Any):
         super().__init__(d_in, d_sae, hook_name, k, **kw)

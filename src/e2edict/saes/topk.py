@@ -24,6 +24,7 @@ class TopKSAE(ReLUSAE):
     saelens_architecture = "topk"
     folds_decoder_norms = False  # rescaled pre-activations would pick other latents: a fixed decoder_scale instead
     has_sparsity_term = False  # k fixes L0 (BatchTopK and Matryoshka alike)
+    reads = frozenset({"k", "auxk_coeff", "auxk_k", "dead_tokens"})
 
     def __init__(
         self,
@@ -162,6 +163,7 @@ class TopKSAE(ReLUSAE):
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
+    reads = TopKSAE.reads | {"threshold_momentum"}
 
     def __init__(
         self,
