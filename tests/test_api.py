@@ -108,6 +108,27 @@ def test_transformer_lens_names_evaluate_on_the_hugging_face_model(tiny_model, t
     assert list(back["saes"]) == [HOOK]
 
 
+def test_a_transformer_lens_3_bridge_evaluates_under_its_own_names(tiny_model, tiny_sae):
+    """TransformerLens 3's `TransformerBridge` booted from the embedded model's folder: the SAE at
+    its TransformerLens name gives the HookedTransformer's figures, reported under that name, and
+    e2edict's path raises no deprecation warning."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from e2edict.assets import TINY_MODEL_DIR
+
+    bridge = TransformerBridge.boot_transformers(str(TINY_MODEL_DIR), device="cpu")
+    rows = torch.randint(0, tiny_model.cfg.d_vocab, (4, 32), generator=torch.Generator().manual_seed(0))
+    tl = e2edict.evaluate(tiny_model, tiny_sae, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        got = e2edict.evaluate(bridge, tiny_sae, rows)
+    assert list(got["saes"]) == [HOOK]
+    assert got["ce_loss_increase"] == pytest.approx(tl["ce_loss_increase"], rel=1e-4, abs=1e-6)
+    assert got["saes"][HOOK]["l0"] == pytest.approx(tl["saes"][HOOK]["l0"], rel=1e-4)
+
+
 def test_alive_pass_codes_only_counts_what_the_full_pass_counts(small_backbone):
     """Sequences past the evaluated ones run only up to the SAE: the firing densities equal those
     of evaluating every sequence in full."""

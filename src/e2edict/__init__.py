@@ -75,21 +75,35 @@ def evaluate(
     def run(backbone):
         seqs = user_sequences(tokens, n_ctx, backbone.bos_token_id, tokenizer or backbone.tokenizer)
         mapped = backbone.adopt_saes(saes)
-        return evaluate_saes(
+        result = evaluate_saes(
             backbone, mapped, torch.from_numpy(seqs), batch_size=batch_size, alive_tokens=alive_tokens, progress=progress
         )
+        if _is_bridge(model):  # a bridge's user knows its TransformerLens names: reported under the names given
+            given = {id(sae): name for name, sae in saes.items()}
+            result["saes"] = {given[id(mapped[h])]: figures for h, figures in result["saes"].items()}
+        return result
 
     with _as_backbone(model, tokenizer) as backbone:
         return run(backbone)
 
 
+def _is_bridge(model) -> bool:
+    """TransformerLens 3's ``TransformerBridge``: a ``transformers`` model behind TransformerLens's names."""
+    return type(model).__name__ == "TransformerBridge" and hasattr(model, "original_model")
+
+
 @contextlib.contextmanager
 def _as_backbone(model, tokenizer=None):
-    """A `HookedTransformer` or a ``transformers`` causal LM as e2edict's backbone, for the
-    duration of the block; a TransformerLens model is handed back as it came."""
+    """A `HookedTransformer`, a ``transformers`` causal LM or TransformerLens 3's `TransformerBridge`
+    (its ``original_model`` on the Hugging Face backbone, whose names map TransformerLens's residual
+    stream and MLP output hooks) as e2edict's backbone, for the duration of the block; a
+    TransformerLens model is handed back as it came."""
     from e2edict.backbones import HFBackbone, TLBackbone
 
-    if hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
+    if _is_bridge(model):
+        hf = model.original_model
+        yield HFBackbone(hf, tokenizer or getattr(model, "tokenizer", None), getattr(hf.config, "name_or_path", "bridge"))
+    elif hasattr(model, "cfg") and hasattr(model, "run_with_hooks"):
         from e2edict.backbones.tl_attention import fused_attention_inside
 
         with fused_attention_inside(model):
