@@ -30,7 +30,7 @@ from e2edict.optim import make_schedule, optimizer_from_config
 from e2edict.precision import apply_run_precision
 from e2edict.run import RunSetup, check_one_step, setup_run
 from e2edict.rundir import RunDir
-from e2edict.saes import SAE
+from e2edict.saes import SAE, registry
 from e2edict.saes.pretrained import load_source
 from e2edict.step import TrainStep
 
@@ -121,6 +121,9 @@ def resolve_from_source(cfg: Config, source: tuple[dict[str, SAE], str] | None) 
         return cfg
     first = next(iter(source[0].values()))
     found = {"architecture": first.architecture, "k": getattr(first, "k", None), "kind": first.kind}
+    arch = s.architecture if "architecture" in s.model_fields_set else found["architecture"]
+    if "k" not in registry[arch].reads:  # a k the architecture does not read would be refused, not the clash
+        found["k"] = None
     raw = cfg.to_dict()
     for key in missing:  # k before architecture, so the architecture's own check sees it
         if found[key] is not None:
