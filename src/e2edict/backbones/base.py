@@ -48,11 +48,15 @@ class Backbone(ABC):
         activation (`stop_after_last`) and returns None. A hook may return a tensor to replace
         the activation, or raise `StopForward`."""
 
+    head_ok = True  # whether the logits are the fused head of the final hidden states (a backbone that probes sets it)
+
     def head(self) -> Head | None:
         """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
-        logits are not exactly ``head.logits(final hidden states)``; then `run_from` gives logits.
-        Built by `_build_head` once per device, always from fp32 weights: under `cast` the head
-        keeps the model's original fp32 unembedding, so the KL's logits are fp32 GEMMs."""
+        logits are not exactly ``head.logits(final hidden states)`` (`head_ok`); then `run_from`
+        gives logits. Built by `_build_head` once per device, always from fp32 weights: under `cast`
+        the head keeps the model's original fp32 unembedding, so the KL's logits are fp32 GEMMs."""
+        if not self.head_ok:
+            return None
         W = self.unembed()
         cache = getattr(self, "_head_cache", None)
         dtype = torch.promote_types(W.dtype, torch.float32)
@@ -67,8 +71,7 @@ class Backbone(ABC):
         return None
 
     def cast(self, dtype: torch.dtype) -> None:
-        """Hold the frozen model's weights in ``dtype`` (`e2edict.precision.hold_weights`; the fused
-        head is built first, from the original weights, and kept)."""
+        """Hold the frozen weights in ``dtype`` (`e2edict.precision.hold_weights`), the fused head built first."""
         if getattr(self, "_original", None) is None:
             self._head_cache = None
             self.head()
@@ -153,19 +156,16 @@ class Backbone(ABC):
     checkpoint_blocks = False  # train.activation_checkpointing: blocks called in turn recompute in backward
 
     def runs_blocks_in_turn(self) -> bool:
-        """Whether training's runs call the blocks one after the other (`blocks_in_turn`): what
-        activation checkpointing needs. A Hugging Face model whose logits are not the fused head's
-        runs its own forward for the KL (`HFBackbone.run_from`), so it needs that head too."""
-        return self._kept is not None and self.plain and getattr(self, "_head_ok", True)
+        """Whether training's runs call the blocks in turn (`blocks_in_turn`), as checkpointing needs:
+        without the fused head (`head_ok`) the KL runs the model's own forward (`HFBackbone.run_from`)."""
+        return self._kept is not None and self.plain and self.head_ok
 
     def _recompute_context(self):
-        """The context the blocks run under in a forward pass, entered again when a checkpointed
-        block is recomputed in backward (its activation kernels, an adapter's cached weights)."""
+        """The context blocks run under (activation kernels, cached weights), entered again to recompute one."""
         return contextlib.nullcontext()
 
     def _boundary(self, hook_name: str) -> tuple[int, bool] | None:
-        """``(block, True)`` for a block's input hook, ``(block, False)`` for its output, else
-        None: the positions `blocks_in_turn` applies between the blocks itself."""
+        """``(block, is input)`` for a block's input or output hook (`blocks_in_turn` applies those), else None."""
         return None
 
     def keep_hooks(self, names: Iterable[str]) -> None:

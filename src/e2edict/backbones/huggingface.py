@@ -124,7 +124,7 @@ class HFBackbone(Backbone):
         self.shared_prefix = self._check_block_removal(self.n_layers // 2)
         self._outputs_feed_next = outputs_feed_next(self)  # block i's output placed at block i+1's input
         self._final_norm = find_final_norm(self)  # the head's input: fp32 under bf16 (`run_from`), named by `e2edict hooks`
-        self._head_ok = head_matches(self)
+        self.head_ok = head_matches(self)
         self._blocks_in_turn = BlockCalls(model, self.blocks, self._embed_dim, self._gelus)
         self._kept = KeptHooks(lambda name, fn: self._register({name: fn})[0])  # hooks inside blocks (`keep_hooks`)
         self.plain = blocks_in_turn_match(self)
@@ -137,9 +137,6 @@ class HFBackbone(Backbone):
 
     def unembed(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.T
-
-    def head(self) -> Head | None:
-        return super().head() if self._head_ok else None
 
     def _build_head(self) -> Head:
         lm = self.model.get_output_embeddings()

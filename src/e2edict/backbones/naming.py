@@ -17,6 +17,7 @@ from e2edict.errors import E2EDictError
 INPUT_SUFFIX = ":input"  # a module path's first input (`e2edict.backbones.huggingface`)
 # TransformerLens hook -> the module-path tail after ``<blocks>.N``
 TABLE = {"hook_resid_pre": INPUT_SUFFIX, "hook_resid_post": "", "hook_mlp_out": ".mlp"}
+_TL_OF_TAIL = {tail: hook for hook, tail in TABLE.items()}
 _TL = re.compile(rf"^blocks\.(\d+)\.({'|'.join(TABLE)})$")
 _MODULE = re.compile(r"^(?:[A-Za-z_]\w*\.)+(\d+)(:input|\.mlp|)$")  # transformer.h.2:input, model.layers.3.mlp
 
@@ -35,8 +36,7 @@ class HookNames:
             m = _MODULE.match(name)
             if m is None:
                 return None
-            tail = {v: k for k, v in TABLE.items()}[m.group(2)]
-            return f"blocks.{m.group(1)}.{tail}"
+            return f"blocks.{m.group(1)}.{_TL_OF_TAIL[m.group(2)]}"
         m = _TL.match(name)
         if m is None or self.blocks_path is None:
             return None
