@@ -125,12 +125,39 @@ def test_a_key_the_architecture_does_not_read_is_refused_not_ignored(arch, key, 
     with pytest.raises(E2EDictError, match=rf"saes.{key}=.* is not read by architecture '{arch}'") as e:
         config_from_dict({"saes": {**base, key: value}})
     assert "\n" not in str(e.value)
-    owner = next(a for a, c in sorted(registry.items()) if key in c.reads)
+    owner = next(a for a, c in sorted(registry.items()) if key in c.options_schema.model_fields)
     own = {"positions": ["blocks.1.hook_resid_pre"], "architecture": owner, key: value}
     if "topk" in owner and key != "k":
         own["k"] = 8
     if owner == "matryoshka_batchtopk":
         own["matryoshka_prefixes"] = [0.5, 1.0]
     cfg = config_from_dict({"saes": own})
-    assert getattr(cfg.saes, key) == value
+    assert getattr(cfg.saes.options, key) == value
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_an_architectures_keys_are_its_schema_flat_or_under_options():
+    """The architecture's keys are validated by its own schema (bounds, unknown keys) with the
+    key named as written; given flat or under ``saes.options`` they are the same config, which
+    config.yaml writes flat; an older config.yaml (every architecture's key at its default) reads."""
+    base = {"positions": ["blocks.1.hook_resid_pre"], "architecture": "topk"}
+    flat = config_from_dict({"saes": {**base, "k": 8, "auxk_coeff": 0.25}})
+    nested = config_from_dict({"saes": {**base, "options": {"k": 8, "auxk_coeff": 0.25}}})
+    assert flat == nested and (flat.saes.options.k, flat.saes.options.auxk_coeff) == (8, 0.25)
+    dumped = yaml.safe_load(dump_config(flat))["saes"]
+    assert "options" not in dumped and dumped["k"] == 8 and dumped["dead_tokens"] == 1_000_000
+    older = {**base, "k": 8, "bandwidth": 0.001, "init_threshold": 0.001, "threshold_momentum": 0.99,
+             "matryoshka_prefixes": None, "matryoshka_e2e": "drawn"}  # fmt: skip
+    assert config_from_dict({"saes": older}).saes.options.k == 8
+    cases = [
+        ({"k": 0}, "invalid config: saes.k: Input should be greater than or equal to 1 (architecture 'topk')"),
+        ({"k": 8, "options": {"kk": 1}}, "saes.kk: Extra inputs are not permitted (architecture 'topk')"),
+        ({"k": 8, "kk": 1}, "saes.kk: unknown key"),
+        ({"k": 8, "options": {"k": 8}}, "saes.k is given twice"),
+        ({"k": 8, "options": [1]}, "saes.options must be a mapping"),
+        ({"k": 8, "kind": "transcoder", "auxk_coeff": 0.1}, "saes.auxk_coeff: AuxK is for SAEs"),
+    ]
+    for extra, fragment in cases:
+        with pytest.raises(E2EDictError) as e:
+            config_from_dict({"saes": {**base, **extra}})
+        assert fragment in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))

@@ -142,7 +142,7 @@ def _format_validation_error(e: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        parts.append(msg if msg.startswith(f"{loc}.") else f"{loc}: {msg}")  # a message that names its key already
     text = "invalid config: " + "; ".join(parts)
     return text.replace("\r", "\\r").replace("\n", "\\n")  # user-given key names stay on one line
 
@@ -177,11 +177,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML; ``saes.options`` only where an architecture uses it, so the
-    file of a run without options reads as it always did."""
+    """The resolved config as YAML (the architecture's keys flat in ``saes``, as a config gives them)."""
     raw = cfg.to_dict()
-    if not raw["saes"].get("options"):
-        raw["saes"].pop("options", None)
     if raw.get("adapter") is None:  # runs without an adapter keep the file they always had
         raw.pop("adapter", None)
         if raw["saes"].get("trainable") is True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from e2edict.errors import E2EDictError
 from e2edict.presets import PRESETS
@@ -83,7 +83,6 @@ class SAEsConfig(StrictModel):
     )
     architecture: str = "relu"
     dict_ratio: float = Field(16.0, gt=0)
-    k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk)")
     init: Literal["orthogonal", "uniform", "tied"] = Field(
         "orthogonal",
         description="new SAEs' weights: orthogonal decoder (the paper's); uniform (Kaiming, nn.Linear's); "
@@ -99,25 +98,15 @@ class SAEsConfig(StrictModel):
         "the gradient and renormalising after each step (sparsify's, SAELens's); null: project for loss.preset "
         "finetune, else reparam",
     )
-    bandwidth: float = Field(0.001, gt=0, description="jumprelu: width of the rectangle kernel of the STE")
-    init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold")
-    threshold_momentum: float = Field(0.99, ge=0, lt=1, description="batchtopk: EMA momentum of the inference threshold")
-    auxk_coeff: float = Field(0.0, ge=0, description="topk/batchtopk, local training: AuxK dead-latent loss (paper: 1/32)")
-    auxk_k: int | None = Field(None, ge=1, description="AuxK: dead latents used per token (null: d_in / 2)")
-    dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
     init_from: str | None = Field(None, description="a run directory or SAE folder to start from (warm start)")
     trainable: bool | None = Field(
         None,
         description="false: the SAEs are held fixed and only the adapter trains; null: false for loss.preset adapter, else true",
     )
-    matryoshka_prefixes: list[int | float] | None = Field(
-        None, description="matryoshka_batchtopk: nested prefix sizes, fractions of d_sae or counts, increasing, the last all"
-    )
-    matryoshka_e2e: Literal["all", "drawn"] = Field(
-        "drawn", description="matryoshka_batchtopk, e2e: one prefix per step in turn, or every prefix each step (stacked)"
-    )
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="the architecture's own keys, checked by its class (`SAE.options_schema`)"
+    options: Any = Field(
+        None,
+        description="the architecture's own keys (saes.k, saes.bandwidth, ...: `SAE.options_schema`), validated "
+        "into that model; written flat beside these keys or under saes.options",
     )
 
     @model_validator(mode="before")
@@ -133,6 +122,52 @@ class SAEsConfig(StrictModel):
                 raise ValueError(f"orthogonal_init={legacy} contradicts init={raw['init']!r}; give init only")
             raw.setdefault("init", "orthogonal" if legacy else "uniform")
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_options(cls, raw: Any) -> Any:
+        """Gather the configured architecture's own keys (flat or under ``options``) and validate
+        them by its schema into ``options``. A key of another architecture is refused, not ignored,
+        unless it holds that architecture's default (a config.yaml of older runs wrote them all)."""
+        from e2edict.saes import registry
+        from e2edict.saes.base import option_owners
+
+        name = raw.get("architecture", "relu") if isinstance(raw, dict) else None
+        arch = registry.get(name) if isinstance(name, str) else None
+        if arch is None:  # not a mapping, or an architecture `_known` names
+            return raw
+        raw, given = dict(raw), _options_given(raw.get("options"))
+        schema = arch.options_schema.model_fields
+        for key in [k for k in raw if k not in cls.model_fields and (k in schema or option_owners(k))]:
+            if key in given:
+                raise ValueError(f"saes.{key} is given twice (flat and under saes.options)")
+            given[key] = raw.pop(key)
+        for key in [k for k in given if k not in schema and option_owners(k)]:
+            value, owners = given.pop(key), option_owners(key)
+            if any(value != registry[o].options_schema.model_fields[key].default for o in owners):
+                raise ValueError(
+                    f"saes.{key}={value!r} is not read by architecture {arch.architecture!r} (it is a key of {', '.join(owners)})"
+                )
+        clash = sorted(set(schema) & set(cls.model_fields))
+        if clash:
+            raise ValueError(f"architecture {arch.architecture!r} has an option {clash[0]!r} that is also a saes key")
+        try:
+            raw["options"] = arch.options_schema.model_validate(given)
+        except ValidationError as e:  # on one line, named as the user writes the keys
+            text = "; ".join(f"saes.{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"{text} (architecture {arch.architecture!r})") from None
+        return raw
+
+    @model_serializer(mode="wrap")
+    def _flat_options(self, handler: Any) -> dict[str, Any]:
+        """The architecture's keys written flat beside the shared ones, as a config gives them."""
+        out = handler(self)
+        options = out.pop("options", None) or {}
+        return {**out, **options}
+
+    def given(self, key: str) -> bool:
+        """Whether the config gave ``key`` (a shared key or one of the architecture's)."""
+        return key in self.model_fields_set or key in getattr(self.options, "model_fields_set", ())
 
     @property
     def orthogonal_init(self) -> bool:
@@ -168,6 +203,17 @@ class SAEsConfig(StrictModel):
             what = "init='tied'" if self.init == "tied" else "apply_b_dec_to_input"
             raise ValueError(f"saes.{what} is for SAEs: a {self.kind}'s decoder writes another activation than it reads")
         return self
+
+
+def _options_given(nested: Any) -> dict[str, Any]:
+    """``saes.options`` as given: a mapping, or the validated model of a config built in code."""
+    if nested is None:
+        return {}
+    if isinstance(nested, BaseModel):
+        return nested.model_dump(exclude_unset=True)
+    if not isinstance(nested, dict):
+        raise ValueError(f"saes.options must be a mapping of the architecture's keys, got {type(nested).__name__}")
+    return dict(nested)
 
 
 # `saes` keys that only say how a new SAE starts

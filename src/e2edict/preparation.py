@@ -116,13 +116,13 @@ def resolve_from_source(cfg: Config, source: tuple[dict[str, SAE], str] | None) 
     (architecture, k, kind) come from the source's SAEs, so config.yaml records what is trained;
     keys it gives are kept, and a clash is named by `SAE.check_config` once the SAEs load."""
     s = cfg.saes
-    missing = [k for k in ("k", "kind", "architecture") if k not in s.model_fields_set]
+    missing = [k for k in ("k", "kind", "architecture") if not s.given(k)]
     if source is None or not missing:
         return cfg
     first = next(iter(source[0].values()))
     found = {"architecture": first.architecture, "k": getattr(first, "k", None), "kind": first.kind}
-    arch = s.architecture if "architecture" in s.model_fields_set else found["architecture"]
-    if "k" not in registry[arch].reads:  # a k the architecture does not read would be refused, not the clash
+    arch = s.architecture if s.given("architecture") else found["architecture"]
+    if "k" not in registry[arch].options_schema.model_fields:  # a k it does not read would be refused, not the clash
         found["k"] = None
     raw = cfg.to_dict()
     for key in missing:  # k before architecture, so the architecture's own check sees it

@@ -143,8 +143,6 @@ def setup_run(cfg: Config, source: tuple[dict[str, SAE], str] | None = None) -> 
 def _resolve_positions(cfg: Config, backbone: Backbone) -> tuple[dict[str, str], dict[str, str]]:
     """Each position's input hook (mapped to the position as written) and, for transcoders, its output hook."""
     kind = cfg.saes.kind
-    if kind != "sae" and cfg.saes.auxk_coeff > 0:
-        raise E2EDictError(f"saes.auxk_coeff: AuxK is for SAEs (it reconstructs the input's error), not saes.kind={kind!r}")
     written: dict[str, str] = {}
     outputs: dict[str, str] = {}
     for p in cfg.saes.positions:

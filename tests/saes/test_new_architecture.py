@@ -1,5 +1,5 @@
 """A new architecture is one file: this one. A ReLU SAE with a fixed shift of its
-pre-activations (``c = ReLU(x W + b - shift)``), with its own key in ``saes.options``, registered
+pre-activations (``c = ReLU(x W + b - shift)``), with its own key (``saes.shift``), registered
 by subclassing, trains through the command line, saves, loads back with the same codes, and
 its keys are checked by its class (one line, exit 2, nothing written)."""
 
@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2edict.cli import main as cli_main
-from e2edict.saes.base import affine
+from e2edict.saes.base import Options, affine
 from e2edict.saes.relu import ReLUSAE
 
 
-class ShiftOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ShiftOptions(Options):
     shift: float = Field(0.0, ge=0)
 
 
@@ -32,7 +31,7 @@ class ShiftedReLUSAE(ReLUSAE):
 
     @classmethod
     def from_config(cls, d_in, d_sae, hook_name, cfg):
-        return cls(d_in, d_sae, hook_name, shift=cls.options(cfg).shift, orthogonal_init=cfg.orthogonal_init)
+        return cls(d_in, d_sae, hook_name, shift=cfg.options.shift, orthogonal_init=cfg.orthogonal_init)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(affine(self.centered(x), self.W_enc, self.b_enc) - self.shift)
@@ -66,7 +65,8 @@ def test_a_new_architecture_in_one_file_trains_through_the_cli(tmp_path, small_g
     import e2edict
 
     out = tmp_path / "run"
-    assert cli_main(_args(small_gpt2_dir, out, "saes.options={shift: 0.25}")) == 0
+    assert cli_main(_args(small_gpt2_dir, out, "saes.shift=0.25")) == 0
+    assert e2edict.load_config(out / "config.yaml").saes.options.shift == 0.25  # written flat, read back
     sae = e2edict.load_saes(out)["blocks.1.hook_resid_pre"]
     assert isinstance(sae, ShiftedReLUSAE) and sae.shift == 0.25
     x = torch.randn(5, 32)
@@ -79,8 +79,9 @@ def test_a_new_architecture_in_one_file_trains_through_the_cli(tmp_path, small_g
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["saes.options={shift: -1}"], "saes.options for 'test_shifted_relu': shift: Input should be greater than or equal to 0"),
-        (["saes.options={scale: 2}"], "saes.options for 'test_shifted_relu': scale: Extra inputs are not permitted"),
+        (["saes.shift=-1"], "saes.shift: Input should be greater than or equal to 0 (architecture 'test_shifted_relu')"),
+        (["saes.options={shift: -1}"], "saes.shift: Input should be greater than or equal to 0 (architecture 'test_shift"),
+        (["saes.options={scale: 2}"], "saes.scale: Extra inputs are not permitted (architecture 'test_shifted_relu')"),
     ],
 )
 def test_the_new_architecture_checks_its_own_keys(tmp_path, small_gpt2_dir, capsys, extra, fragment):
@@ -91,8 +92,8 @@ def test_the_new_architecture_checks_its_own_keys(tmp_path, small_gpt2_dir, caps
     assert not out.exists()
 
 
-def test_an_architecture_without_options_refuses_them(tmp_path, small_gpt2_dir, capsys):
-    args = _args(small_gpt2_dir, tmp_path / "r", "saes.options={shift: 1}")
+def test_another_architecture_refuses_its_key(tmp_path, small_gpt2_dir, capsys):
+    args = _args(small_gpt2_dir, tmp_path / "r", "saes.shift=1")
     args[args.index("saes.architecture=test_shifted_relu")] = "saes.architecture=relu"
     assert cli_main(args) == 2
-    assert "architecture 'relu' takes no options" in capsys.readouterr().err
+    assert "saes.shift=1 is not read by architecture 'relu' (it is a key of test_shifted_relu)" in capsys.readouterr().err

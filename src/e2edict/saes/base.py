@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from e2edict.errors import E2EDictError
@@ -73,10 +73,19 @@ class Writes:
         return "skip_transcoder" if self.skip else "transcoder"
 
 
-# The ``saes`` keys that belong to an architecture (each class lists those it reads in `SAE.reads`):
-# one set away from its default under an architecture that does not read it is refused, not ignored.
-ARCHITECTURE_KEYS = ("k", "bandwidth", "init_threshold", "threshold_momentum", "auxk_coeff", "auxk_k", "dead_tokens",
-                     "matryoshka_prefixes", "matryoshka_e2e")  # fmt: skip
+class Options(BaseModel):
+    """An architecture's own ``saes`` keys: none here. Each architecture that has keys subclasses
+    this in its own file (a field per key, with its default, bounds and description) and names it
+    as its `SAE.options_schema`. A config writes them flat beside the shared keys (``saes.k: 32``)
+    or under ``saes.options``; `e2edict.config_sections.SAEsConfig` validates them by the
+    configured architecture's schema while the config is read, into ``cfg.saes.options``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def option_owners(key: str) -> list[str]:
+    """The registered architectures that have ``key`` among their options."""
+    return sorted(a for a, c in registry.items() if key in c.options_schema.model_fields)
 
 
 class SAE(nn.Module, ABC):
@@ -85,9 +94,7 @@ class SAE(nn.Module, ABC):
     architecture: ClassVar[str]  # e2edict's name, used in configs
     saelens_architecture: ClassVar[str]  # the name written to cfg.json
     transcoder_ok: ClassVar[bool] = False  # whether it can be a transcoder (saes.kind)
-    reads: ClassVar[frozenset[str]] = frozenset()  # the `ARCHITECTURE_KEYS` its constructor and training read
-    # the pydantic model of the architecture's own keys (``saes.options``); None: it takes none
-    options_schema: ClassVar[type | None] = None
+    options_schema: ClassVar[type[BaseModel]] = Options  # its own keys, read into ``cfg.saes.options``
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -200,23 +207,11 @@ class SAE(nn.Module, ABC):
         """Build from the ``saes`` block of a run config (`e2edict.config.SAEsConfig`)."""
         return cls(d_in, d_sae, hook_name)
 
-    # --- the architecture's rules for the ``saes`` block: each class checks its own keys ---
+    # --- the architecture's rules for the ``saes`` block: its keys are ``cfg.options`` (`options_schema`) ---
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
-        """Checks that need no model (run while the config is read); raise ValueError."""
-        cls.options(cfg)
-        if cfg.matryoshka_prefixes is not None and "matryoshka_prefixes" not in cls.reads:
-            raise ValueError(
-                f"matryoshka_prefixes is for architecture matryoshka_batchtopk; {cls.architecture!r} has no prefixes"
-            )
-        fields = type(cfg).model_fields
-        unread = [k for k in ARCHITECTURE_KEYS if k not in cls.reads and getattr(cfg, k) != fields[k].default]
-        if unread:
-            owners = sorted(a for a, c in registry.items() if unread[0] in c.reads)
-            raise ValueError(
-                f"saes.{unread[0]}={getattr(cfg, unread[0])!r} is not read by architecture {cls.architecture!r} "
-                f"(it is a key of {', '.join(owners)})"
-            )
+        """Checks that need no model (run while the config is read, after ``cfg.options`` is
+        validated by `options_schema`); raise ValueError."""
         if cfg.kind != "sae" and not cls.transcoder_ok:
             ok = [a for a, c in registry.items() if c.transcoder_ok]
             raise ValueError(
@@ -226,21 +221,6 @@ class SAE(nn.Module, ABC):
     @classmethod
     def check_sizes(cls, cfg: Any, d_sae: dict[str, int]) -> None:
         """Checks against each position's dictionary size (once the model is loaded)."""
-
-    @classmethod
-    def options(cls, cfg: Any) -> Any:
-        """``saes.options`` validated by `options_schema` (a model instance; None without a schema)."""
-        given = getattr(cfg, "options", None) or {}
-        if cls.options_schema is None:
-            if given:
-                raise ValueError(f"saes.options: architecture {cls.architecture!r} takes no options, got {sorted(given)}")
-            return None
-        try:
-            return cls.options_schema.model_validate(given)
-        except ValidationError as e:  # reported on one line
-            errors = e.errors()
-            text = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in errors)
-            raise ValueError(f"saes.options for {cls.architecture!r}: {text}") from None
 
     def configure_training(self, cfg: Any) -> None:
         """Take the ``saes`` block's training-only settings (built or loaded SAEs alike)."""

@@ -12,9 +12,10 @@ import math
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from e2edict.saes.base import SPARSE_DECODE_FRACTION, Writes, affine, check_tensor
+from e2edict.saes.base import SPARSE_DECODE_FRACTION, Options, Writes, affine, check_tensor
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs
 
@@ -64,10 +65,15 @@ class _Step(torch.autograd.Function):
         return None, grad_theta.to(theta.dtype), None  # no gradient to z: none flows back through the GEMM
 
 
+class JumpReLUOptions(Options):
+    bandwidth: float = Field(0.001, gt=0, description="width of the rectangle kernel of the STE")
+    init_threshold: float = Field(0.001, gt=0, description="initial threshold")
+
+
 class JumpReLUSAE(ReLUSAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
-    reads = frozenset({"bandwidth", "init_threshold"})
+    options_schema = JumpReLUOptions
 
     def __init__(
         self,
@@ -92,8 +98,7 @@ class JumpReLUSAE(ReLUSAE):
             hook_name,
             writes=writes,
             orthogonal_init=cfg.orthogonal_init,
-            bandwidth=cfg.bandwidth,
-            init_threshold=cfg.init_threshold,
+            **cfg.options.model_dump(),
         )
 
     @property

@@ -22,14 +22,15 @@ the prefix sizes travel in the metadata.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from e2edict.errors import E2EDictError
 from e2edict.losses import mse_loss
 from e2edict.saes.base import affine
-from e2edict.saes.topk import BatchTopKSAE
+from e2edict.saes.topk import BatchTopKOptions, BatchTopKSAE
 
 DEFAULT_PREFIXES = (1 / 16, 1 / 4, 1 / 2, 1.0)
 
@@ -56,11 +57,20 @@ def resolve_prefixes(spec, d_sae: int) -> list[int]:
     return sizes
 
 
+class MatryoshkaOptions(BatchTopKOptions):
+    matryoshka_prefixes: list[int | float] | None = Field(
+        None, description="nested prefix sizes: fractions of d_sae or counts, increasing, the last all (null: 1/16 1/4 1/2 1)"
+    )
+    matryoshka_e2e: Literal["all", "drawn"] = Field(
+        "drawn", description="e2e: one prefix per step in turn, or every prefix each step (stacked)"
+    )
+
+
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
     saelens_architecture = "jumprelu"
     transcoder_ok = False
-    reads = BatchTopKSAE.reads | {"matryoshka_prefixes", "matryoshka_e2e"}
+    options_schema = MatryoshkaOptions
 
     def __init__(self, d_in: int, d_sae: int, hook_name: str = "", k: int = 32, prefixes=None, **kw: Any):
         super().__init__(d_in, d_sae, hook_name, k, **kw)
@@ -78,28 +88,28 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, hook_name: str, cfg: Any, writes=None) -> MatryoshkaBatchTopKSAE:
         sae = super().from_config(d_in, d_sae, hook_name, cfg, writes)  # BatchTopK's settings
-        sae.set_prefixes(cfg.matryoshka_prefixes)
+        sae.set_prefixes(cfg.options.matryoshka_prefixes)
         return sae
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
-        prefixes, cfg = cfg.matryoshka_prefixes, cfg.model_copy(update={"matryoshka_prefixes": None})
-        super().validate_config(cfg)  # BatchTopK's rules; the prefixes are this class's key
-        if prefixes is not None and not prefixes:
+        super().validate_config(cfg)
+        if cfg.options.matryoshka_prefixes == []:
             raise ValueError("saes.matryoshka_prefixes is empty")
 
     @classmethod
     def check_sizes(cls, cfg: Any, d_sae: dict[str, int]) -> None:
         for n in d_sae.values():  # sizes checked against each dictionary before anything is written
-            resolve_prefixes(cfg.matryoshka_prefixes, n)
+            resolve_prefixes(cfg.options.matryoshka_prefixes, n)
         super().check_sizes(cfg, d_sae)
 
     def configure_training(self, cfg: Any) -> None:
-        self.e2e_prefixes = cfg.matryoshka_e2e
+        self.e2e_prefixes = cfg.options.matryoshka_e2e
 
     def check_config(self, cfg: Any, where: str) -> None:
         super().check_config(cfg, where)
-        if cfg.matryoshka_prefixes is not None and resolve_prefixes(cfg.matryoshka_prefixes, self.d_sae) != self.prefixes:
+        prefixes = cfg.options.matryoshka_prefixes
+        if prefixes is not None and resolve_prefixes(prefixes, self.d_sae) != self.prefixes:
             raise E2EDictError(f"{where} has prefixes {self.prefixes}, not saes.matryoshka_prefixes")
 
     def spliced_copies(self) -> int:

@@ -12,11 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from e2edict.errors import E2EDictError
-from e2edict.saes.base import TOPK_GATHER_FRACTION, Writes, affine, check_tensor, sparse_path_allowed
+from e2edict.saes.base import TOPK_GATHER_FRACTION, Options, Writes, affine, check_tensor, sparse_path_allowed
 from e2edict.saes.relu import ReLUSAE
 from e2edict.saes.sparse import Pairs, TopKEncode
+
+
+class TopKOptions(Options):
+    k: int | None = Field(None, ge=1, description="active latents per token (required; with saes.init_from: the source's)")
+    auxk_coeff: float = Field(0.0, ge=0, description="local training: AuxK dead-latent loss (paper: 1/32); SAEs only")
+    auxk_k: int | None = Field(None, ge=1, description="AuxK: dead latents used per token (null: d_in / 2)")
+    dead_tokens: int = Field(1_000_000, ge=1, description="AuxK: tokens without firing after which a latent is dead")
+
+
+class BatchTopKOptions(TopKOptions):
+    threshold_momentum: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the inference threshold")
 
 
 class TopKSAE(ReLUSAE):
@@ -24,7 +36,7 @@ class TopKSAE(ReLUSAE):
     saelens_architecture = "topk"
     folds_decoder_norms = False  # rescaled pre-activations would pick other latents: a fixed decoder_scale instead
     has_sparsity_term = False  # k fixes L0 (BatchTopK and Matryoshka alike)
-    reads = frozenset({"k", "auxk_coeff", "auxk_k", "dead_tokens"})
+    options_schema = TopKOptions
 
     def __init__(
         self,
@@ -56,29 +68,30 @@ class TopKSAE(ReLUSAE):
             d_sae,
             hook_name,
             writes=writes,
-            k=cfg.k,
             orthogonal_init=cfg.orthogonal_init,
-            auxk_coeff=cfg.auxk_coeff,
-            auxk_k=cfg.auxk_k,
-            dead_tokens=cfg.dead_tokens,
+            **cfg.options.model_dump(),
         )
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         super().validate_config(cfg)
-        if cfg.k is None:
+        if cfg.options.k is None:
             raise ValueError(f"saes.k is required for saes.architecture={cls.architecture!r}")
+        if cfg.kind != "sae" and cfg.options.auxk_coeff > 0:
+            raise ValueError(f"saes.auxk_coeff: AuxK is for SAEs (it reconstructs the input's error), not saes.kind={cfg.kind!r}")
 
     @classmethod
     def check_sizes(cls, cfg: Any, d_sae: dict[str, int]) -> None:
-        too_big = [h for h, n in d_sae.items() if cfg.k > n]
+        k = cfg.options.k
+        too_big = [h for h, n in d_sae.items() if k > n]
         if too_big:
-            raise E2EDictError(f"saes.k={cfg.k} exceeds the dictionary size at {too_big[0]!r}")
+            raise E2EDictError(f"saes.k={k} exceeds the dictionary size at {too_big[0]!r}")
 
     def check_config(self, cfg: Any, where: str) -> None:
         super().check_config(cfg, where)
-        if cfg.k is not None and self.k != cfg.k:
-            raise E2EDictError(f"{where} has k={self.k} but saes.k is {cfg.k}")
+        k = cfg.options.k
+        if k is not None and self.k != k:
+            raise E2EDictError(f"{where} has k={self.k} but saes.k is {k}")
 
     def _track_dead(self, c: torch.Tensor) -> None:
         if self.training and self.auxk_coeff > 0:  # only AuxK reads the counts
@@ -163,7 +176,7 @@ class TopKSAE(ReLUSAE):
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
-    reads = TopKSAE.reads | {"threshold_momentum"}
+    options_schema = BatchTopKOptions
 
     def __init__(
         self,
@@ -203,12 +216,9 @@ class BatchTopKSAE(TopKSAE):
             d_sae,
             hook_name,
             writes=writes,
-            k=cfg.k,
             orthogonal_init=cfg.orthogonal_init,
-            momentum=cfg.threshold_momentum,
-            auxk_coeff=cfg.auxk_coeff,
-            auxk_k=cfg.auxk_k,
-            dead_tokens=cfg.dead_tokens,
+            **cfg.options.model_dump(include=set(TopKOptions.model_fields)),
+            momentum=cfg.options.threshold_momentum,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
