@@ -360,6 +360,11 @@ class TrainConfig(StrictModel):
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torchrun: nccl on GPU, gloo on CPU")
     dist_timeout_s: int = Field(600, gt=0, description="torchrun: how long a collective may wait for a rank")
+    shard_model: bool = Field(
+        False,
+        description="torchrun: split the frozen model's weights over the ranks (FSDP2): each holds 1/N of them and "
+        "gathers a block's only while it runs; the SAEs stay data-parallel (docs/distributed.md)",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -381,6 +386,9 @@ class TrainConfig(StrictModel):
             raise ValueError("weight_decay is decoupled weight decay: use optimizer=adamw or schedulefree, not adam")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode={self.compile_mode!r} applies only under train.compile: true")
+        if self.shard_model and self.compile:
+            raise ValueError("train.compile with train.shard_model is not supported: the gathers of a sharded model run "
+                             "outside a compiled graph; use one of them")  # fmt: skip
         return self
 
 

@@ -1,9 +1,11 @@
-"""Data-parallel training with torchrun: PyTorch's own process group and DistributedDataParallel.
+"""Data-parallel training with torchrun: PyTorch's own process group and DistributedDataParallel,
+and the frozen model sharded over the ranks with FSDP2 (`shard_model`).
 
 Under ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_RANK), every rank holds a replica of the
-frozen model and of the SAEs, reads its own slice of each global batch, and DDP averages the SAE
-gradients. Rank 0 alone logs, evaluates and writes to the run directory. Without torchrun nothing
-here does anything.
+SAEs, reads its own slice of each global batch, and DDP averages the SAE gradients. The frozen
+model is replicated too, or, under ``train.shard_model``, split over the ranks: each rank keeps
+1/N of every weight and gathers a block's weights only while that block runs. Rank 0 alone logs
+and writes to the run directory. Without torchrun nothing here does anything.
 """
 
 from __future__ import annotations
@@ -85,3 +87,57 @@ def init_distributed(device: str, backend: str = "auto", timeout_s: int = 600) -
 def close_distributed(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class ShardedModel:
+    """A backbone's frozen weights sharded over the ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+    Each transformer block is one unit: its weights are gathered when it runs (forward, and again
+    for the backward of the blocks after an SAE) and freed after. The rest (embeddings, final norm,
+    output head) is the root unit: gathered at the first forward of a step and kept for the step,
+    because the fused KL and the final norm read those weights outside a module's forward; `release`
+    frees it after each optimizer step and each evaluation. Trainable parameters (an adapter's)
+    are left out of the sharding: they stay whole on every rank and their gradients are averaged
+    like the SAEs'. Frozen weights get no gradient, so nothing is reduced; only gathers."""
+
+    def __init__(self, backbone, ctx: DistContext):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        check_sharding(True, ctx.world, backbone.n_layers)
+        self.backbone, self.ctx = backbone, ctx
+        mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world,))
+        trainable = {p for p in backbone.model.parameters() if p.requires_grad}
+        for block in backbone.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=trainable & set(block.parameters()))
+        self.root = fully_shard(backbone.model, mesh=mesh, reshard_after_forward=False, ignored_params=trainable)
+        backbone.warm_up()  # the first forward goes through the root: FSDP's root is decided there
+        self.release()
+        if backbone.adapter is not None:  # the adapter's check of the frozen weights: now this rank's shards
+            backbone.adapter.watch_frozen([p for p in backbone.model.parameters() if not p.requires_grad])
+
+    def release(self) -> None:
+        """Every unit's weights back to their shards (also after a run that a hook stopped early)."""
+        self.root.reset_iter_state()
+        self.backbone.drop_head_cache()
+
+    def local_fraction(self) -> float:
+        """The share of the frozen model's elements this rank holds now."""
+        held = total = 0
+        for p in self.backbone.model.parameters():
+            if p.requires_grad:
+                continue
+            total += p.numel()
+            held += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        return held / total
+
+
+def check_sharding(shard: bool, world: int, n_layers: int | None) -> None:
+    """``train.shard_model`` needs torchrun with at least two ranks and no more ranks than blocks."""
+    if not shard:
+        return
+    if world < 2:
+        raise E2EDictError("train.shard_model splits the model over torchrun's processes: start the run with torchrun "
+                           "and at least 2 of them (torchrun --nproc-per-node N -m e2edict train ...)")  # fmt: skip
+    if n_layers is not None and world > n_layers:
+        raise E2EDictError(f"train.shard_model: {world} ranks but the model has {n_layers} blocks; use at most {n_layers}")

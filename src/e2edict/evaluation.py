@@ -126,10 +126,12 @@ def record_init(rundir, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Te
 
 
 def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor,
-                        tokens: int | None = None, alive_tokens: int | None = None, progress: bool = False):  # fmt: skip
+                        tokens: int | None = None, alive_tokens: int | None = None, progress: bool = False,
+                        write: bool = True):  # fmt: skip
     """The run's evaluation (its ``eval`` settings, or ``tokens`` / ``alive_tokens``), written to
-    its directory (`e2edict.rundir.RunDir`: eval.json and each SAE's sparsity file); returns the
-    result and the densities. With an adapter, eval.json also holds `adapter_figures`."""
+    its directory (`e2edict.rundir.RunDir`: eval.json and each SAE's sparsity file) unless not
+    ``write`` (a rank other than 0 of a sharded model); returns the result and the densities.
+    With an adapter, eval.json also holds `adapter_figures`."""
     densities: dict[str, torch.Tensor] = {}
     result = evaluate_saes(
         backbone,
@@ -143,7 +145,8 @@ def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], s
     )
     if backbone.adapter is not None:
         result.update(adapter_figures(backbone, saes, seqs, tokens or cfg.eval.tokens, cfg.eval.batch_size))
-    rundir.record_evaluation(result, densities)
+    if write:
+        rundir.record_evaluation(result, densities)
     return result, densities
 
 

@@ -37,8 +37,8 @@ def apply_run_precision(train_cfg, backbone, device: str) -> None:
     under ``precision: bf16`` (`Backbone.cast`; `end_run_precision` undoes it), TF32 on CUDA,
     freed memory kept on CPU."""
     device_type = torch.device(device).type
-    if train_cfg.precision == "bf16":
-        backbone.cast(torch.bfloat16)
+    if train_cfg.precision == "bf16":  # a model to be sharded keeps no whole fp32 copy: it stays bf16
+        backbone.cast(torch.bfloat16, keep_original=not train_cfg.shard_model)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = train_cfg.tf32
         torch.backends.cudnn.allow_tf32 = train_cfg.tf32
@@ -51,12 +51,13 @@ def end_run_precision(backbone) -> None:
     backbone.restore_dtype()
 
 
-def hold_weights(backbone, dtype: torch.dtype) -> None:
+def hold_weights(backbone, dtype: torch.dtype, keep_original: bool = True) -> None:
     """Hold a backbone's frozen floating-point weights in ``dtype`` (once, not per operation);
-    `restore_weights` brings back the exact original weights, kept on the CPU at the first call.
-    Trainable parameters (an adapter's) keep their fp32 master weights."""
+    `restore_weights` brings back the exact original weights, kept on the CPU at the first call
+    (unless not ``keep_original``: then the cast is for good). Trainable parameters (an adapter's)
+    keep their fp32 master weights."""
     model = backbone.model
-    if getattr(backbone, "_original", None) is None:
+    if keep_original and getattr(backbone, "_original", None) is None:
         # by identity, not by name: an adapter attached later renames the weights it wraps
         frozen = [p for p in model.parameters() if not p.requires_grad]
         backbone._original = (

@@ -22,7 +22,7 @@ import numpy as np
 from e2edict.checkpoint import latest_checkpoint, restore
 from e2edict.config import Config, config_from_dict, dump_config
 from e2edict.data import Prefetcher, make_batches
-from e2edict.distributed import DistContext
+from e2edict.distributed import DistContext, ShardedModel, check_sharding
 from e2edict.errors import E2EDictError
 from e2edict.evaluation import record_init
 from e2edict.initialization import initial_saes
@@ -96,10 +96,12 @@ def prepare(cfg: Config, ctx: DistContext, out=None, overwrite: bool = False, re
     sched = make_schedule(opt, t, total_steps, warmup)
     apply_run_precision(t, setup.backbone, cfg.model.device)
     setup.backbone.checkpoint_blocks = t.activation_checkpointing
+    sharded = ShardedModel(setup.backbone, ctx) if t.shard_model else None
     step = TrainStep(
         setup.backbone, saes, _step_saes(cfg, saes, ctx), setup.loss_weights(), opt, sched, ctx, t.max_grad_norm,
         compile=t.compile and t.compile_mode,
         project_decoders=cfg.saes.decoder_norm == "project" and cfg.saes.trainable, adapter=setup.adapter,
+        sharded=sharded,
     )  # fmt: skip
     if setup.adapter is not None:
         setup.adapter.train(True)
@@ -136,6 +138,7 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     ``world`` ranks, and the training data's size where its files say it without reading the
     data (a ``.npy`` token stream's shape, a shard folder's manifest) against one step's sequences."""
     t, d = cfg.train, cfg.data
+    check_sharding(t.shard_model, world, _layers_from_config(cfg) if t.shard_model else None)
     per_step = t.batch_size * t.grad_accum * d.n_ctx * world
     if t.tokens < per_step:
         ranks = f" over {world} ranks" if world > 1 else ""
@@ -143,6 +146,19 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     n = _known_sequences(_train_path(cfg), d.n_ctx)
     if n is not None:
         check_one_step(cfg, n - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0))
+
+
+def _layers_from_config(cfg: Config) -> int | None:
+    """The model's block count from its config.json, without its weights (None where no config
+    file is at hand; the count is checked again once the model loads)."""
+    from e2edict.backbones.transformer_lens import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    n = raw.get("num_hidden_layers", raw.get("n_layer"))
+    return n if isinstance(n, int) else None
 
 
 def _train_path(cfg: Config) -> str:

@@ -53,6 +53,7 @@ class TrainStep:
     compile: bool | str = False
     project_decoders: bool = False  # saes.decoder_norm=project: rows kept unit by gradient projection + renormalisation
     adapter: Any = None  # an `e2edict.adapters.Adapter` trained in the same step, or None
+    sharded: Any = None  # the model's `e2edict.distributed.ShardedModel` under train.shard_model, or None
     names: list[str] = field(default_factory=list)  # the entries of the returned vector, after the first call
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class TrainStep:
                 s.renormalize_decoder()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.sharded is not None:  # the model's gathered weights freed until the next step
+            self.sharded.release()
         with torch.no_grad():
             weight_norms = torch.stack(torch._foreach_norm(self.params)).float()
         if not self.names:  # the same entries every step

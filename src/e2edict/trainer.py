@@ -48,8 +48,8 @@ def train(
     try:
         run = prepare(cfg, ctx, out, overwrite, resume)
         train_run(run, progress)
-        if ctx.is_main:
-            finish_run(run, progress=progress and not _writes_to_a_log())
+        if ctx.is_main or run.step.sharded is not None:  # a sharded model evaluates on every rank
+            finish_run(run, progress=progress and ctx.is_main and not _writes_to_a_log())
         return run.run_dir
     finally:
         close_distributed(ctx)
@@ -134,17 +134,21 @@ def _loop(lp: _Loop) -> None:
 
 
 def _evaluate(lp: _Loop, step: int, tokens: int) -> None:
-    """An evaluation during training (rank 0), written as metrics.jsonl's ``eval`` row."""
-    run = lp.run
+    """An evaluation during training (rank 0; every rank runs a sharded model), written as
+    metrics.jsonl's ``eval`` row."""
+    run, sharded = lp.run, lp.run.step.sharded
     _read_values(lp)
-    if not run.ctx.is_main:
+    if not run.ctx.is_main and sharded is None:
         return
     lp.bar.set_description(f"{run.cfg.name} (evaluating)")  # a few seconds: said on the bar
     s, e = run.setup, run.cfg.eval
     with averaged_weights(run.step.opt):  # a schedule-free optimizer's average; the same weights otherwise
         result = brief_evaluation(s.backbone, run.saes, s.eval_seqs, e.during_training_tokens, e.batch_size)
+    if sharded is not None:
+        sharded.release()
     lp.bar.set_description(run.cfg.name)
-    _write_row(run, eval_row(result, step, tokens))
+    if run.ctx.is_main:
+        _write_row(run, eval_row(result, step, tokens))
 
 
 def _report_first_step(lp: _Loop) -> None:
@@ -210,19 +214,27 @@ def _checkpoint(lp: _Loop, step: int, tokens: int) -> None:
 
 
 def finish_run(run: Run, progress: bool = False) -> dict[str, Any]:
-    """The run's end (rank 0): the SAEs (and adapter) saved, the model back in its configured
-    precision, the final evaluation written (eval.json, densities, metrics.jsonl's ``final_eval``
-    row); returns the evaluation. With an adapter it first checks the frozen weights bit for bit."""
-    cfg, rundir = run.cfg, run.rundir
+    """The run's end (rank 0; every rank with a sharded model, rank 0 writing): the SAEs (and
+    adapter) saved, the model back in its configured precision, the final evaluation written
+    (eval.json, densities, metrics.jsonl's ``final_eval`` row); returns the evaluation. With an
+    adapter it first checks the frozen weights bit for bit."""
+    cfg, rundir, main = run.cfg, run.rundir, run.ctx.is_main
     final_tokens = run.total_steps * run.tokens_per_step
     finish_training(run.step.opt)  # the weights to keep (a schedule-free optimizer's average)
-    rundir.save_saes(run.saes, {h: sae_metadata(cfg, h, final_tokens) for h in run.saes})
+    if main:
+        rundir.save_saes(run.saes, {h: sae_metadata(cfg, h, final_tokens) for h in run.saes})
     adapter = run.setup.adapter
     if adapter is not None:
         adapter.train(False)
-        rundir.save_adapter(adapter, cfg.model.name)
+        if main:
+            rundir.save_adapter(adapter, cfg.model.name)
     end_run_precision(run.setup.backbone)  # the final evaluation sees the model as configured
-    result, _ = evaluate_and_record(rundir, cfg, run.setup.backbone, run.saes, run.setup.eval_seqs, progress=progress)
+    s = run.setup
+    result, _ = evaluate_and_record(rundir, cfg, s.backbone, run.saes, s.eval_seqs, progress=progress, write=main)
+    if run.step.sharded is not None:
+        run.step.sharded.release()
+    if not main:
+        return result
     row = {"step": run.total_steps, "tokens": final_tokens, "split": "final_eval", **{k: result[k] for k in RUN_KEYS}}
     rundir.append_metrics(row)
     if run.wandb_run is not None:

@@ -87,9 +87,12 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, small_gpt2_dir,
     assert sorted(p.name for p in two.iterdir()) == expected
 
 
-def test_resume_under_torchrun_and_world_size_check(tmp_path, small_gpt2_dir):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "sharded"])
+def test_resume_under_torchrun_and_world_size_check(tmp_path, small_gpt2_dir, sharded):
+    """Under ``train.shard_model`` too: the checkpoint holds the SAEs alone, the model is never saved."""
     cfg = ROOT / "configs/tiny/e2e.yaml"
     base = [*overrides(small_gpt2_dir, 4), "train.checkpoint_every_tokens=1024", "train.tokens=16384"]
+    base += ["train.shard_model=true"] if sharded else []
     ref, run = tmp_path / "ref", tmp_path / "run"
     r = subprocess.run(
         torchrun("train", cfg, *base, "--out", ref, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600
@@ -115,7 +118,7 @@ def test_resume_under_torchrun_and_world_size_check(tmp_path, small_gpt2_dir):
     assert not (run / "eval.json").exists()
 
     r = subprocess.run(single("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2 and "resume it with 2, not 1" in r.stderr
+    assert r.returncode == 2 and ("train.shard_model" if sharded else "resume it with 2, not 1") in r.stderr
     r = subprocess.run(torchrun("train", "--resume", run, "--quiet"), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = sae_weights(ref), sae_weights(run)

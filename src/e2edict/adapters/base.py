@@ -111,6 +111,10 @@ class Adapter(ABC):
     def _write(self, folder: Path, base_model: str) -> None:
         """The adapter's two files, into an existing empty ``folder``."""
 
+    def watch_frozen(self, params: list[torch.nn.Parameter]) -> None:
+        """Check these frozen weights from now on (a sharded model's: each rank its own shards)."""
+        self._base, self._fingerprint = params, fingerprint(params)
+
     def check_base_unchanged(self) -> None:
         """Raise when any frozen base weight differs, bit for bit, from when the adapter was attached."""
         if fingerprint(self._base) != self._fingerprint:
@@ -127,7 +131,9 @@ def fingerprint(params: list[torch.nn.Parameter]) -> str:
     """A digest of the exact bytes of ``params`` (in their current dtype)."""
     h = hashlib.blake2b(digest_size=16)
     for p in params:
-        t = p.detach().to("cpu").contiguous()
+        t = p.detach()
+        # a sharded weight: this rank's shard; a copy, as numpy's view would pin the weight's storage
+        t = (t.to_local() if hasattr(t, "to_local") else t).to("cpu", copy=True).contiguous()
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -60,27 +60,47 @@ class Backbone(ABC):
         W = self.unembed()
         cache = getattr(self, "_head_cache", None)
         dtype = torch.promote_types(W.dtype, torch.float32)
-        pinned = getattr(self, "_original", None) is not None  # under `cast`: built from the original weights
+        pinned = self._head_pinned  # under `cast`: built from the original weights
         if cache is None or cache.W.device != W.device or (not pinned and cache.W.dtype != dtype):
             built = self._build_head()
             self._head_cache = cache = None if built is None else built.to(dtype)
         return cache
 
+    _head_pinned = False  # the head was built before `cast` and is kept until `restore_dtype`
+
     def _build_head(self) -> Head | None:
         """The padded head of this model (`Head.padded`), or None where it has no fused head."""
         return None
 
-    def cast(self, dtype: torch.dtype) -> None:
-        """Hold the frozen weights in ``dtype`` (`e2edict.precision.hold_weights`), the fused head built first."""
-        if getattr(self, "_original", None) is None:
+    def drop_head_cache(self) -> None:
+        """Forget the built head unless `cast` pinned it (a sharded model's head is built again
+        from the gathered weights: no whole copy is kept between steps)."""
+        if not self._head_pinned:
+            self._head_cache = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device  # type: ignore[attr-defined]
+
+    def warm_up(self) -> None:
+        """One tiny forward to the first block (a model sharded with FSDP2 settles its root there)."""
+        with torch.no_grad():
+            self.embed_to(torch.full((1, 1), self.bos_token_id, dtype=torch.long, device=self.device), 1)
+
+    def cast(self, dtype: torch.dtype, keep_original: bool = True) -> None:
+        """Hold the frozen weights in ``dtype`` (`e2edict.precision.hold_weights`; without
+        ``keep_original`` for good), the fused head built first from the original weights and
+        kept (pinned) in their precision."""
+        if not self._head_pinned:
             self._head_cache = None
             self.head()
-        hold_weights(self, dtype)
+            self._head_pinned = True
+        hold_weights(self, dtype, keep_original)
 
     def restore_dtype(self) -> None:
-        """Undo `cast`: the original dtype and the original weights, bit for bit."""
+        """Undo `cast`: the original dtype and the original weights, bit for bit (where they were kept)."""
         if restore_weights(self):
-            self._head_cache = None
+            self._head_cache, self._head_pinned = None, False
 
     def _move_to(self, dtype: torch.dtype) -> None:
         self.model.to(dtype)  # type: ignore[attr-defined]

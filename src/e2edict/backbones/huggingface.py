@@ -131,10 +131,6 @@ class HFBackbone(Backbone):
         if not self.plain:
             self._blocks_in_turn.clear()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def unembed(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.T
 

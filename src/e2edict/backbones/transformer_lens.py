@@ -138,6 +138,10 @@ class TLBackbone(Backbone):
         self._gelus = checked([(m, "act_fn") for m in mlps if getattr(getattr(m, "act_fn", None), "__name__", "") == "gelu_new"])
         self._kept = KeptHooks(self._register_kept)  # hooks inside blocks for `_run_plain` (`keep_hooks`)
 
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.model.blocks
+
     def unembed(self) -> torch.Tensor:
         return self.model.W_U
 
