@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from e2edict.analysis.tables import format_interp_table, format_table
+from e2edict.cli_model import model_commands, quiet_third_party
 from e2edict.errors import E2EDictError
 from e2edict.rundir import RunDir
 from e2edict.version import __version__
@@ -200,36 +201,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_hooks(args: argparse.Namespace) -> int:
-    from e2edict.run import open_backbone
-
-    _quiet_third_party()  # a listing: no loading bar
-    bb = open_backbone(args.model, args.backend, trust_remote_code=args.trust_remote_code)
-    shapes = bb.hook_shapes()
-    if args.transcoders:  # MLP pairs: short name, input hook, output hook, widths
-        for short, (src, dst) in bb.mlp_pairs().items():
-            print(f"{short}\t{src} -> {dst}\t{shapes[src][0]} -> {shapes[dst][0]}")
-        return 0
-    for name, shape in shapes.items():
-        if _in_block(bb, name):  # only positions that can take an SAE
-            print(f"{name}\t{shape[0]}")
-    norm = bb.final_norm_name() if hasattr(bb, "final_norm_name") else None
-    if norm is not None:
-        last = f"{bb.blocks_path}.{bb.n_layers - 1}"
-        print(
-            f"({norm} is the final norm, the head's input, not a position: {last} is the last residual stream)", file=sys.stderr
-        )
-    return 0
-
-
-def _in_block(bb, name: str) -> bool:
-    try:
-        bb.block_of(name)
-    except E2EDictError:
-        return False
-    return True
-
-
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from e2edict.tokenize_shards import tokenize_to_shards
 
@@ -259,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _analysis_commands(sub)
     _interp_command(sub)
     _data_commands(sub)
+    model_commands(sub)
     return ap
 
 
@@ -381,7 +353,7 @@ def _interp_command(sub) -> None:
 
 
 def _data_commands(sub) -> None:
-    """tokenize, hooks."""
+    """tokenize."""
     tk = sub.add_parser("tokenize", help="pack a text or token source into shards for random-access training data")
     tk.add_argument("source", help="a file, glob, folder, dataset name, tiny or tiny-val")
     tk.add_argument("--model", required=True, help="whose tokenizer: tiny, a model folder, or a hub name")
@@ -398,23 +370,6 @@ def _data_commands(sub) -> None:
     tk.add_argument("--trust-remote-code", action="store_true", help="run the tokenizer repository's own code")
     tk.add_argument("--quiet", action="store_true", help="no progress bar")
     tk.set_defaults(fn=_cmd_tokenize)
-    h = sub.add_parser("hooks", help="list a model's hook points that can take an SAE, with widths")
-    h.add_argument("model", nargs="?", default="tiny", help="tiny, a model folder, or a hub name")
-    h.add_argument("--backend", choices=["transformer_lens", "huggingface"], default="transformer_lens")
-    h.add_argument("--trust-remote-code", action="store_true", help="huggingface: run the repository's own model code")
-    h.add_argument("--transcoders", action="store_true", help="list the MLPs a transcoder can replace: short name, hooks, widths")
-    h.set_defaults(fn=_cmd_hooks)
-
-
-def _quiet_third_party() -> None:
-    """Under --quiet also the libraries' bars (transformers' "Loading weights", datasets')."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
     try:
         if getattr(args, "quiet", False):
-            _quiet_third_party()
+            quiet_third_party()
         return args.fn(args)
     except E2EDictError as e:
         print(f"e2edict: error: {' '.join(str(e).split(chr(10)))}", file=sys.stderr)

@@ -360,6 +360,10 @@ class TrainConfig(StrictModel):
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torchrun: nccl on GPU, gloo on CPU")
     dist_timeout_s: int = Field(600, gt=0, description="torchrun: how long a collective may wait for a rank")
+    memory_check: bool = Field(
+        True,
+        description="on a GPU: print the memory plan (e2edict plan) and refuse a run it says cannot fit, before the model loads",
+    )
     shard_model: bool = Field(
         False,
         description="torchrun: split the frozen model's weights over the ranks (FSDP2): each holds 1/N of them and "

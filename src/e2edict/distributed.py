@@ -92,13 +92,15 @@ def close_distributed(ctx: DistContext) -> None:
 class ShardedModel:
     """A backbone's frozen weights sharded over the ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
-    Each transformer block is one unit: its weights are gathered when it runs (forward, and again
-    for the backward of the blocks after an SAE) and freed after. The rest (embeddings, final norm,
-    output head) is the root unit: gathered at the first forward of a step and kept for the step,
-    because the fused KL and the final norm read those weights outside a module's forward; `release`
-    frees it after each optimizer step and each evaluation. Trainable parameters (an adapter's)
-    are left out of the sharding: they stay whole on every rank and their gradients are averaged
-    like the SAEs'. Frozen weights get no gradient, so nothing is reduced; only gathers."""
+    The model comes loaded on the CPU (and cast, under bf16); `fully_shard` moves each unit to the
+    rank's device and keeps its share there. Each transformer block is one unit: its weights are
+    gathered when it runs (forward, and again for the backward of the blocks after an SAE) and
+    freed after. The rest (embeddings, final norm, output head) is the root unit: gathered at the
+    first forward of a step and kept for the step, because the fused KL and the final norm read
+    those weights outside a module's forward; `release` frees it after each optimizer step and
+    each evaluation. Trainable parameters (an adapter's) are left out of the sharding: they stay
+    whole on every rank and their gradients are averaged like the SAEs'. Frozen weights get no
+    gradient, so nothing is reduced; only gathers."""
 
     def __init__(self, backbone, ctx: DistContext):
         from torch.distributed.device_mesh import init_device_mesh
@@ -111,6 +113,7 @@ class ShardedModel:
         for block in backbone.blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=trainable & set(block.parameters()))
         self.root = fully_shard(backbone.model, mesh=mesh, reshard_after_forward=False, ignored_params=trainable)
+        backbone.move_head(torch.device(ctx.device))  # a head pinned before the split (bf16) goes with the model
         backbone.warm_up()  # the first forward goes through the root: FSDP's root is decided there
         self.release()
         if backbone.adapter is not None:  # the adapter's check of the frozen weights: now this rank's shards

@@ -118,11 +118,14 @@ def eval_row(result: dict[str, Any], step: int, tokens: int) -> dict[str, Any]:
     return row
 
 
-def record_init(rundir, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor, tokens: int, batch_size: int) -> None:
-    """Warm-started SAEs' figures on the run's eval tokens before any step (eval.json's ``init``)."""
+def record_init(rundir, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor, tokens: int, batch_size: int,
+                write: bool = True) -> None:  # fmt: skip
+    """Warm-started SAEs' figures on the run's eval tokens before any step (eval.json's ``init``;
+    not written where not ``write``: a rank other than 0 of a sharded model)."""
     res = brief_evaluation(backbone, saes, seqs, tokens, batch_size)
     per_sae = {h: {k: m[k] for k in SAE_KEYS} for h, m in res["saes"].items()}
-    rundir.write_init_eval({**{k: res[k] for k in (*RUN_KEYS, "tokens") if k in res}, "saes": per_sae})
+    if write:
+        rundir.write_init_eval({**{k: res[k] for k in (*RUN_KEYS, "tokens") if k in res}, "saes": per_sae})
 
 
 def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], seqs: torch.Tensor,

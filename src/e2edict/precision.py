@@ -32,13 +32,13 @@ def no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def apply_run_precision(train_cfg, backbone, device: str) -> None:
+def apply_run_precision(train_cfg, backbone, device: str, cast: bool = True) -> None:
     """A training run's precision settings (the ``train`` block): the frozen model held in bf16
-    under ``precision: bf16`` (`Backbone.cast`; `end_run_precision` undoes it), TF32 on CUDA,
-    freed memory kept on CPU."""
+    under ``precision: bf16`` (`Backbone.cast`; `end_run_precision` undoes it; not ``cast``: it
+    was cast already, a sharded model before its split), TF32 on CUDA, freed memory kept on CPU."""
     device_type = torch.device(device).type
-    if train_cfg.precision == "bf16":  # a model to be sharded keeps no whole fp32 copy: it stays bf16
-        backbone.cast(torch.bfloat16, keep_original=not train_cfg.shard_model)
+    if train_cfg.precision == "bf16" and cast:
+        backbone.cast(torch.bfloat16)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = train_cfg.tf32
         torch.backends.cudnn.allow_tf32 = train_cfg.tf32

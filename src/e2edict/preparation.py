@@ -78,25 +78,26 @@ def prepare(cfg: Config, ctx: DistContext, out=None, overwrite: bool = False, re
     if not resume:
         rundir.check_free(overwrite)
     check_before_model(cfg, ctx.world)
+    if str(cfg.model.device).startswith("cuda") and cfg.train.memory_check:
+        _check_gpu_memory(cfg, ctx)
     if cfg.wandb.project:
         import_wandb()
-    setup = setup_run(cfg, source)
+    setup = setup_run(cfg, source)  # under train.shard_model the model is loaded on the CPU
     if not resume:
         on_main(ctx, lambda: (rundir.prepare(overwrite), rundir.write_config(config_text)))
     t = cfg.train
+    sharded = _shard(setup, cfg, ctx) if t.shard_model else None
     # one global batch per micro-step, sliced by rank
     batches = make_batches(setup.train_data, t.batch_size * ctx.world, cfg.seed, cfg.data.shuffle_buffer)
     saes = initial_saes(setup, batches, t.grad_accum)
     if cfg.saes.init_from and not (resume and rundir.init_eval_file.is_file()):
-        e = cfg.eval
-        on_main(ctx, lambda: record_init(rundir, setup.backbone, saes, setup.eval_seqs, e.tokens, e.batch_size))
+        _record_init(rundir, setup, saes, cfg, ctx, sharded)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.n_ctx * ctx.world
     total_steps, warmup = t.tokens // tokens_per_step, t.warmup_tokens // tokens_per_step
     opt = optimizer_from_config(_trainable(saes, setup.adapter, cfg.adapter and cfg.adapter.lr), t, warmup)
     sched = make_schedule(opt, t, total_steps, warmup)
-    apply_run_precision(t, setup.backbone, cfg.model.device)
+    apply_run_precision(t, setup.backbone, cfg.model.device, cast=sharded is None)  # a sharded model was cast before
     setup.backbone.checkpoint_blocks = t.activation_checkpointing
-    sharded = ShardedModel(setup.backbone, ctx) if t.shard_model else None
     step = TrainStep(
         setup.backbone, saes, _step_saes(cfg, saes, ctx), setup.loss_weights(), opt, sched, ctx, t.max_grad_norm,
         compile=t.compile and t.compile_mode,
@@ -111,6 +112,26 @@ def prepare(cfg: Config, ctx: DistContext, out=None, overwrite: bool = False, re
     run.batches = Prefetcher(batches, pin_memory=str(cfg.model.device).startswith("cuda"))  # built while the step runs
     run.wandb_run = _wandb(cfg, rundir.path) if ctx.is_main else None
     return run
+
+
+def _shard(setup: RunSetup, cfg: Config, ctx: DistContext) -> ShardedModel:
+    """The model, loaded on the CPU, cast to bf16 under ``train.precision: bf16`` (for good: no
+    whole fp32 copy is kept) and split over the ranks onto their devices (`ShardedModel`)."""
+    if cfg.train.precision == "bf16":
+        import torch
+
+        setup.backbone.cast(torch.bfloat16, keep_original=False)
+    return ShardedModel(setup.backbone, ctx)
+
+
+def _record_init(rundir: RunDir, setup: RunSetup, saes: dict[str, SAE], cfg: Config, ctx: DistContext, sharded) -> None:
+    """eval.json's ``init`` figures of warm-started SAEs: rank 0 evaluates, or every rank a sharded model."""
+    e = cfg.eval
+    if sharded is None:
+        on_main(ctx, lambda: record_init(rundir, setup.backbone, saes, setup.eval_seqs, e.tokens, e.batch_size))
+        return
+    record_init(rundir, setup.backbone, saes, setup.eval_seqs, e.tokens, e.batch_size, write=ctx.is_main)
+    sharded.release()
 
 
 def resolve_from_source(cfg: Config, source: tuple[dict[str, SAE], str] | None) -> Config:
@@ -146,6 +167,15 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     n = _known_sequences(_train_path(cfg), d.n_ctx)
     if n is not None:
         check_one_step(cfg, n - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0))
+
+
+def _check_gpu_memory(cfg: Config, ctx: DistContext) -> None:
+    import torch
+
+    from e2edict.plan import check_memory
+
+    total = torch.cuda.get_device_properties(torch.device(cfg.model.device)).total_memory
+    check_memory(cfg, ctx.world, total, show=ctx.is_main)
 
 
 def _layers_from_config(cfg: Config) -> int | None:

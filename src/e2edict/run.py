@@ -21,9 +21,12 @@ from e2edict.splice import LossWeights
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def build_backbone(cfg: Config) -> Backbone:
+def build_backbone(cfg: Config, device: str | None = None) -> Backbone:
+    """The configured model, on ``device`` (default ``model.device``)."""
     m = cfg.model
-    return open_backbone(m.name, m.backend, m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code, m.fused_attention)
+    return open_backbone(
+        m.name, m.backend, device or m.device, DTYPES[m.dtype], m.process_weights, m.trust_remote_code, m.fused_attention
+    )
 
 
 def open_backbone(
@@ -102,8 +105,10 @@ def check_one_step(cfg: Config, n_sequences: int) -> None:
 def setup_run(cfg: Config, source: tuple[dict[str, SAE], str] | None = None) -> RunSetup:
     """Load and check everything that needs the model; raise `E2EDictError` on the first problem.
     ``source``: ``saes.init_from``'s SAEs as `e2edict.saes.pretrained.load_source` gave them
-    (loaded here where not given)."""
-    backbone = build_backbone(cfg)
+    (loaded here where not given). Under ``train.shard_model`` the model is loaded on the CPU: the
+    split (`e2edict.distributed.ShardedModel`) moves each rank's share to its device, so no device
+    ever holds it whole."""
+    backbone = build_backbone(cfg, "cpu" if cfg.train.shard_model else None)
     resolved, outputs = _resolve_positions(cfg, backbone)
     positions = list(resolved)
     shapes = backbone.hook_shapes()

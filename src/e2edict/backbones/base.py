@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from e2edict.backbones.head import Head
+from e2edict.backbones.head import FusedHead
 from e2edict.backbones.in_turn import HookFn, KeptHooks, StopForward, chain
 from e2edict.backbones.naming import HookNames
 from e2edict.errors import E2EDictError
@@ -19,7 +19,7 @@ from e2edict.precision import hold_weights, restore_weights
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-class Backbone(ABC):
+class Backbone(FusedHead, ABC):
     """A frozen language model seen through its hook points."""
 
     name: str
@@ -47,36 +47,6 @@ class Backbone(ABC):
         head's input, instead of the logits. With neither, the run stops after the last hooked
         activation (`stop_after_last`) and returns None. A hook may return a tensor to replace
         the activation, or raise `StopForward`."""
-
-    head_ok = True  # whether the logits are the fused head of the final hidden states (a backbone that probes sets it)
-
-    def head(self) -> Head | None:
-        """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
-        logits are not exactly ``head.logits(final hidden states)`` (`head_ok`); then `run_from`
-        gives logits. Built by `_build_head` once per device, always from fp32 weights: under `cast`
-        the head keeps the model's original fp32 unembedding, so the KL's logits are fp32 GEMMs."""
-        if not self.head_ok:
-            return None
-        W = self.unembed()
-        cache = getattr(self, "_head_cache", None)
-        dtype = torch.promote_types(W.dtype, torch.float32)
-        pinned = self._head_pinned  # under `cast`: built from the original weights
-        if cache is None or cache.W.device != W.device or (not pinned and cache.W.dtype != dtype):
-            built = self._build_head()
-            self._head_cache = cache = None if built is None else built.to(dtype)
-        return cache
-
-    _head_pinned = False  # the head was built before `cast` and is kept until `restore_dtype`
-
-    def _build_head(self) -> Head | None:
-        """The padded head of this model (`Head.padded`), or None where it has no fused head."""
-        return None
-
-    def drop_head_cache(self) -> None:
-        """Forget the built head unless `cast` pinned it (a sharded model's head is built again
-        from the gathered weights: no whole copy is kept between steps)."""
-        if not self._head_pinned:
-            self._head_cache = None
 
     @property
     def device(self) -> torch.device:

@@ -50,6 +50,11 @@ class Head:
         bias = None if self.bias is None else self.bias.to(dtype)
         return Head(self.W.to(dtype), bias, self.mask, self.n_vocab, self.softcap)
 
+    def to_device(self, device: torch.device) -> Head:
+        """This head on ``device``."""
+        bias = None if self.bias is None else self.bias.to(device)
+        return Head(self.W.to(device), bias, self.mask.to(device), self.n_vocab, self.softcap)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [rows, V_pad] in fp32 of hidden states [rows, d_model], padding masked.
 
@@ -70,3 +75,44 @@ class Head:
         if self.softcap <= 0:
             return None
         return 1 - (logits / self.softcap).square()
+
+
+class FusedHead:
+    """A backbone's built `Head`, cached: the part of `e2edict.backbones.base.Backbone` that builds,
+    pins (under `Backbone.cast`), moves and forgets it. A backbone gives `unembed` and `_build_head`."""
+
+    head_ok = True  # whether the logits are the fused head of the final hidden states (a backbone that probes sets it)
+
+    def head(self) -> Head | None:
+        """The output head for the fused KL (`e2edict.losses.head_kl_loss`), or None where the
+        logits are not exactly ``head.logits(final hidden states)`` (`head_ok`); then `run_from`
+        gives logits. Built by `_build_head` once per device, always from fp32 weights: under `cast`
+        the head keeps the model's original fp32 unembedding, so the KL's logits are fp32 GEMMs."""
+        if not self.head_ok:
+            return None
+        W = self.unembed()
+        cache = getattr(self, "_head_cache", None)
+        dtype = torch.promote_types(W.dtype, torch.float32)
+        pinned = self._head_pinned  # under `cast`: built from the original weights
+        if cache is None or cache.W.device != W.device or (not pinned and cache.W.dtype != dtype):
+            built = self._build_head()
+            self._head_cache = cache = None if built is None else built.to(dtype)
+        return cache
+
+    _head_pinned = False  # the head was built before `cast` and is kept until `restore_dtype`
+
+    def _build_head(self) -> Head | None:
+        """The padded head of this model (`Head.padded`), or None where it has no fused head."""
+        return None
+
+    def drop_head_cache(self) -> None:
+        """Forget the built head unless `cast` pinned it (a sharded model's head is built again
+        from the gathered weights: no whole copy is kept between steps)."""
+        if not self._head_pinned:
+            self._head_cache = None
+
+    def move_head(self, device: torch.device) -> None:
+        """The built head (a pinned one: `cast`) moved to ``device`` with the model."""
+        cache = getattr(self, "_head_cache", None)
+        if cache is not None:
+            self._head_cache = cache.to_device(device)

@@ -42,7 +42,7 @@ def resolve_model_path(name_or_path: str) -> Path | None:
 
 
 def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,8 +56,26 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
             f"model folder {str(path)!r} is a {archs[0]}; the TransformerLens backend converts GPT2LMHeadModel folders"
         )
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False)
-    c = hf.config
-    cfg = HookedTransformerConfig(
+    cfg = gpt2_hooked_config(hf.config, path.name, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    with warnings.catch_warnings():
+        # e2edict relies on HookedTransformer's hook names and start/stop_at_layer on purpose.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = convert_gpt2_weights(hf, cfg)
+    # No weight processing: hook activations equal the Hugging Face model's hidden states.
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    model.to(dtype)
+    return model.to(device)
+
+
+def gpt2_hooked_config(c, name: str, device: str, dtype: torch.dtype):
+    """TransformerLens's config of a Hugging Face GPT-2 config (weights kept as they are: no processing)."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
         d_model=c.n_embd,
         d_head=c.n_embd // c.n_head,
         n_heads=c.n_head,
@@ -71,24 +89,12 @@ def _gpt2_folder_to_hooked(path: Path, device: str, dtype: torch.dtype):
         scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
         normalization_type="LN",
         original_architecture="GPT2LMHeadModel",
-        model_name=path.name,
+        model_name=name,
         tokenizer_prepends_bos=False,
         default_prepend_bos=True,
         dtype=dtype,
         device=device,
     )
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    with warnings.catch_warnings():
-        # e2edict relies on HookedTransformer's hook names and start/stop_at_layer on purpose.
-        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = convert_gpt2_weights(hf, cfg)
-    # No weight processing: hook activations equal the Hugging Face model's hidden states.
-    model.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
-    )
-    model.to(dtype)
-    return model.to(device)
 
 
 def load_hooked_transformer(
