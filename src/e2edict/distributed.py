@@ -124,16 +124,6 @@ class ShardedModel:
         self.root.reset_iter_state()
         self.backbone.drop_head_cache()
 
-    def local_fraction(self) -> float:
-        """The share of the frozen model's elements this rank holds now."""
-        held = total = 0
-        for p in self.backbone.model.parameters():
-            if p.requires_grad:
-                continue
-            total += p.numel()
-            held += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-        return held / total
-
 
 def check_sharding(shard: bool, world: int, n_layers: int | None) -> None:
     """``train.shard_model`` needs torchrun with at least two ranks and no more ranks than blocks."""

@@ -198,8 +198,8 @@ class _Shapes:
         src, _, dst = (s.strip() for s in spec.partition("->"))
         block, d_in = self._width(src)
         d_out = self._width(dst)[1] if dst else d_in
-        at_input = src.endswith(".hook_resid_pre") or src == f"{self.blocks_path}.{block}:input"
-        return (block if at_input else block + 1), d_in, d_out
+        start = graph_start(src)
+        return (block + 1 if start is None else start), d_in, d_out
 
     def _width(self, name: str) -> tuple[int, int]:
         """(block, width) of a hook: TransformerLens names by their family, module paths by the module."""
@@ -230,6 +230,17 @@ class _Shapes:
         finally:
             hook.remove()
         return int(got[0])
+
+
+def graph_start(position: str) -> int | None:
+    """The first block a spliced run's graph goes through for an SAE at ``position``: its own
+    block where it reads that block's input (``blocks.L.hook_resid_pre``, ``<blocks>.L:input``),
+    else the next; None for a name that numbers no block."""
+    m = re.match(r"^(?:.*\.)?(\d+)(\.hook_resid_pre|:input)?(\..*)?$", position)
+    if m is None:
+        return None
+    block = int(m.group(1))
+    return block if m.group(2) and not m.group(3) else block + 1
 
 
 def _hf_on_meta(cfg: Config, hf, dtype: torch.dtype) -> torch.nn.Module:

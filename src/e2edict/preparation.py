@@ -159,7 +159,10 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     ``world`` ranks, and the training data's size where its files say it without reading the
     data (a ``.npy`` token stream's shape, a shard folder's manifest) against one step's sequences."""
     t, d = cfg.train, cfg.data
-    check_sharding(t.shard_model, world, _layers_from_config(cfg) if t.shard_model else None)
+    layers = _layers_from_config(cfg) if t.shard_model or t.activation_checkpointing else None
+    check_sharding(t.shard_model, world, layers)
+    if t.activation_checkpointing and layers is not None:
+        _check_blocks_after(cfg, layers)
     per_step = t.batch_size * t.grad_accum * d.n_ctx * world
     if t.tokens < per_step:
         ranks = f" over {world} ranks" if world > 1 else ""
@@ -167,6 +170,18 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     n = _known_sequences(_train_path(cfg), d.n_ctx)
     if n is not None:
         check_one_step(cfg, n - (-(-d.holdout_tokens // d.n_ctx) if d.eval == "holdout" else 0))
+
+
+def _check_blocks_after(cfg: Config, layers: int) -> None:
+    """Activation checkpointing recomputes the blocks after the first SAE: there must be one."""
+    from e2edict.plan import graph_start
+
+    starts = [graph_start(p.split("->")[0].strip()) for p in cfg.saes.positions]
+    if all(s is not None and s >= layers for s in starts):
+        raise E2EDictError(
+            f"train.activation_checkpointing: no block of the model's {layers} runs after the SAEs "
+            f"({', '.join(cfg.saes.positions)}), so there is nothing to recompute"
+        )
 
 
 def _check_gpu_memory(cfg: Config, ctx: DistContext) -> None:

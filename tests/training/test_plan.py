@@ -122,3 +122,14 @@ def test_the_plan_command(tmp_path):
                           (["model.name=" + str(tmp_path / "none")], "cannot read the config of model")):  # fmt: skip
         r = subprocess.run(cli_cmd("plan", CFG, *bad), env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_checkpointing_with_no_block_after_the_saes_is_refused_before_the_model_loads():
+    from e2edict.preparation import check_before_model
+
+    for position in ("blocks.3.hook_resid_post", "blocks.3.mlp"):  # the embedded model has 4 blocks
+        cfg = load_config(CFG, [f"saes.positions=[{position}]", "train.activation_checkpointing=true"])
+        with pytest.raises(E2EDictError, match="no block of the model's 4 runs after the SAEs"):
+            check_before_model(cfg)
+    for position in ("blocks.3.hook_resid_pre", "blocks.0.hook_resid_pre"):
+        check_before_model(load_config(CFG, [f"saes.positions=[{position}]", "train.activation_checkpointing=true"]))
