@@ -201,6 +201,20 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from e2edict.preparation import layers_from_config
+    from e2edict.saes.circuit_tracer_format import export_circuit_tracer
+
+    rundir = RunDir(args.run_dir).require()
+    cfg = rundir.read_config()
+    n_layers = layers_from_config(cfg)
+    config = export_circuit_tracer(rundir.load_saes(), cfg.model.name, n_layers, Path(args.out), args.overwrite)
+    checked = f"all {n_layers} layers" if n_layers is not None else "layers 0.. without a gap (the model's layer count unread)"
+    print(f"wrote circuit-tracer's transcoder set ({checked}; {config['feature_input_hook']} -> "
+          f"{config['feature_output_hook']}) to {args.out}")  # fmt: skip
+    return 0
+
+
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from e2edict.tokenize_shards import tokenize_to_shards
 
@@ -277,6 +291,12 @@ def _run_commands(sub) -> None:
     w.add_argument("--dry-run", action="store_true", help="list what would run")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(fn=_cmd_sweep)
+    x = sub.add_parser("export", help="write a run's SAEs in another tool's format: circuit-tracer")
+    x.add_argument("format", choices=["circuit-tracer"], help="circuit-tracer: a transcoder set (docs/transcoders.md)")
+    x.add_argument("run_dir", help="a run directory of transcoders, one per layer")
+    x.add_argument("--out", required=True, help="the folder to write (config.yaml, layer_{i}.safetensors)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    x.set_defaults(fn=_cmd_export)
 
 
 def _analysis_commands(sub) -> None:

@@ -159,7 +159,7 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     ``world`` ranks, and the training data's size where its files say it without reading the
     data (a ``.npy`` token stream's shape, a shard folder's manifest) against one step's sequences."""
     t, d = cfg.train, cfg.data
-    layers = _layers_from_config(cfg) if t.shard_model or t.activation_checkpointing else None
+    layers = layers_from_config(cfg) if t.shard_model or t.activation_checkpointing else None
     check_sharding(t.shard_model, world, layers)
     if t.activation_checkpointing and layers is not None:
         _check_blocks_after(cfg, layers)
@@ -193,7 +193,7 @@ def _check_gpu_memory(cfg: Config, ctx: DistContext) -> None:
     check_memory(cfg, ctx.world, total, show=ctx.is_main)
 
 
-def _layers_from_config(cfg: Config) -> int | None:
+def layers_from_config(cfg: Config) -> int | None:
     """The model's block count from its config.json, without its weights (None where no config
     file is at hand; the count is checked again once the model loads)."""
     from e2edict.backbones.transformer_lens import resolve_model_path

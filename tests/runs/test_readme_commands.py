@@ -60,11 +60,12 @@ def test_every_use_command_of_the_readme_runs(tmp_path):
                            capture_output=True, text=True, timeout=900)  # fmt: skip
         assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
         ran.append(args[0])
-    assert {"hooks", "tokenize", "train", "eval", "compare", "report", "import-e2e-sae", "interp"} <= set(ran)
+    assert {"hooks", "tokenize", "train", "eval", "compare", "report", "import-e2e-sae", "interp", "plan", "export"} <= set(ran)
     assert (tmp_path / "out/runs/tiny-e2e/interp.json").is_file()
     assert (tmp_path / "out/runs/tiny-e2e/report/index.html").is_file()
     assert (tmp_path / "out/runs/tiny-e2e+architecture-matryoshka_batchtopk+k-32+coeff-0/eval.json").is_file()
     assert (tmp_path / "data/books/manifest.json").is_file() and (tmp_path / "out/compare").is_dir()
+    assert (tmp_path / "out/ct/layer_3.safetensors").is_file()
 
 
 def _takes_quiet(args: list[str]) -> bool:
