@@ -1,12 +1,14 @@
-"""The circuit-tracer export (``e2edict export circuit-tracer``) read back the way circuit-tracer's
-own loader reads it, reproduced here from its source (decoderesearch/circuit-tracer,
-``circuit_tracer/transcoder/single_layer_transcoder.py``: ``load_transcoder``, ``SingleLayerTranscoder.
-encode/decode``, ``activation_functions``), since its pins (transformers <= 4.57) cannot share
-e2edict's environment: the same transcoder outputs as e2edict on the same inputs (1e-5, fp32) for
-ReLU, TopK, JumpReLU, BatchTopK and skip transcoders; a trained run through the command line; bad
-input refused in one line with nothing written."""
+"""The circuit-tracer export (``e2edict export circuit-tracer``) read back by circuit-tracer: by
+its own loader (``load_transcoder_set`` of circuit-tracer 0.5.0 from PyPI, in its own virtual
+environment: its pins cannot share e2edict's) for ReLU, JumpReLU and BatchTopK transcoders with and
+without skip paths, and by its current loader's reading reproduced from its source
+(decoderesearch/circuit-tracer, ``single_layer_transcoder.py``: ``load_transcoder``,
+``SingleLayerTranscoder.encode/decode``, ``activation_functions``), which adds TopK: the same
+transcoder outputs as e2edict on the same inputs (1e-5, fp32); a trained run through the command
+line; bad input refused in one line with nothing written."""
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +118,63 @@ def test_an_unwritable_folder_is_one_line(tmp_path):
     with pytest.raises(E2EDictError, match="cannot write") as e:
         export_circuit_tracer(transcoders("relu"), "tiny", 4, blocker / "ct")
     assert "\n" not in str(e.value)
+
+
+CIRCUIT_TRACER = "circuit-tracer==0.5.0"  # the newest on PyPI: ReLU and JumpReLU transcoders (TopK came later)
+READ_WITH_CIRCUIT_TRACER = """
+import sys, torch, yaml
+from safetensors.torch import load_file, save_file
+from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+folder, inputs, out = sys.argv[1:]
+config = yaml.safe_load(open(f"{folder}/config.yaml"))
+x = load_file(inputs)["x"]
+n = len([1 for name in __import__("os").listdir(folder) if name.startswith("layer_")])
+ts = load_transcoder_set({i: f"{folder}/layer_{i}.safetensors" for i in range(n)}, scan="e2edict",
+                         feature_input_hook=config["feature_input_hook"], feature_output_hook=config["feature_output_hook"],
+                         device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
+with torch.no_grad():
+    save_file({f"layer_{i}": ts[i](x).contiguous() for i in range(n)}, out)
+"""
+
+
+def circuit_tracer_python():
+    """A virtual environment with circuit-tracer (installed without its pinned dependencies,
+    reading this environment's torch, safetensors and yaml through a .pth file), made once in out/."""
+    import sysconfig
+
+    venv = ROOT / "out" / "venv-circuit-tracer"
+    python = venv / "bin" / "python"
+    if not (venv / "ok").is_file():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        (site / "e2edict-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", CIRCUIT_TRACER], check=True, timeout=600)
+        (venv / "ok").write_text(CIRCUIT_TRACER)
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, skip, kw",
+    [("relu", True, {}), ("jumprelu", True, {"init_threshold": 0.05}), ("batchtopk", False, {"k": 8})],
+    ids=["relu-skip", "jumprelu-skip", "batchtopk"],
+)
+def test_circuit_tracers_own_loader_reads_the_export(tmp_path, arch, skip, kw):
+    from safetensors.torch import load_file, save_file
+
+    saes = transcoders(arch, skip, **kw)
+    if arch == "batchtopk":
+        for sae in saes.values():
+            sae.threshold.fill_(0.2)
+    export_circuit_tracer(saes, "tiny", 4, tmp_path / "ct")
+    x = torch.randn(30, 16)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    script = tmp_path / "read.py"
+    script.write_text(READ_WITH_CIRCUIT_TRACER)
+    r = subprocess.run([str(circuit_tracer_python()), str(script), str(tmp_path / "ct"), str(tmp_path / "x.safetensors"),
+                        str(tmp_path / "out.safetensors")], env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = load_file(str(tmp_path / "out.safetensors"))
+    for layer, sae in enumerate(saes.values()):
+        with torch.no_grad():
+            torch.testing.assert_close(theirs[f"layer_{layer}"], sae(x)[0], atol=1e-5, rtol=1e-5)
