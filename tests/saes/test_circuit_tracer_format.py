@@ -140,16 +140,21 @@ with torch.no_grad():
 def circuit_tracer_python():
     """A virtual environment with circuit-tracer (installed without its pinned dependencies,
     reading this environment's torch, safetensors and yaml through a .pth file), made once in out/."""
+    import fcntl
     import sysconfig
 
     venv = ROOT / "out" / "venv-circuit-tracer"
     python = venv / "bin" / "python"
-    if not (venv / "ok").is_file():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        site = next((venv / "lib").glob("python*/site-packages"))
-        (site / "e2edict-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", CIRCUIT_TRACER], check=True, timeout=600)
-        (venv / "ok").write_text(CIRCUIT_TRACER)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / "venv-circuit-tracer.lock", "w") as lock:  # test workers make it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "ok").is_file():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            site = next((venv / "lib").glob("python*/site-packages"))
+            (site / "e2edict-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+            pip = [str(python), "-m", "pip", "install", "-q", "--no-deps", CIRCUIT_TRACER]
+            subprocess.run(pip, check=True, timeout=600)
+            (venv / "ok").write_text(CIRCUIT_TRACER)
     return python
 
 
