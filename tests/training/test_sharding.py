@@ -22,6 +22,9 @@ pytestmark = pytest.mark.slow  # torchrun runs in child processes
 CFG = ROOT / "configs/tiny/e2e.yaml"
 CASES = {
     "tl-e2e": (["saes.positions=[blocks.1.hook_resid_pre]"], "blocks.1.hook_resid_pre"),
+    "tl-checkpointing": (
+        ["saes.positions=[blocks.1.hook_resid_pre]", "train.activation_checkpointing=true"], "blocks.1.hook_resid_pre"
+    ),
     "hf-e2e": (["model.backend=huggingface", "saes.positions=[transformer.h.1]"], "transformer.h.1"),
     "tl-transcoder": (["saes.kind=transcoder", "saes.positions=[blocks.1.mlp]"], "blocks.1.ln2.hook_normalized"),
     "hf-matryoshka-e2e+ds": (
