@@ -202,12 +202,12 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from e2edict.preparation import layers_from_config
+    from e2edict.plan import model_layers
     from e2edict.saes.circuit_tracer_format import export_circuit_tracer
 
     rundir = RunDir(args.run_dir).require()
     cfg = rundir.read_config()
-    n_layers = layers_from_config(cfg)
+    n_layers = model_layers(cfg)
     config = export_circuit_tracer(rundir.load_saes(), cfg.model.name, n_layers, Path(args.out), args.overwrite)
     checked = f"all {n_layers} layers" if n_layers is not None else "layers 0.. without a gap (the model's layer count unread)"
     print(f"wrote circuit-tracer's transcoder set ({checked}; {config['feature_input_hook']} -> "

@@ -126,6 +126,17 @@ def check_memory(cfg: Config, world: int, gpu_bytes: int, show: bool) -> None:
         raise E2EDictError(f"{advice}; train.memory_check=false trains anyway")
 
 
+def model_layers(cfg: Config) -> int | None:
+    """The model's block count from its config, without its weights; None where the config is not
+    at hand without downloading (the count is checked again once the model loads)."""
+    try:
+        hf = model_config(cfg)
+    except E2EDictError:
+        return None
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    return getattr(text, "num_hidden_layers", None)
+
+
 def model_config(cfg: Config):
     """The model's transformers config, read without its weights and without downloading."""
     from transformers import AutoConfig
@@ -177,6 +188,8 @@ class _Shapes:
         self.blocks_path, hf_blocks = _block_list(self.hf)
         self.blocks = self.model.blocks if self.tl is not None else hf_blocks
         self.positions = {p: self._position(p) for p in cfg.saes.positions}  # name -> (block, d_in, d_out)
+        with torch.device("meta"):  # each SAE as training builds it, once
+            self.saes = [(_build_sae(cfg, d_in, d_out), d_out) for _, d_in, d_out in self.positions.values()]
 
     def blocks_forward(self, x: torch.Tensor, first: int) -> None:
         """Blocks ``first..`` on ``x`` with a graph, as training's spliced run calls them."""
@@ -296,10 +309,10 @@ def _weights(plan: Plan, s: _Shapes, cfg: Config, sharded: bool) -> None:
 
 
 def _sae_state(plan: Plan, s: _Shapes, cfg: Config) -> None:
-    sizes = [_sae_bytes(cfg, d_in, d_out) for _, d_in, d_out in s.positions.values()]
-    params, buffers = sum(p for p, _ in sizes), sum(b for _, b in sizes)
-    many = "s" if len(sizes) > 1 else ""
-    plan.lines.append(Line("SAE weights", params + buffers, f"{len(sizes)} SAE{many}, fp32 (and their buffers)"))
+    params = sum(_bytes(sae.parameters()) for sae, _ in s.saes)
+    buffers = sum(_bytes(sae.buffers()) for sae, _ in s.saes)
+    many = "s" if len(s.saes) > 1 else ""
+    plan.lines.append(Line("SAE weights", params + buffers, f"{len(s.saes)} SAE{many}, fp32 (and their buffers)"))
     if not cfg.saes.trainable:
         return
     ddp = plan.gpus > 1
@@ -307,20 +320,14 @@ def _sae_state(plan: Plan, s: _Shapes, cfg: Config) -> None:
     plan.lines.append(Line("optimizer state", 2 * params, f"{cfg.train.optimizer}: two moments per weight"))
 
 
-def _sae_bytes(cfg: Config, d_in: int, d_out: int) -> tuple[int, int]:
-    """(parameter bytes, buffer bytes) of one SAE."""
-    with torch.device("meta"):
-        sae = _build_sae(cfg, d_in, d_out)
-    return _bytes(sae.parameters()), sum(b.numel() * b.element_size() for b in sae.buffers())
-
-
 def _build_sae(cfg: Config, d_in: int, d_out: int):
+    from e2edict.run import dictionary_size
     from e2edict.saes import registry
     from e2edict.saes.base import Writes
 
     writes = Writes(d_out, "out", cfg.saes.kind == "skip_transcoder") if cfg.saes.kind != "sae" else None
     cls = registry[cfg.saes.architecture]
-    sae = cls.from_config(d_in, int(d_in * cfg.saes.dict_ratio), "h", cfg.saes, **({"writes": writes} if writes else {}))
+    sae = cls.from_config(d_in, dictionary_size(cfg, d_in), "h", cfg.saes, **({"writes": writes} if writes else {}))
     sae.train()
     return sae
 
@@ -331,10 +338,8 @@ def _activations(plan: Plan, s: _Shapes, cfg: Config) -> None:
     block's own again while the backward recomputes it)."""
     b, n = cfg.train.batch_size, cfg.data.n_ctx
     saes = 0
-    for _, d_in, d_out in s.positions.values():
-        with torch.device("meta"):
-            sae = _build_sae(cfg, d_in, d_out)
-        x = torch.empty(b * n, d_in, device="meta", dtype=s.dtype)
+    for sae, d_out in s.saes:
+        x = torch.empty(b * n, sae.d_in, device="meta", dtype=s.dtype)
         saes += _saved(lambda sae=sae, x=x, d_out=d_out: _sae_terms(sae, x, d_out, cfg), sae.parameters())
     plan.lines.append(Line("activations: SAEs", saes, f"{b} x {n} tokens"))
     plan.per_sequence = saes // b

@@ -27,6 +27,7 @@ from e2edict.errors import E2EDictError
 from e2edict.evaluation import record_init
 from e2edict.initialization import initial_saes
 from e2edict.optim import make_schedule, optimizer_from_config
+from e2edict.plan import check_memory, graph_start, model_layers
 from e2edict.precision import apply_run_precision
 from e2edict.run import RunSetup, check_one_step, setup_run
 from e2edict.rundir import RunDir
@@ -159,7 +160,7 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
     ``world`` ranks, and the training data's size where its files say it without reading the
     data (a ``.npy`` token stream's shape, a shard folder's manifest) against one step's sequences."""
     t, d = cfg.train, cfg.data
-    layers = layers_from_config(cfg) if t.shard_model or t.activation_checkpointing else None
+    layers = model_layers(cfg) if t.shard_model or t.activation_checkpointing else None
     check_sharding(t.shard_model, world, layers)
     if t.activation_checkpointing and layers is not None:
         _check_blocks_after(cfg, layers)
@@ -174,8 +175,6 @@ def check_before_model(cfg: Config, world: int = 1) -> None:
 
 def _check_blocks_after(cfg: Config, layers: int) -> None:
     """Activation checkpointing recomputes the blocks after the first SAE: there must be one."""
-    from e2edict.plan import graph_start
-
     starts = [graph_start(p.split("->")[0].strip()) for p in cfg.saes.positions]
     if all(s is not None and s >= layers for s in starts):
         raise E2EDictError(
@@ -187,23 +186,8 @@ def _check_blocks_after(cfg: Config, layers: int) -> None:
 def _check_gpu_memory(cfg: Config, ctx: DistContext) -> None:
     import torch
 
-    from e2edict.plan import check_memory
-
     total = torch.cuda.get_device_properties(torch.device(cfg.model.device)).total_memory
     check_memory(cfg, ctx.world, total, show=ctx.is_main)
-
-
-def layers_from_config(cfg: Config) -> int | None:
-    """The model's block count from its config.json, without its weights (None where no config
-    file is at hand; the count is checked again once the model loads)."""
-    from e2edict.backbones.transformer_lens import resolve_model_path
-
-    path = resolve_model_path(cfg.model.name)
-    if path is None or not (path / "config.json").is_file():
-        return None
-    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    n = raw.get("num_hidden_layers", raw.get("n_layer"))
-    return n if isinstance(n, int) else None
 
 
 def _train_path(cfg: Config) -> str:
