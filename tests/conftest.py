@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,3 +77,27 @@ def small_backbone(small_gpt2_dir):
     from e2edict.backbones import TLBackbone, load_hooked_transformer
 
     return TLBackbone(load_hooked_transformer(str(small_gpt2_dir)), "small")
+
+
+CIRCUIT_TRACER = "circuit-tracer==0.5.0"  # the newest on PyPI: ReLU and JumpReLU transcoders (TopK came later)
+
+
+def circuit_tracer_python():
+    """A virtual environment with circuit-tracer (installed without its pinned dependencies,
+    reading this environment's torch, safetensors and yaml through a .pth file), made once in out/."""
+    import fcntl
+    import sysconfig
+
+    venv = ROOT / "out" / "venv-circuit-tracer"
+    python = venv / "bin" / "python"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / "venv-circuit-tracer.lock", "w") as lock:  # test workers make it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "ok").is_file():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            site = next((venv / "lib").glob("python*/site-packages"))
+            (site / "e2edict-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+            pip = [str(python), "-m", "pip", "install", "-q", "--no-deps", CIRCUIT_TRACER]
+            subprocess.run(pip, check=True, timeout=600)
+            (venv / "ok").write_text(CIRCUIT_TRACER)
+    return python

@@ -237,6 +237,14 @@ class Coeff(StrictModel):
     coeff: float | None = Field(None, ge=0, description="null: taken from loss.preset")
 
 
+class LocalLoss(Coeff):
+    normalize: bool = Field(
+        False,
+        description="each SAE's MSE over its target's variance in the batch (the fraction of variance unexplained): "
+        "every SAE or transcoder weighs the same however large its activation",
+    )
+
+
 class DownstreamLoss(Coeff):
     positions: list[str] | None = Field(None, description="null: every later residual hook")
 
@@ -245,7 +253,7 @@ class LossConfig(StrictModel):
     preset: Literal[tuple(PRESETS)] = "e2e"  # type: ignore[valid-type]  # the names of `e2edict.presets.PRESETS`
     sparsity: SparsityLoss = SparsityLoss()
     kl: Coeff = Coeff()
-    local: Coeff = Coeff()
+    local: LocalLoss = LocalLoss()
     downstream: DownstreamLoss = DownstreamLoss()
     kl_balance: bool | None = Field(
         None,
@@ -401,6 +409,12 @@ class EvalConfig(StrictModel):
     alive_tokens: int = Field(500_000, gt=0, description="window for alive and feature density (or all the data there is)")
     batch_size: int = Field(16, gt=0)
     during_training_tokens: int = Field(16_384, gt=0, description="eval tokens for the evaluations during training")
+    graph_prompts: int = Field(
+        4,
+        ge=0,
+        description="a transcoder run: prompts whose attribution graphs give its replacement and completeness scores (0: none)",
+    )
+    graph_tokens: int = Field(32, ge=2, description="tokens of each graph's prompt (the first of an eval sequence, BOS first)")
 
 
 class WandbConfig(StrictModel):

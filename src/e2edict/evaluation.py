@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from e2edict.attribution import run_graph_scores
 from e2edict.backbones.base import Backbone
 from e2edict.errors import E2EDictError
 from e2edict.eval_metrics import Accumulators, OutputStats, codes_only
@@ -98,8 +99,6 @@ def evaluate_adapter(
             "ce_loss_change": r["ce_loss_increase"], "kl": r["kl"], "tokens": n * n_ctx}  # fmt: skip
 
 
-
-
 RUN_KEYS = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_increase", "kl")  # the output figures a run records
 SAE_KEYS = ("l0", "alive", "explained_variance", "mse")  # each SAE's figures during training
 
@@ -134,7 +133,8 @@ def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], s
     """The run's evaluation (its ``eval`` settings, or ``tokens`` / ``alive_tokens``), written to
     its directory (`e2edict.rundir.RunDir`: eval.json and each SAE's sparsity file) unless not
     ``write`` (a rank other than 0 of a sharded model); returns the result and the densities.
-    With an adapter, eval.json also holds `adapter_figures`."""
+    With an adapter, eval.json also holds `adapter_figures`; a transcoder run, the replacement and
+    completeness scores of its attribution graphs (``graph``: `e2edict.attribution.run_graph_scores`)."""
     densities: dict[str, torch.Tensor] = {}
     result = evaluate_saes(
         backbone,
@@ -148,6 +148,9 @@ def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], s
     )
     if backbone.adapter is not None:
         result.update(adapter_figures(backbone, saes, seqs, tokens or cfg.eval.tokens, cfg.eval.batch_size))
+    if cfg.eval.graph_prompts and all(s.hook_name_out is not None for s in saes.values()):
+        with eval_mode(saes):
+            result["graph"] = run_graph_scores(backbone, saes, seqs, cfg.eval.graph_prompts, cfg.eval.graph_tokens)
     if write:
         rundir.record_evaluation(result, densities)
     return result, densities

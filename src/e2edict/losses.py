@@ -44,6 +44,14 @@ def mse_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x_hat.to(dtype), x.to(dtype), reduction="mean")
 
 
+def target_variance(x: torch.Tensor) -> torch.Tensor:
+    """The mean over elements of ``x``'s squared deviation from its mean over tokens (detached):
+    `mse_loss` divided by it is the fraction of variance unexplained (sparsify's loss)."""
+    with torch.no_grad():
+        flat = x.reshape(-1, x.shape[-1]).to(_at_least_fp32(x))
+        return (flat - flat.mean(dim=0)).pow(2).mean().clamp(min=torch.finfo(flat.dtype).tiny)
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 

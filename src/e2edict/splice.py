@@ -20,7 +20,7 @@ import torch
 from e2edict.backbones.base import Backbone
 from e2edict.backbones.in_turn import chain
 from e2edict.errors import E2EDictError
-from e2edict.losses import downstream_loss, head_kl_loss, kl_alpha, kl_loss
+from e2edict.losses import downstream_loss, head_kl_loss, kl_alpha, kl_loss, target_variance
 from e2edict.saes.base import SAE
 
 
@@ -35,6 +35,7 @@ class LossWeights:
     downstream: float = 0.0
     downstream_positions: list[str] = field(default_factory=list)
     kl_balance: bool = False  # the KL's coefficient times alpha = MSE / KL of the step, detached (loss.kl_balance)
+    local_normalize: bool = False  # each local MSE over its target's batch variance (loss.local.normalize)
 
     @classmethod
     def from_config(cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str]) -> LossWeights:
@@ -47,6 +48,7 @@ class LossWeights:
             downstream=loss_cfg.downstream.coeff,
             downstream_positions=downstream_positions,
             kl_balance=bool(loss_cfg.kl_balance),
+            local_normalize=loss_cfg.local.normalize,
         )
 
     @property
@@ -285,7 +287,10 @@ def _sae_terms(saes, out: SpliceOutput, weights: LossWeights) -> tuple[dict[str,
         core = unwrap(saes[h])
         parts = {f"sparsity/{h}": (weights.sparsity[h], core.sparsity_loss(out.inputs[h], out.codes[h], weights.p))}
         if weights.local > 0:
-            parts[f"local/{h}"] = (weights.local, core.local_loss(out.recons[h], out.targets[h], out.codes[h]))
+            local = core.local_loss(out.recons[h], out.targets[h], out.codes[h])
+            if weights.local_normalize:
+                local = local / target_variance(out.targets[h])
+            parts[f"local/{h}"] = (weights.local, local)
             aux = core.aux_loss(out.inputs[h], out.recons[h], out.codes[h])
             if aux is not None:  # e.g. the Gated SAE's auxiliary reconstruction, local training only
                 parts[f"aux/{h}"] = (weights.local, aux)

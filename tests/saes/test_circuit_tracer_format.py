@@ -8,13 +8,12 @@ transcoder outputs as e2edict on the same inputs (1e-5, fp32); a trained run thr
 line; bad input refused in one line with nothing written."""
 
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ENV, ROOT, cli_cmd
+from conftest import ENV, ROOT, circuit_tracer_python, cli_cmd
 from safetensors import safe_open
 
 from e2edict.errors import E2EDictError
@@ -120,7 +119,6 @@ def test_an_unwritable_folder_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-CIRCUIT_TRACER = "circuit-tracer==0.5.0"  # the newest on PyPI: ReLU and JumpReLU transcoders (TopK came later)
 READ_WITH_CIRCUIT_TRACER = """
 import sys, torch, yaml
 from safetensors.torch import load_file, save_file
@@ -135,27 +133,6 @@ ts = load_transcoder_set({i: f"{folder}/layer_{i}.safetensors" for i in range(n)
 with torch.no_grad():
     save_file({f"layer_{i}": ts[i](x).contiguous() for i in range(n)}, out)
 """
-
-
-def circuit_tracer_python():
-    """A virtual environment with circuit-tracer (installed without its pinned dependencies,
-    reading this environment's torch, safetensors and yaml through a .pth file), made once in out/."""
-    import fcntl
-    import sysconfig
-
-    venv = ROOT / "out" / "venv-circuit-tracer"
-    python = venv / "bin" / "python"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / "venv-circuit-tracer.lock", "w") as lock:  # test workers make it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (venv / "ok").is_file():
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            site = next((venv / "lib").glob("python*/site-packages"))
-            (site / "e2edict-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-            pip = [str(python), "-m", "pip", "install", "-q", "--no-deps", CIRCUIT_TRACER]
-            subprocess.run(pip, check=True, timeout=600)
-            (venv / "ok").write_text(CIRCUIT_TRACER)
-    return python
 
 
 @pytest.mark.slow

@@ -188,12 +188,19 @@ def _interp_plot(table: list[dict[str, Any]], path: Path) -> bool:
 
 
 def per_run(runs: list[FinishedRun]) -> list[dict[str, Any]]:
-    """One row per run, its SAEs spliced in together: mean L0 and explained variance over them."""
+    """One row per run, its SAEs spliced in together: mean L0 and explained variance over them, the
+    lowest CE-loss score, and a transcoder run's graph scores (eval.json ``graph``)."""
     out = []
     for r in runs:
         ms = list(r.eval["saes"].values())
         mean = {k: sum(m[k] for m in ms) / len(ms) for k in ("l0", "explained_variance", "alive")}
-        out.append({"run": r.name, "type": r.preset, "ce_loss_increase": r.eval["ce_loss_increase"], "kl": r.eval["kl"], **mean})
+        scores = [m["ce_loss_score"] for m in ms if m.get("ce_loss_score") is not None]
+        graph = r.eval.get("graph", {})
+        out.append({
+            "run": r.name, "type": r.preset, "ce_loss_increase": r.eval["ce_loss_increase"], "kl": r.eval["kl"], **mean,
+            "min_ce_loss_score": min(scores) if scores else None,
+            "replacement_score": graph.get("replacement_score"), "completeness_score": graph.get("completeness_score"),
+        })  # fmt: skip
     return out
 
 
@@ -211,7 +218,8 @@ def compare(runs: list[FinishedRun], out: Path) -> dict[str, Path]:
         written[name] = out / name
     if any(len(r.eval["saes"]) > 1 for r in runs):  # several SAEs (e.g. a transcoder per MLP): one row per run
         whole = per_run(runs)
-        cols = ["run", "type", "l0", "explained_variance", "alive", "ce_loss_increase", "kl"]
+        cols = ["run", "type", "l0", "explained_variance", "alive", "ce_loss_increase", "kl", "min_ce_loss_score"]
+        cols += [k for k in ("replacement_score", "completeness_score") if any(w[k] is not None for w in whole)]
         written["per_run_md"], written["per_run_csv"] = write_tables(whole, out, "per_run", cols)
         _scatter_with_fronts(whole, "l0", "mean L0 over the run's SAEs", out / "mean_l0_vs_ce.png")
         written["mean_l0_vs_ce.png"] = out / "mean_l0_vs_ce.png"

@@ -62,6 +62,8 @@ COLUMNS = [
     "explained_variance",
     "mse",
     "ce_loss_score",
+    "replacement_score",  # a transcoder run's attribution graphs (eval.json "graph"), the same on each of its rows
+    "completeness_score",
     "norm_ratio_pos0",
     "norm_ratio_pos_gt0",
     "tokens",
@@ -136,6 +138,8 @@ def rows(runs: list[FinishedRun]) -> list[dict[str, Any]]:
                     "explained_variance": m.get("explained_variance"),
                     "mse": m.get("mse"),
                     "ce_loss_score": m.get("ce_loss_score"),
+                    "replacement_score": r.eval.get("graph", {}).get("replacement_score"),
+                    "completeness_score": r.eval.get("graph", {}).get("completeness_score"),
                     "norm_ratio_pos0": m.get("norm_ratio_pos0"),
                     "norm_ratio_pos_gt0": m.get("norm_ratio_pos_gt0"),
                     "tokens": r.eval.get("tokens"),

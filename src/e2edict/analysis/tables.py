@@ -7,7 +7,8 @@ from typing import Any
 
 
 def format_table(runs: dict[str, dict[str, Any]]) -> str:
-    """One column per run (and SAE): L0, alive, CE-loss increase, KL, explained variance."""
+    """One column per run (and SAE): L0, alive, CE-loss increase, KL, explained variance (and a
+    transcoder run's replacement and completeness scores)."""
     cols: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for name, res in runs.items():
         for hook, m in res["saes"].items():
@@ -25,10 +26,18 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
         ("MSE", lambda r, m: f"{m['mse']:.4g}"),
         ("eval tokens", lambda r, m: str(r["tokens"])),
     ]
+    if any("replacement_score" in r.get("graph", {}) for _, r, _ in cols):  # transcoder runs' attribution graphs
+        rows.insert(-1, ("replacement score", lambda r, m: _graph(r, "replacement_score")))
+        rows.insert(-1, ("completeness score", lambda r, m: _graph(r, "completeness_score")))
     table = [["", *[c[0] for c in cols]]]
     for label, fn in rows:
         table.append([label, *[fn(r, m) for _, r, m in cols]])
     return _aligned(table)
+
+
+def _graph(res: dict[str, Any], key: str) -> str:
+    v = res.get("graph", {}).get(key)
+    return "-" if v is None else f"{v:.4f}"
 
 
 def format_interp_table(runs: dict[str, dict[str, Any]]) -> str:

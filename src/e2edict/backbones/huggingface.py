@@ -88,12 +88,6 @@ def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise E2EDictError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of {n} layers)")
 
 
-
-
-
-
-
-
 def _tanh_gelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """GPT-2's GELU formula modules (transformers' ``NewGELUActivation``), whose forward the
     backbone's own passes run as one kernel (`e2edict.backbones.activations`)."""

@@ -45,6 +45,24 @@ def export_circuit_tracer(
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise E2EDictError(f"{str(out)!r} exists and is not an empty folder; --overwrite replaces it")
+    config, files = transcoder_set(saes, model_name, n_layers)
+
+    def fill(tmp: Path) -> None:
+        for layer, tensors in files.items():
+            save_file(tensors, str(tmp / f"layer_{layer}.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+    try:
+        write_folder_atomic(out, fill)
+    except OSError as e:
+        raise E2EDictError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    return config
+
+
+def transcoder_set(
+    saes: dict[str, SAE], model_name: str, n_layers: int | None
+) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
+    """The set as circuit-tracer holds it: its ``config.yaml`` and each layer's tensors (fp32, CPU)."""
     by_layer, hook_in, hook_out = _layers(saes, n_layers)
     first = by_layer[0]
     arch = first.saelens_architecture
@@ -58,18 +76,17 @@ def export_circuit_tracer(
         config["activation"] = ACTIVATIONS[arch]
     if arch == "topk":
         config["k"] = int(first.k)
-    files = {layer: _tensors(sae) for layer, sae in by_layer.items()}
+    return config, {layer: _tensors(sae) for layer, sae in by_layer.items()}
 
-    def fill(tmp: Path) -> None:
-        for layer, tensors in files.items():
-            save_file(tensors, str(tmp / f"layer_{layer}.safetensors"))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
-    try:
-        write_folder_atomic(out, fill)
-    except OSError as e:
-        raise E2EDictError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-    return config
+def activation(pre: torch.Tensor, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """circuit-tracer's activation of a layer's pre-activations ``x W_enc^T + b_enc``."""
+    if config.get("activation") == "relu":
+        return torch.relu(pre)
+    if config.get("activation") == "topk":
+        top = torch.topk(pre, k=min(int(config["k"]), pre.shape[-1]), dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    return pre * (pre > tensors["activation_function.threshold"].to(pre))
 
 
 def _layers(saes: dict[str, SAE], n_layers: int | None) -> tuple[dict[int, SAE], str, str]:
@@ -105,7 +122,7 @@ def _layers(saes: dict[str, SAE], n_layers: int | None) -> tuple[dict[int, SAE],
             f"circuit-tracer needs a transcoder at every layer; the run has none at layer{'s' if len(missing) > 1 else ''} "
             f"{', '.join(map(str, missing))}"
         )
-    (hook_in, hook_out), = tails
+    ((hook_in, hook_out),) = tails
     return dict(sorted(by_layer.items())), hook_in, hook_out
 
 
