@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ENV, ROOT, circuit_tracer_python
+from conftest import ENV, ROOT, circuit_tracer_python, cli_cmd
 from safetensors.torch import load_file, save_file
 
 from e2edict.attribution import Graph, attribution_graph, graph_scores, influence
@@ -208,3 +208,45 @@ def test_circuit_tracers_own_graph_and_scores(tmp_path, tiny_model, arch, skip, 
     assert torch.equal(ours.features, theirs["features"])
     torch.testing.assert_close(ours.adjacency, theirs["adjacency"], rtol=1e-4, atol=1e-5)
     assert graph_scores(ours) == pytest.approx(json.loads(r.stdout.strip().splitlines()[-1]), abs=1e-5)
+
+
+def test_a_transcoder_run_records_its_graph_scores_and_compare_shows_them(tmp_path):
+    from e2edict.attribution import run_graph_scores
+    from e2edict.run import load_run_dir
+
+    run = tmp_path / "run"
+    train = cli_cmd("train", ROOT / "configs/tiny/transcoders-e2e.yaml", "train.tokens=4096", "train.batch_size=8",
+                    "saes.architecture=topk", "saes.k=8",
+                    "eval.tokens=2048", "eval.alive_tokens=2048", "eval.graph_prompts=2", "eval.graph_tokens=12",
+                    "--out", run)  # fmt: skip
+    r = subprocess.run(train, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "replacement score" in r.stdout
+    graph = json.loads((run / "eval.json").read_text())["graph"]
+    assert graph["prompts"] == 2 and graph["prompt_tokens"] == 12 and graph["features"] > 0
+    assert graph["replacement_score"] == pytest.approx(sum(graph["replacement_scores"]) / 2)
+    assert all(0 < v < 1 for v in graph["replacement_scores"] + graph["completeness_scores"])
+    loaded = load_run_dir(run)
+    again = run_graph_scores(loaded.backbone, loaded.saes, loaded.eval_seqs, 2, 12)
+    assert again["replacement_scores"] == pytest.approx(graph["replacement_scores"], abs=1e-6)
+    assert again["completeness_scores"] == pytest.approx(graph["completeness_scores"], abs=1e-6)
+    r = subprocess.run(cli_cmd("compare", run, "--out", tmp_path / "cmp"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    per_run = (tmp_path / "cmp" / "per_run.md").read_text()
+    assert "replacement_score" in per_run and f"{graph['replacement_score']:.4f}" in per_run
+
+
+def test_what_cannot_be_graphed_says_why():
+    from e2edict.attribution import run_graph_scores
+    from e2edict.run import open_backbone
+
+    backbone = open_backbone("tiny", "transformer_lens")
+    seqs = torch.tensor([[0, 367, 280, 296, 1294, 352, 261, 270]])
+    saes = random_transcoders(backbone.model.cfg.d_model, False)
+    one = {h: s for h, s in saes.items() if h.startswith("blocks.1.")}
+    assert run_graph_scores(backbone, one, seqs, 1, 8) == {
+        "skipped": "circuit-tracer needs a transcoder at every layer; the run has none at layers 0, 2, 3"
+    }
+    few = run_graph_scores(backbone, saes, seqs, 1, 8, max_features=10)
+    assert few["skipped"].startswith("prompt 0 has ") and few["skipped"].endswith("more than 10 (eval.graph_max_features)")
+    assert "prompts" in run_graph_scores(backbone, saes, seqs, 1, 8)

@@ -43,6 +43,10 @@ MAX_LOGITS, LOGIT_PROBABILITY = 10, 0.95  # circuit-tracer's defaults for the lo
 _FROZEN = ("hook_pattern", "hook_scale")  # attention patterns and normalisation scales
 
 
+class TooManyFeatures(E2EDictError):
+    """A prompt whose graph would exceed the feature budget."""
+
+
 @dataclass
 class Graph:
     """A prompt's direct-effect matrix (rows: targets, columns: sources) over the nodes in
@@ -107,14 +111,18 @@ class _Layer:
 
 
 def attribution_graph(model, config: dict[str, Any], layers: dict[int, dict[str, torch.Tensor]],
-                      tokens: torch.Tensor, batch_size: int = 256) -> Graph:  # fmt: skip
+                      tokens: torch.Tensor, batch_size: int = 256, max_features: int | None = None) -> Graph:  # fmt: skip
     """The graph of ``tokens`` ([P], starting with BOS) for a TransformerLens ``model`` with the
-    transcoder set ``(config, layers)`` (`transcoder_set`) replacing its MLPs."""
+    transcoder set ``(config, layers)`` (`transcoder_set`) replacing its MLPs. A prompt with more
+    than ``max_features`` active features is refused (the dense matrix grows with their square)."""
     hooks = (config["feature_input_hook"], config["feature_output_hook"])
     check_model(model, hooks, len(layers))
     with _frozen_parameters(model):
         x_in, mlp_out, logits = _clean_run(model, tokens, hooks)
         found = [_features(config, layers[i], x_in[i], mlp_out[i]) for i in range(len(layers))]
+        active = sum(len(f.positions) for f in found)
+        if max_features is not None and active > max_features:
+            raise TooManyFeatures(f"{active:,} active features, more than {max_features:,}")
         probs, logit_vecs = _salient_logits(logits, model.W_U)
         targets = [(len(layers), len(tokens) - 1, v) for v in logit_vecs]
         targets += [(i, int(p), w) for i, f in enumerate(found) for p, w in zip(f.positions, f.encoder, strict=True)]
@@ -266,10 +274,13 @@ class _FrozenRun:
         return torch.cat([*feats, *errors, tokens], dim=1).cpu()
 
 
-def run_graph_scores(backbone, saes: dict, sequences: torch.Tensor, prompts: int, tokens: int) -> dict[str, Any]:
+def run_graph_scores(
+    backbone, saes: dict, sequences: torch.Tensor, prompts: int, tokens: int, max_features: int | None = None
+) -> dict[str, Any]:
     """eval.json's ``graph`` of a transcoder run: the replacement and completeness scores of the
     graphs of ``prompts`` prompts (the first ``tokens`` tokens of the first sequences), their
-    means and the mean number of feature nodes; ``{"skipped": why}`` where no graph can be built."""
+    means and the mean number of feature nodes; ``{"skipped": why}`` where no graph can be built
+    (or a prompt has more than ``max_features`` active features)."""
     why = untraceable(backbone, saes)
     if why is not None:
         return {"skipped": why}
@@ -278,8 +289,11 @@ def run_graph_scores(backbone, saes: dict, sequences: torch.Tensor, prompts: int
     except E2EDictError as e:
         return {"skipped": str(e)}
     scores, features = [], []
-    for seq in sequences[:prompts]:
-        graph = attribution_graph(backbone.model, config, layers, seq[:tokens])
+    for i, seq in enumerate(sequences[:prompts]):
+        try:
+            graph = attribution_graph(backbone.model, config, layers, seq[:tokens], max_features=max_features)
+        except TooManyFeatures as e:
+            return {"skipped": f"prompt {i} has {e} (eval.graph_max_features)"}
         scores.append(graph_scores(graph))
         features.append(graph.n_features)
     n = len(scores)

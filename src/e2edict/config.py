@@ -111,6 +111,8 @@ class Config(StrictModel):
                 raise ValueError(
                     f"loss.sparsity.coeff mapping must name exactly saes.positions (missing {missing}, extra {extra})"
                 )
+        if self.loss.transcoder_input == "clean" and self.saes.kind == "sae":
+            raise ValueError("loss.transcoder_input: clean is for transcoders (saes.kind: transcoder or skip_transcoder)")
         d = self.data
         if d.train == "holdout":
             raise ValueError("data.train: 'holdout' names eval data only")

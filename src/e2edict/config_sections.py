@@ -255,6 +255,12 @@ class LossConfig(StrictModel):
     kl: Coeff = Coeff()
     local: LocalLoss = LocalLoss()
     downstream: DownstreamLoss = DownstreamLoss()
+    transcoder_input: Literal["spliced", "clean"] = Field(
+        "spliced",
+        description="what each transcoder reads in the spliced run of KL or downstream training: spliced (the replacement "
+        "model's own activation) or clean (the original model's, as circuit-tracer's replacement model feeds it; its local "
+        "target is then the clean MLP output)",
+    )
     kl_balance: bool | None = Field(
         None,
         description="scale the KL by alpha = MSE / KL each step (detached); null: on for preset finetune "
@@ -415,6 +421,9 @@ class EvalConfig(StrictModel):
         description="a transcoder run: prompts whose attribution graphs give its replacement and completeness scores (0: none)",
     )
     graph_tokens: int = Field(32, ge=2, description="tokens of each graph's prompt (the first of an eval sequence, BOS first)")
+    graph_max_features: int = Field(
+        20_000, gt=0, description="a prompt with more active features is not graphed (the dense graph grows with their square)"
+    )
 
 
 class WandbConfig(StrictModel):

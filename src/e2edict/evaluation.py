@@ -150,7 +150,8 @@ def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], s
         result.update(adapter_figures(backbone, saes, seqs, tokens or cfg.eval.tokens, cfg.eval.batch_size))
     if cfg.eval.graph_prompts and all(s.hook_name_out is not None for s in saes.values()):
         with eval_mode(saes):
-            result["graph"] = run_graph_scores(backbone, saes, seqs, cfg.eval.graph_prompts, cfg.eval.graph_tokens)
+            e = cfg.eval
+            result["graph"] = run_graph_scores(backbone, saes, seqs, e.graph_prompts, e.graph_tokens, e.graph_max_features)
     if write:
         rundir.record_evaluation(result, densities)
     return result, densities

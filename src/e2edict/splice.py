@@ -36,6 +36,7 @@ class LossWeights:
     downstream_positions: list[str] = field(default_factory=list)
     kl_balance: bool = False  # the KL's coefficient times alpha = MSE / KL of the step, detached (loss.kl_balance)
     local_normalize: bool = False  # each local MSE over its target's batch variance (loss.local.normalize)
+    clean_inputs: bool = False  # transcoders read the clean run's activation in the spliced run (loss.transcoder_input)
 
     @classmethod
     def from_config(cls, loss_cfg, positions: dict[str, str], downstream_positions: list[str]) -> LossWeights:
@@ -49,6 +50,7 @@ class LossWeights:
             downstream_positions=downstream_positions,
             kl_balance=bool(loss_cfg.kl_balance),
             local_normalize=loss_cfg.local.normalize,
+            clean_inputs=loss_cfg.transcoder_input == "clean",
         )
 
     @property
@@ -120,7 +122,8 @@ def training_forward_from(backbone: Backbone, saes: dict[str, SAE], start: Prefi
         core.training_splice(True)
     try:
         logits, hidden = weights.kl > 0, head is not None
-        _two_runs(backbone, saes, start, weights.downstream_positions, out, logits=logits, hidden=hidden, copies=copies)
+        _two_runs(backbone, saes, start, weights.downstream_positions, out, logits=logits, hidden=hidden, copies=copies,
+                  clean_inputs=weights.clean_inputs)  # fmt: skip
     finally:
         for core in cores:
             core.training_splice(False)
@@ -161,15 +164,17 @@ def _transcoder_outputs(saes: dict[str, SAE]) -> dict[str, str]:
     return outputs
 
 
-def _two_runs(backbone, saes, start: Prefix, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int) -> None:
+def _two_runs(backbone, saes, start: Prefix, ds_hooks, out: SpliceOutput, logits: bool, hidden: bool, copies: int,
+              clean_inputs: bool = False) -> None:  # fmt: skip
     """From the shared prefix, the clean run (no graph, without the model's adapter) and the
-    spliced run (with it); ``copies`` > 1 stacks that many copies of the batch for the spliced run."""
+    spliced run (with it); ``copies`` > 1 stacks that many copies of the batch for the spliced run.
+    ``clean_inputs``: each transcoder reads the clean run's activation (`splice_hooks`)."""
     positions, outputs = list(saes), _transcoder_outputs(saes)
     first, resid = start
     hooks = {h: _capture(out.clean_acts, h) for h in (*positions, *outputs.values(), *ds_hooks)}
     with torch.no_grad(), backbone.original():
         out.logits_clean = backbone.run_from(resid, first, hooks, logits=logits, hidden=hidden)
-    hooks = splice_hooks(saes, outputs, out)
+    hooks = splice_hooks(saes, outputs, out, clean_inputs)
     for h in ds_hooks:
         _add_hook(hooks, h, _capture(out.spliced_acts, h))
     spliced_resid = resid.repeat(copies, *([1] * (resid.dim() - 1))) if copies > 1 else resid
@@ -250,13 +255,17 @@ def _add_hook(hooks: dict, name: str, fn) -> None:
     hooks[name] = fn if name not in hooks else chain(hooks[name], fn)
 
 
-def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutput) -> dict:
+def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutput, clean_inputs: bool = False) -> dict:
     """The spliced run's hooks: an SAE replaces its activation by its reconstruction; a transcoder
-    reads the spliced run's own input activation and replaces the activation at its output hook."""
+    reads the spliced run's own input activation (with ``clean_inputs``, the clean run's: each
+    transcoder then sees what circuit-tracer feeds it, and its target is the clean MLP output) and
+    replaces the activation at its output hook."""
     hooks: dict = {}
 
     def run(name: str):
         def fn(act: torch.Tensor):
+            if clean_inputs and name in outputs:
+                act = _beside(out.clean_acts[name], act).to(act.dtype)
             a_hat, c = saes[name](act)
             out.inputs[name], out.recons[name], out.codes[name] = act, a_hat, c
             # the model's own dtype downstream (bf16 when it is held in bf16)
@@ -266,7 +275,8 @@ def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutpu
 
     def write(name: str):
         def fn(act: torch.Tensor):
-            out.targets[name] = act  # the real MLP's output on this run's input: what the transcoder replaces
+            # the real MLP's output on the input the transcoder read: what it replaces
+            out.targets[name] = _beside(out.clean_acts[outputs[name]], act) if clean_inputs else act
             return out.recons[name].to(act.dtype)
 
         return fn
@@ -276,6 +286,12 @@ def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutpu
         if h in outputs:
             _add_hook(hooks, outputs[h], write(h))
     return hooks
+
+
+def _beside(clean: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """A clean activation repeated to the spliced run's stacked copies of the batch (one copy: itself)."""
+    n = act.shape[0] // clean.shape[0]
+    return clean if n == 1 else clean.repeat(n, *([1] * (clean.dim() - 1)))
 
 
 def _sae_terms(saes, out: SpliceOutput, weights: LossWeights) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

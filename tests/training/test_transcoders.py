@@ -352,3 +352,65 @@ def test_every_activation_trains_as_transcoder_with_every_loss(relu_tl, arch, pr
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     if skip:
         assert tc.W_skip.grad.abs().sum() > 0
+
+
+def test_clean_inputs_feed_each_transcoder_the_original_models_activation(relu_tl):
+    """loss.transcoder_input: clean: every transcoder reads the clean run's activation, its output
+    still replaces its MLP's in the spliced run; loss and gradients against two hand-made passes."""
+    model = relu_tl.model.double()
+    try:
+        torch.manual_seed(6)
+        tcs = {}
+        for i in (0, 2):
+            src, dst = relu_tl.mlp_pairs()[f"blocks.{i}.mlp"]
+            tcs[src] = registry["relu"](16, 40, src, writes=Writes(16, dst)).double()
+        w = LossWeights(sparsity={h: 0.3 for h in tcs}, local=1.0, kl=0.7, clean_inputs=True)
+        tokens = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(7))
+        out = training_forward(relu_tl, tcs, tokens, w)
+        out.loss.backward()
+        ours = {n: p.grad.clone() for h, s in tcs.items() for n, p in s.named_parameters(prefix=h)}
+        for s in tcs.values():
+            s.zero_grad()
+        with torch.no_grad():
+            logits_clean, cache = model.run_with_cache(tokens)
+        made = {h: tc(cache[h]) for h, tc in tcs.items()}  # the clean inputs, not the spliced run's
+        hooks = [(tc.hook_name_out, lambda a, hook, h=h: made[h][0]) for h, tc in tcs.items()]
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        lc, ls = F.log_softmax(logits_clean, -1), F.log_softmax(logits, -1)
+        total = 0.7 * (lc.exp() * (lc - ls)).sum(-1).mean()
+        for h, tc in tcs.items():
+            total = total + ((made[h][0] - cache[tc.hook_name_out]) ** 2).mean() + 0.3 * made[h][1].abs().sum(-1).mean() / 16
+        total.backward()
+        assert out.loss.item() == pytest.approx(total.item(), rel=1e-9)
+        for h in tcs:
+            torch.testing.assert_close(out.inputs[h], cache[h])
+        for n, p in ((n, p) for h, s in tcs.items() for n, p in s.named_parameters(prefix=h)):
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-7, atol=1e-10)
+            assert p.grad.abs().sum() > 0
+    finally:
+        model.float()
+
+
+def test_normalized_local_loss_is_the_fraction_of_variance_unexplained(relu_tl):
+    torch.manual_seed(8)
+    h, out_hook = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    tc = registry["relu"](16, 40, h, writes=Writes(16, out_hook))
+    tokens = torch.randint(0, 50, (2, 12))
+    got = training_forward(relu_tl, {h: tc}, tokens, LossWeights(sparsity={h: 0.0}, local=1.0, local_normalize=True))
+    _, cache = relu_tl.model.run_with_cache(tokens)
+    y = cache[out_hook].reshape(-1, 16)
+    pred = tc(cache[h])[0].reshape(-1, 16)
+    fvu = ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert got.terms[f"local/{h}"].item() == pytest.approx(fvu.item(), rel=1e-5)
+    got.loss.backward()  # the variance is a constant: the gradient is the MSE's over it
+    grad = tc.b_dec.grad.clone()
+    tc.zero_grad()
+    (((tc(cache[h])[0].reshape(-1, 16) - y) ** 2).mean() / ((y - y.mean(0)) ** 2).mean().detach()).backward()
+    torch.testing.assert_close(grad, tc.b_dec.grad)
+
+
+def test_clean_inputs_are_for_transcoders_only():
+    from pathlib import Path
+
+    with pytest.raises(E2EDictError, match="loss.transcoder_input: clean is for transcoders"):
+        load_config(Path(__file__).resolve().parents[2] / "configs/tiny/e2e.yaml", ["loss.transcoder_input=clean"])
