@@ -234,6 +234,15 @@ def test_a_transcoder_run_records_its_graph_scores_and_compare_shows_them(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     per_run = (tmp_path / "cmp" / "per_run.md").read_text()
     assert "replacement_score" in per_run and f"{graph['replacement_score']:.4f}" in per_run
+    bad = subprocess.run(cli_cmd("eval", run, "--graph-tokens", "1"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip() == "e2edict: error: --graph-tokens must be at least 2, got 1"
+    ev = cli_cmd(
+        "eval", run, "--tokens", "1024", "--alive-tokens", "1024", "--graph-prompts", "1", "--graph-tokens", "8", "--quiet"
+    )
+    r = subprocess.run(ev, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    graph = json.loads((run / "eval.json").read_text())["graph"]
+    assert graph["prompts"] == 1 and graph["prompt_tokens"] == 8
 
 
 def test_what_cannot_be_graphed_says_why():

@@ -53,7 +53,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from e2edict.evaluation import evaluate_and_record
     from e2edict.run import load_run_dir
 
+    graphs = {
+        k: getattr(args, k) for k in ("graph_prompts", "graph_tokens", "graph_max_features") if getattr(args, k) is not None
+    }
+    for key, least in (("graph_prompts", 0), ("graph_tokens", 2), ("graph_max_features", 1)):  # a transcoder run's graphs
+        if graphs.get(key, least) < least:
+            raise E2EDictError(f"--{key.replace('_', '-')} must be at least {least}, got {graphs[key]}")
     run = load_run_dir(args.run_dir, args.data, max(args.tokens or 0, args.alive_tokens or 0) or None)
+    for key, value in graphs.items():
+        setattr(run.cfg.eval, key, value)
     result, _ = evaluate_and_record(
         run.rundir, run.cfg, run.backbone, run.saes, run.eval_seqs, args.tokens, args.alive_tokens, progress=not args.quiet
     )
@@ -268,6 +276,9 @@ def _run_commands(sub) -> None:
     e.add_argument("--tokens", type=int, help="evaluation tokens (default: the run's eval.tokens)")
     e.add_argument("--data", help="evaluation data instead of the run's data.eval")
     e.add_argument("--alive-tokens", type=int, help="window for alive / feature density (default: eval.alive_tokens)")
+    e.add_argument("--graph-prompts", type=int, help="attribution graphs of a transcoder run (default: eval.graph_prompts)")
+    e.add_argument("--graph-tokens", type=int, help="tokens of each graph's prompt (default: eval.graph_tokens)")
+    e.add_argument("--graph-max-features", type=int, help="feature budget of one graph (default: eval.graph_max_features)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_eval)
 
