@@ -72,8 +72,8 @@ def graph_scores(graph: Graph) -> tuple[float, float]:
     the tokens' share of the logit-weighted influence that tokens and errors have (through paths of
     any length on the row-normalised |A|), and the non-error share of each node's inputs averaged
     with weights of its influence plus its logit weight."""
-    A = graph.adjacency.abs()
-    A = A / A.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    A = graph.adjacency.abs()  # the one copy of the N x N matrix this makes
+    A /= A.sum(dim=1, keepdim=True).clamp(min=1e-10)
     weights = torch.zeros(A.shape[0], dtype=A.dtype)
     weights[A.shape[0] - graph.n_logits :] = graph.logit_probabilities.to(A.dtype)
     reach = influence(A, weights)
@@ -126,12 +126,12 @@ def attribution_graph(model, config: dict[str, Any], layers: dict[int, dict[str,
         probs, logit_vecs = _salient_logits(logits, model.W_U)
         targets = [(len(layers), len(tokens) - 1, v) for v in logit_vecs]
         targets += [(i, int(p), w) for i, f in enumerate(found) for p, w in zip(f.positions, f.encoder, strict=True)]
-        rows = _rows(model, tokens, hooks, found, targets, batch_size)
-    n_feat, P = sum(len(f.positions) for f in found), len(tokens)
-    n = n_feat + (len(layers) + 1) * P + len(probs)
-    A = torch.zeros(n, n)
-    A[n - len(probs) :, : rows.shape[1]] = rows[: len(probs)]
-    A[:n_feat, : rows.shape[1]] = rows[len(probs) :]
+        n_logits, P = len(probs), len(tokens)
+        n = active + (len(layers) + 1) * P + n_logits
+        A = torch.zeros(n, n)
+        row = torch.cat([torch.arange(n - n_logits, n), torch.arange(active)])  # each target's row: logits last
+        for start, rows in _rows(model, tokens, hooks, found, targets, batch_size):
+            A[row[start : start + len(rows)], : rows.shape[1]] = rows
     features = torch.cat([torch.stack([torch.full_like(f.positions, i), f.positions, f.latents], 1) for i, f in enumerate(found)])
     return Graph(A, features.cpu(), len(layers) * P, P, probs.cpu())
 
@@ -203,12 +203,14 @@ def _salient_logits(logits: torch.Tensor, W_U: torch.Tensor) -> tuple[torch.Tens
     return top.values[:keep], (W[:, idx] - W.mean(dim=1, keepdim=True)).T
 
 
-def _rows(model, tokens, hooks, found: list[_Layer], targets: list, batch_size: int) -> torch.Tensor:
-    """Each target's direct effects from every feature, error and token: one forward pass of
-    ``batch_size`` copies of the prompt through the frozen model, one backward pass per batch of targets."""
+def _rows(model, tokens, hooks, found: list[_Layer], targets: list, batch_size: int):
+    """Each target's direct effects from every feature, error and token, as (first target, rows):
+    one forward pass of ``batch_size`` copies of the prompt through the frozen model, one backward
+    pass per batch of targets."""
     B = min(batch_size, len(targets))
     run = _FrozenRun(model, tokens, hooks, found, B)
-    return torch.cat([run.rows(targets[i : i + B]) for i in range(0, len(targets), B)])
+    for i in range(0, len(targets), B):
+        yield i, run.rows(targets[i : i + B])
 
 
 class _FrozenRun:
