@@ -219,7 +219,7 @@ class _FrozenRun:
     zero leaf at each MLP output and at the embedding the sources' write locations."""
 
     def __init__(self, model, tokens: torch.Tensor, hooks: tuple[str, str], found: list[_Layer], B: int):
-        self.found, self.tokens = found, tokens
+        self.found = found
         self.reads: dict[int, torch.Tensor] = {}
         dtype, device = model.W_E.dtype, model.W_E.device
         P, d, L = len(tokens), model.cfg.d_model, model.cfg.n_layers
@@ -258,13 +258,10 @@ class _FrozenRun:
     def rows(self, targets: list) -> torch.Tensor:
         """The rows [n, features + errors + tokens] of ``targets`` (layer, position, read vector)."""
         n = len(targets)
-        layer = torch.tensor([t[0] for t in targets])
-        pos = torch.tensor([t[1] for t in targets])
-        vecs = torch.stack([t[2] for t in targets])
-        objective = sum(
-            (self.reads[i][torch.nonzero(layer == i)[:, 0], pos[layer == i]] * vecs[layer == i].to(self.reads[i])).sum()
-            for i in layer.unique().tolist()
-        )
+        copy, layer = torch.arange(n), torch.tensor([t[0] for t in targets])
+        pos, vecs = torch.tensor([t[1] for t in targets]), torch.stack([t[2] for t in targets])
+        at = {i: layer == i for i in layer.unique().tolist()}  # copy b of the prompt carries target b
+        objective = sum((self.reads[i][copy[m], pos[m]] * vecs[m].to(self.reads[i])).sum() for i, m in at.items())
         grads = torch.autograd.grad(objective, self.writes, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, self.writes, strict=True)]
         feats, errors = [], []

@@ -415,21 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "fn", None) is None:
         ap.print_help()
         return 0
-    for opt in (
-        "tokens",
-        "alive_tokens",
-        "features",
-        "per_page",
-        "contexts",
-        "ctx",
-        "max_tokens",
-        "shard_rows",
-        "latents",
-        "probe_train",
-        "probe_test",
-        "llm_concurrency",
-        "absorption_max_words",
-    ):
+    for opt in ("tokens", "alive_tokens", "features", "per_page", "contexts", "ctx", "max_tokens", "shard_rows",
+                "latents", "probe_train", "probe_test", "llm_concurrency", "absorption_max_words"):
         if getattr(args, opt, None) is not None and getattr(args, opt) <= 0:
             print(f"e2edict: error: --{opt.replace('_', '-')} must be positive", file=sys.stderr)
             return EXIT_BAD_INPUT

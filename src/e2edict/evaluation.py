@@ -149,9 +149,8 @@ def evaluate_and_record(rundir, cfg, backbone: Backbone, saes: dict[str, SAE], s
     if backbone.adapter is not None:
         result.update(adapter_figures(backbone, saes, seqs, tokens or cfg.eval.tokens, cfg.eval.batch_size))
     if cfg.eval.graph_prompts and all(s.hook_name_out is not None for s in saes.values()):
-        with eval_mode(saes):
-            e = cfg.eval
-            result["graph"] = run_graph_scores(backbone, saes, seqs, e.graph_prompts, e.graph_tokens, e.graph_max_features)
+        e = cfg.eval
+        result["graph"] = run_graph_scores(backbone, saes, seqs, e.graph_prompts, e.graph_tokens, e.graph_max_features)
     if write:
         rundir.record_evaluation(result, densities)
     return result, densities

@@ -55,13 +55,8 @@ PRESETS: dict[str, Preset] = {
     "e2e+ds": Preset(local=0.0, kl=0.5, downstream=2.5),
     # Karvonen (2025): ½(α·KL + MSE), α = MSE / KL recomputed each step, detached; unit decoder rows by projection
     "finetune": Preset(
-        local=0.5,
-        kl=0.5,
-        downstream=0.0,
-        kl_balance=True,
-        decoder_norm="project",
-        train=SHORT_BUDGET_FINETUNE,
-        keeps_source_sparsity=True,
+        local=0.5, kl=0.5, downstream=0.0, kl_balance=True, decoder_norm="project",
+        train=SHORT_BUDGET_FINETUNE, keeps_source_sparsity=True,
     ),  # fmt: skip
     # Chen, Engels & Tegmark (2025): an adapter around frozen SAEs, trained on the KL alone
     "adapter": Preset(

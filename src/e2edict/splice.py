@@ -265,7 +265,7 @@ def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutpu
     def run(name: str):
         def fn(act: torch.Tensor):
             if clean_inputs and name in outputs:
-                act = _beside(out.clean_acts[name], act).to(act.dtype)
+                act = out.clean_acts[name].to(act.dtype)
             a_hat, c = saes[name](act)
             out.inputs[name], out.recons[name], out.codes[name] = act, a_hat, c
             # the model's own dtype downstream (bf16 when it is held in bf16)
@@ -276,7 +276,7 @@ def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutpu
     def write(name: str):
         def fn(act: torch.Tensor):
             # the real MLP's output on the input the transcoder read: what it replaces
-            out.targets[name] = _beside(out.clean_acts[outputs[name]], act) if clean_inputs else act
+            out.targets[name] = out.clean_acts[outputs[name]] if clean_inputs else act
             return out.recons[name].to(act.dtype)
 
         return fn
@@ -286,12 +286,6 @@ def splice_hooks(saes: dict[str, SAE], outputs: dict[str, str], out: SpliceOutpu
         if h in outputs:
             _add_hook(hooks, outputs[h], write(h))
     return hooks
-
-
-def _beside(clean: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """A clean activation repeated to the spliced run's stacked copies of the batch (one copy: itself)."""
-    n = act.shape[0] // clean.shape[0]
-    return clean if n == 1 else clean.repeat(n, *([1] * (clean.dim() - 1)))
 
 
 def _sae_terms(saes, out: SpliceOutput, weights: LossWeights) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -206,7 +206,10 @@ def blocks_in_turn_match(bb) -> bool:
     _, want = head_input(bb, batch=2)
     try:
         with torch.no_grad():
-            ours = [bb._run_plain(bb.embed_to(tokens, layer), layer, {}, hidden=True) for layer in sorted({0, bb.n_layers // 2})]
+            ours = [
+                bb._run_plain(bb.embed_to(tokens, layer), layer, {}, hidden=True)
+                for layer in sorted({0, bb.n_layers // 2})
+            ]
     except Exception as e:  # a block that cannot be called with the arguments recorded at batch 1
         log.info("blocks called in turn off for %s: %s", bb.name, e)
         return False
